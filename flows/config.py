@@ -1,0 +1,124 @@
+"""The pipeline config: one YAML file per pipeline, parsed into typed per-stage configs.
+
+Each stage's config class lives beside its stage in ``tasks/`` and is documented there once;
+this module only composes them and applies ``--set stage.field=value`` overrides. Any wrong
+or unknown field fails here, before any work, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from tasks.base import StageConfig
+from tasks.evaluate import EvaluateConfig
+from tasks.gate import GateConfig, RegistryConfig
+from tasks.policy import PolicyConfig
+from tasks.reward_model import RewardConfig
+from tasks.sft import SFTConfig
+from tasks.validate_data import ValidateConfig
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+class DataConfig(StageConfig):
+    """Where the pipeline's datasets are: JSONL, Parquet or `datasets` directories (TRL formats)."""
+
+    sft: str
+    """SFT demonstrations: prompt/completion, or conversational ``messages``."""
+    preferences: str
+    """Training preference pairs: prompt/chosen/rejected (standard or conversational)."""
+    preference_labels: str | None = None
+    """Optional per-annotator votes (pair_id, annotator_id, preferred) for agreement checks."""
+    rl_prompts: str
+    """Prompts for policy optimisation (prompt-only format)."""
+    eval_prompts: str
+    """Held-out prompts for evaluation; must not overlap the training prompts."""
+    eval_pairs: str
+    """Held-out preference pairs for reward-model accuracy and calibration."""
+
+
+class BaseModelConfig(StageConfig):
+    """The model every stage starts from."""
+
+    path: str
+    """Hub id (e.g. ``Qwen/Qwen2.5-0.5B``) or local directory with config, weights, tokenizer."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); ignored for local paths."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repo; off unless you trust the repo."""
+
+
+class TrackingConfig(StageConfig):
+    """MLflow tracking."""
+
+    uri: str | None = None
+    """Tracking URI; empty means ``MLFLOW_TRACKING_URI`` or else ``sqlite:///mlflow.db``."""
+    experiment: str = "rlhf-pipeline"
+    """MLflow experiment name; one parent run per pipeline run goes here."""
+
+
+class PipelineConfig(StageConfig):
+    """A whole pipeline: validate -> SFT -> reward model -> policy -> evaluate -> gate."""
+
+    name: str = "rlhf"
+    """Pipeline name, used in run names."""
+    seed: int = 0
+    """Global seed; every stage logs it and seeds torch, python and numpy from it."""
+    output_dir: str = "runs"
+    """Local directory (URI-ready) for stage outputs; one subfolder per pipeline run."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataConfig
+    base_model: BaseModelConfig
+    validate: ValidateConfig = Field(default_factory=ValidateConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (``1e-4``, ``true``)."""
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected stage.field=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {field}: {msg}")
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None

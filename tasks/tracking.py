@@ -1,0 +1,70 @@
+"""MLflow helpers: one parent run per pipeline run, one child run per stage.
+
+MLflow's active run is per thread and Prefect may run a task in a worker thread, so stages
+never rely on the active run: they get a ``TrackingContext`` with the parent run id and open
+their own child run with ``parent_run_id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from tasks.base import TrackingContext
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """Config value, else ``MLFLOW_TRACKING_URI``, else MLflow 3's default sqlite store."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"a.b.c": value} for ``log_params`` (MLflow params are flat strings)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+@contextlib.contextmanager
+def stage_run(ctx: TrackingContext, stage: str, config: BaseModel | None = None,
+              seed: int | None = None) -> Iterator[Any]:
+    """Open the stage's child run under the pipeline's parent run and log config and seed."""
+    import mlflow
+
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    with mlflow.start_run(run_name=stage, experiment_id=ctx.experiment_id,
+                          parent_run_id=ctx.parent_run_id, nested=True,
+                          tags={"rlhf.stage": stage}) as run:
+        if config is not None:
+            params = flatten(config)
+            # log_params caps values at 6000 chars; configs are small, but keep it honest.
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            mlflow.log_dict(config.model_dump(mode="json"), f"config/{stage}.json")
+        if seed is not None:
+            mlflow.log_param("seed", seed)
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_model_dir(local_dir: str | Path, artifact_path: str) -> str:
+    """Log a saved model directory (safetensors + tokenizer); returns its artifact URI."""
+    import mlflow
+
+    mlflow.log_artifacts(str(local_dir), artifact_path)
+    return mlflow.get_artifact_uri(artifact_path)
