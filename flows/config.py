@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from tasks.base import StageConfig
+from tasks.base import BaseModelConfig, StageConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.gate import GateConfig, RegistryConfig
 from tasks.policy import PolicyConfig
@@ -43,17 +43,6 @@ class DataConfig(StageConfig):
     """Held-out prompts for evaluation; must not overlap the training prompts."""
     eval_pairs: str
     """Held-out preference pairs for reward-model accuracy and calibration."""
-
-
-class BaseModelConfig(StageConfig):
-    """The model every stage starts from."""
-
-    path: str
-    """Hub id (e.g. ``Qwen/Qwen2.5-0.5B``) or local directory with config, weights, tokenizer."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit); ignored for local paths."""
-    trust_remote_code: bool = False
-    """Allow model code from the hub repo; off unless you trust the repo."""
 
 
 class TrackingConfig(StageConfig):

@@ -23,6 +23,17 @@ class StageConfig(BaseModel):
                               validate_assignment=True)
 
 
+class BaseModelConfig(StageConfig):
+    """The model every stage starts from."""
+
+    path: str
+    """Hub id (e.g. ``Qwen/Qwen2.5-0.5B``) or local directory with config, weights, tokenizer."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); ignored for local paths."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repo; off unless you trust the repo."""
+
+
 class TrackingContext(BaseModel):
     """Where a stage logs: MLflow is per thread, so tasks get the parent run id explicitly."""
 

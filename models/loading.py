@@ -1,0 +1,40 @@
+"""Loading models and tokenizers from a hub id or a local directory (the same code path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """Tokenizer with a pad token and left padding (generation needs prompts right-aligned)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Many causal LMs ship without a pad token; EOS is the usual stand-in. Masks, not the
+        # pad id, decide what counts everywhere in this codebase, so this is safe.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(path: str, revision: str | None = None, trust_remote_code: bool = False,
+                   dtype=None):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype,
+                                                trust_remote_code=trust_remote_code)
+
+
+def load_sequence_scorer(path: str, revision: str | None = None, trust_remote_code: bool = False,
+                         dtype=None):
+    """A model with a scalar head (reward model or critic): num_labels=1."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model
+
+
+def is_local(path: str) -> bool:
+    return Path(path).exists()
