@@ -1,0 +1,109 @@
+"""``rlhf``: run the pipeline, validate data, or show the config.
+
+    rlhf run      [--config FILE] [--set stage.field=value ...]
+    rlhf validate [--config FILE] [--set ...]
+    rlhf config   [--config FILE] [--set ...] [--docs]
+
+Exit codes: 0 success, 2 bad config or refused data (nothing trained), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from flows.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config
+
+
+def _quiet_defaults() -> None:
+    # The temporary Prefect API's telemetry writes harmless "database is locked" errors to
+    # the console on SQLite; a longer startup timeout covers slow first starts (~12 s here).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def field_docs(model: type, prefix: str = "") -> list[str]:
+    """One line per config field: dotted name, type, default and its docstring."""
+    from pydantic import BaseModel
+
+    lines = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += field_docs(ann, f"{prefix}{name}.")
+            continue
+        default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        doc = (f.description or "").replace("\n", " ")
+        lines.append(f"{prefix}{name} = {default}  # {doc}")
+    return lines
+
+
+def cmd_run(cfg: PipelineConfig) -> int:
+    from flows.pipeline import rlhf_pipeline
+
+    summary = rlhf_pipeline(cfg)
+    print(json.dumps({k: summary[k] for k in ("result", "parent_run_id", "tracking_uri",
+                                              "reasons", "metrics") if k in summary}, indent=2))
+    if "registry" in summary:
+        r = summary["registry"]
+        print(f"registered {r['policy_name']} version {r['policy_version']} "
+              f"with aliases {', '.join(r['aliases'])}")
+    else:
+        print("gate refused promotion: feedback round needed (reasons above)")
+    return 0
+
+
+def cmd_validate(cfg: PipelineConfig) -> int:
+    from tasks.validate_data import run_validate_data
+
+    result = run_validate_data(cfg.validate, data=cfg.data.model_dump(),
+                               tokenizer_path=cfg.base_model.path,
+                               out_dir=os.path.join(cfg.output_dir, cfg.name, "validate_data"),
+                               ctx=None)
+    print(json.dumps(result.model_dump(mode="json"), indent=2, default=str))
+    print("all datasets passed validation")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "run the whole pipeline"),
+                        ("validate", "validate the datasets only"),
+                        ("config", "print the resolved config")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file (default {DEFAULT_CONFIG})")
+        p.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="STAGE.FIELD=VALUE", help="override one field (repeatable)")
+        if name == "config":
+            p.add_argument("--docs", action="store_true", help="list every field with its doc")
+    args = parser.parse_args(argv)
+    _quiet_defaults()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        if args.docs:
+            print("\n".join(field_docs(PipelineConfig)))
+        else:
+            import yaml
+
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+    from tasks.io import DataError
+    from tasks.validate_data import DataValidationError
+
+    try:
+        return cmd_run(cfg) if args.command == "run" else cmd_validate(cfg)
+    except (DataValidationError, DataError) as e:
+        print(f"error: data refused before training:\n{e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Generation and per-token forward passes for RL on causal LMs.
+
+Batches are left-padded prompts (P tokens) followed by responses (T tokens), so every
+prompt ends at column P and response token t sits at column P + t. Masks, never pad ids,
+decide what is real: many tokenizers use EOS as their pad token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.ppo import entropy_from_logits, logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled episodes, grouped by meaning."""
+
+    # trajectory
+    query_ids: torch.Tensor      # (B, P) left-padded prompt tokens
+    query_mask: torch.Tensor     # (B, P) 1 on real prompt tokens
+    response_ids: torch.Tensor   # (B, T) sampled tokens, pad after EOS
+    response_mask: torch.Tensor  # (B, T) float, 1 up to and including EOS
+    ended_with_eos: torch.Tensor  # (B,) bool: False = truncated at max_new_tokens
+    # log-probs of the response tokens
+    logprobs: torch.Tensor       # (B, T) under the policy that sampled them
+    ref_logprobs: torch.Tensor   # (B, T) under the frozen reference (SFT)
+    # critic
+    values: torch.Tensor         # (B, T) V(s_t) before token t
+    # rewards
+    scores: torch.Tensor         # (B,) normalised reward-model score (with EOS penalty)
+    rewards: torch.Tensor | None = None     # (B, T) KL-penalised per-token rewards
+    kl: torch.Tensor | None = None          # (B, T) per-token KL estimate to the reference
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None     # (B, T)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], 1)  # (B, P+T)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], 1)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """Rows ``idx`` of every tensor field (for minibatches)."""
+        fields = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return Rollout(**fields)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids -> mask 1 up to and including the first EOS, and whether EOS occurred."""
+    if eos_token_id is None:
+        B, T = response_ids.shape
+        return torch.ones(B, T), torch.zeros(B, dtype=torch.bool)
+    is_eos = response_ids == eos_token_id
+    # Tokens strictly after the first EOS: cumulative count of EOS before this position > 0.
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return (~after).float(), is_eos.any(1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
+             temperature: float, eos_token_id: int | None, pad_token_id: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure sampling (no top-k/top-p), so the sampled tokens' log-probs under the policy are
+    exactly what PPO's ratio needs; uses the KV cache. Returns response ids (B, T), mask, eos."""
+    out = model.generate(
+        input_ids=query_ids, attention_mask=query_mask, do_sample=True, top_k=0, top_p=1.0,
+        temperature=temperature, max_new_tokens=max_new_tokens, min_new_tokens=0,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+    )
+    response = out[:, query_ids.shape[1]:]
+    if response.shape[1] < max_new_tokens:
+        # generate stops when every row has ended; pad to a fixed width for stacking.
+        pad = torch.full((response.shape[0], max_new_tokens - response.shape[1]), pad_token_id,
+                         dtype=response.dtype, device=response.device)
+        response = torch.cat([response, pad], 1)
+    mask, ended = response_mask_from_ids(response, eos_token_id)
+    response = response.masked_fill(mask == 0, pad_token_id)
+    return response, mask.to(query_mask.device), ended
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   response_len: int, temperature: float = 1.0) -> torch.Tensor:
+    """Logits predicting each response token: (B, P+T) -> (B, T, V).
+
+    Logits at column P-1+t predict response token t. Divided by the sampling temperature so
+    that log-probs match the distribution the tokens were drawn from (Huang et al. 2024).
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    logits = out.logits[:, -response_len - 1:-1]
+    return logits / temperature
+
+
+def response_logprobs(model, input_ids, attention_mask, response_ids, temperature: float = 1.0,
+                      with_entropy: bool = False):
+    """log pi(response_t | prefix) (B, T), and optionally the per-token entropy (B, T)."""
+    logits = forward_logits(model, input_ids, attention_mask, response_ids.shape[1], temperature)
+    logp = logprobs_from_logits(logits, response_ids)
+    if with_entropy:
+        return logp, entropy_from_logits(logits)
+    return logp
+
+
+def scalar_head_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                          ) -> torch.Tensor:
+    """Apply a sequence-classification model's scalar head at every position: (B, L).
+
+    Used for the critic: ``AutoModelForSequenceClassification`` (num_labels=1) only scores the
+    last token, but PPO needs V(s_t) for every t. Same pattern as TRL's ``get_reward``.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask),
+                      use_cache=False).last_hidden_state
+    return model.score(hidden).squeeze(-1)
+
+
+def response_values(critic, input_ids, attention_mask, response_len: int) -> torch.Tensor:
+    """V(s_t) for each response token t: the head at column P-1+t (the state before it)."""
+    return scalar_head_per_token(critic, input_ids, attention_mask)[:, -response_len - 1:-1]
