@@ -59,7 +59,7 @@ def cmd_run(cfg: PipelineConfig) -> int:
 def cmd_validate(cfg: PipelineConfig) -> int:
     from tasks.validate_data import run_validate_data
 
-    result = run_validate_data(cfg.validate, data=cfg.data.model_dump(),
+    result = run_validate_data(cfg.validation, data=cfg.data.model_dump(),
                                tokenizer_path=cfg.base_model.path,
                                out_dir=os.path.join(cfg.output_dir, cfg.name, "validate_data"),
                                ctx=None)

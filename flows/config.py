@@ -66,7 +66,7 @@ class PipelineConfig(StageConfig):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig
     base_model: BaseModelConfig
-    validate: ValidateConfig = Field(default_factory=ValidateConfig)
+    validation: ValidateConfig = Field(default_factory=ValidateConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)

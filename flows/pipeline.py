@@ -63,7 +63,7 @@ def rlhf_pipeline(config: PipelineConfig) -> dict:
     log.info("MLflow parent run %s (%s)", ctx.parent_run_id, ctx.tracking_uri)
     try:
         data = config.data.model_dump()
-        checked = validate_data_task(config.validate, data=data,
+        checked = validate_data_task(config.validation, data=data,
                                      tokenizer_path=config.base_model.path,
                                      out_dir=str(root / "validate_data"), ctx=ctx)
         hashes = checked.extra.get("hashes", {})

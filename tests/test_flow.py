@@ -1,0 +1,118 @@
+"""The whole pipeline end to end on a tiny config, under a Prefect test harness."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.config import load_config
+from tasks.validate_data import DataValidationError
+
+
+def _runs(client, exp_name):
+    exp = client.get_experiment_by_name(exp_name)
+    return client.search_runs([exp.experiment_id], max_results=100)
+
+
+def _weights(path):
+    return load_file(f"{path}/model.safetensors")
+
+
+def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.pipeline import rlhf_pipeline
+
+    # Thresholds any trained policy passes: this test is about the plumbing, not quality.
+    cfg = load_config("configs/demo.yaml", tiny_overrides + [
+        "gate.min_win_rate=0.0", "gate.max_kl=1e9", "gate.min_gold_gain=-100",
+        "registry.aliases=[staging, production]"])
+    summary = rlhf_pipeline(cfg)
+    assert summary["result"] == "promoted"
+
+    client = MlflowClient(summary["tracking_uri"])
+    runs = _runs(client, cfg.tracking.experiment)
+    parent = [r for r in runs if r.info.run_id == summary["parent_run_id"]][0]
+    assert parent.info.status == "FINISHED"
+    children = {r.info.run_name: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"validate_data", "sft", "reward_model", "ppo", "evaluate", "gate"}
+    for name in ("sft", "reward_model", "ppo"):
+        run = children[name]
+        assert run.data.params["seed"] == "0"
+        arts = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+        assert "model/model.safetensors" in arts and "model/tokenizer.json" in arts, name
+    ppo = children["ppo"].data.metrics
+    for key in ("ppo/objective/kl", "ppo/objective/kl_coef", "ppo/objective/scores",
+                "ppo/policy/clipfrac", "ppo/policy/entropy", "ppo/loss/value"):
+        assert key in ppo, key
+    assert len(client.get_metric_history(children["ppo"].info.run_id, "ppo/objective/kl")) == 2
+    ev = children["evaluate"].data.metrics
+    assert 0.0 <= ev["eval/win_rate"] <= 1.0 and "eval/kl_policy_sft" in ev
+    assert children["gate"].data.metrics["gate/promoted"] == 1.0
+
+    # Every stage changed parameters: base -> SFT -> policy.
+    sft_dir = client.get_run(children["sft"].info.run_id)  # noqa: F841 (run exists)
+    policy_w = _weights(summary["policy_uri"])
+    lineage = json.loads(open(f"{summary['policy_uri']}/rlhf_lineage.json").read())
+    sft_w = _weights(lineage["sft_model"])
+    base_w = _weights("demo/base_model")
+    for name, w in sft_w.items():
+        assert not torch.equal(w, base_w[name]), f"SFT did not change {name}"
+        assert not torch.equal(policy_w[name], w), f"PPO did not change {name}"
+
+    # Registered with both aliases and lineage tags.
+    reg = summary["registry"]
+    mv = client.get_model_version_by_alias(cfg.registry.policy_name, "production")
+    assert mv.version == reg["policy_version"]
+    assert set(client.get_model_version(mv.name, mv.version).aliases) == {"staging", "production"}
+    assert mv.tags["rlhf.parent_run_id"] == parent.info.run_id
+    assert mv.tags["rlhf.sft_run_id"] == children["sft"].info.run_id
+    assert mv.tags["data.preferences.sha256"]
+    assert mv.tags["rlhf.reward_model"] == f"{cfg.registry.reward_name}/{reg['reward_version']}"
+
+
+def test_pipeline_refusal_is_recorded(prefect_harness, tiny_overrides):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from flows.pipeline import rlhf_pipeline
+
+    cfg = load_config("configs/demo.yaml", tiny_overrides + ["gate.min_win_rate=1.01"])
+    summary = rlhf_pipeline(cfg)
+    assert summary["result"] == "feedback_round_needed"
+    assert any(r.startswith("FAIL: win rate") for r in summary["reasons"])
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["rlhf.result"] == "feedback_round_needed"
+    gate = [r for r in _runs(client, cfg.tracking.experiment) if r.info.run_name == "gate"][0]
+    assert gate.data.metrics["gate/promoted"] == 0.0
+    assert "FAIL: win rate" in gate.data.tags["gate.reasons"]
+    with pytest.raises(MlflowException):
+        client.get_registered_model(cfg.registry.policy_name)
+
+
+def test_malformed_input_stops_before_training(prefect_harness, tiny_overrides, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.pipeline import rlhf_pipeline
+
+    bad = tmp_path / "prefs.jsonl"
+    shutil.copy("demo/data/preferences.jsonl", bad)
+    with bad.open("a") as f:
+        f.write('{"prompt": "The film is", "chosen": " great.", "rejected": " great."}\n')
+    before = bad.read_bytes()
+    cfg = load_config("configs/demo.yaml", tiny_overrides + [f"data.preferences={bad}"])
+    with pytest.raises(DataValidationError) as err:
+        rlhf_pipeline(cfg)
+    assert str(bad) in str(err.value) and "row 3001" in str(err.value)
+    assert bad.read_bytes() == before
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = _runs(client, cfg.tracking.experiment)
+    assert {r.info.run_name for r in runs} <= {"demo-pipeline", "validate_data"}
+    assert [r.info.status for r in runs if r.info.run_name == "demo-pipeline"] == ["FAILED"]
+    assert client.search_registered_models() == []
