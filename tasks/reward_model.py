@@ -1,0 +1,273 @@
+"""Reward model: Bradley-Terry on preference pairs (TRL RewardTrainer), then calibrate and normalise.
+
+1. Train a scalar head on the SFT model (``AutoModelForSequenceClassification``, num_labels=1)
+   with -log sigmoid(r_c - r_r [- margin]) (models/reward.py: pairwise_loss).
+2. On held-out pairs: accuracy, and a temperature T fitted so sigmoid((r_c - r_r) / T) matches
+   the annotators' vote share (Guo et al. 2017, https://arxiv.org/abs/1706.04599); ECE before
+   and after.
+3. Score samples of the SFT policy on RL prompts: their mean/std standardise rewards in RL.
+
+Outputs in ``out_dir``: RM weights (safetensors), tokenizer, ``reward_calibration.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from typing import Any
+
+from prefect import task
+
+from tasks.base import StageConfig, StageResult, TrackingContext
+from tasks.io import DataError, content_hash, is_conversational, read_records, render_prompt
+from tasks.sft import LoraSettings, mlflow_log_callback, peft_config
+from tasks.tracking import log_metrics, log_model_dir, stage_run
+
+
+class RewardConfig(StageConfig):
+    """Reward model training, calibration and score normalisation."""
+
+    max_steps: int = 200
+    """Optimizer steps (each sees ``per_device_train_batch_size`` pairs)."""
+    learning_rate: float = 5e-4
+    """Peak AdamW learning rate (tiny models ~5e-4; ~1e-5 for full fine-tuning of large ones)."""
+    per_device_train_batch_size: int = 32
+    """Preference pairs per step (each pair is two sequences)."""
+    max_length: int = 128
+    """Pairs whose chosen or rejected sequence is longer than this many tokens are dropped."""
+    warmup_ratio: float = 0.05
+    """Share of steps spent warming the learning rate up linearly from zero."""
+    margin: bool = False
+    """Subtract a margin 2p - 1 from r_c - r_r, p = chosen_votes / num_votes, when the data has
+    vote counts (Llama 2, https://arxiv.org/abs/2307.09288, Eq. 2): clear wins must win by more."""
+    center_rewards_coefficient: float | None = 0.01
+    """Weight of mean((r_c + r_r)^2), keeping rewards near zero (https://arxiv.org/abs/2312.09244, Eq. 2)."""
+    calibrate: bool = True
+    """Fit a temperature on the held-out pairs; False keeps T = 1."""
+    normalize_samples: int = 256
+    """SFT-policy samples on RL prompts used to estimate the reward mean/std; 0 keeps (0, 1)."""
+    max_new_tokens: int = 48
+    """Tokens generated per normalisation sample (set it like the RL stage's response length)."""
+    eval_batch_size: int = 64
+    """Sequences per forward pass when scoring held-out pairs and samples."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters (plus the score head) instead of all weights; merged before saving."""
+    logging_steps: int = 25
+    """Log training metrics to MLflow every this many steps."""
+
+
+TRL_PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def preference_rows(records: list[dict[str, Any]], uri: str, with_margin: bool) -> list[dict[str, Any]]:
+    """TRL preference columns (explicit or implicit prompt), plus ``margin`` if asked and known."""
+    if not records:
+        raise DataError(f"{uri}: no rows")
+    missing = {"chosen", "rejected"} - set(records[0])
+    if missing:
+        raise DataError(f"{uri}: row 1: rule format: preference data needs {sorted(missing)}")
+    keep = [c for c in TRL_PREFERENCE_COLUMNS if c in records[0]]
+    votes = with_margin and {"chosen_votes", "num_votes"} <= set(records[0])
+    rows = []
+    for r in records:
+        row = {c: r[c] for c in keep}
+        if votes:
+            row["margin"] = 2.0 * r["chosen_votes"] / r["num_votes"] - 1.0
+        rows.append(row)
+    return rows
+
+
+def soft_label(record: dict[str, Any]) -> float:
+    """Share of annotators who preferred ``chosen`` (1.0 when the data has no vote counts)."""
+    if record.get("num_votes"):
+        return record["chosen_votes"] / record["num_votes"]
+    return 1.0
+
+
+def sequence_ids(record: dict[str, Any], answer: str, tokenizer) -> list[int]:
+    """Token ids of prompt + answer exactly as TRL's RewardTrainer builds them for training."""
+    prompt, reply = record.get("prompt"), record[answer]
+    if is_conversational(reply):
+        messages = (prompt or []) + reply
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    text = (prompt or "") + reply
+    if not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return tokenizer(text)["input_ids"]
+
+
+def score_id_lists(model, tokenizer, id_lists: list[list[int]], batch_size: int):
+    """Raw scores (N,) for token-id lists, batched, padded on the tokenizer's side."""
+    import torch
+
+    from models.reward import score_sequences
+
+    scores = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(id_lists), batch_size):
+            batch = tokenizer.pad({"input_ids": id_lists[i:i + batch_size]}, return_tensors="pt")
+            scores.append(score_sequences(model, batch["input_ids"], batch["attention_mask"]))
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def make_trainer_class():
+    """RewardTrainer whose rewards come from ``score_sequences`` (import-time cost deferred).
+
+    TRL pools the HF sequence-classification forward, which finds the last token by
+    ``pad_token_id``; with pad == eos (common) that is the token *before* the final EOS, while
+    our PPO stage scores with ``score_sequences`` (last attended token). Training through the
+    same function keeps the two consistent. The loss and logged metrics follow TRL 1.16's
+    ``RewardTrainer.compute_loss``.
+    """
+    import torch
+    from accelerate.utils import is_peft_model
+    from trl import RewardTrainer
+
+    from models.reward import pairwise_loss, score_sequences
+
+    class MaskPooledRewardTrainer(RewardTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if model.training else "eval"
+            scorer = model.get_base_model() if is_peft_model(model) else model
+            rewards = score_sequences(scorer, inputs["input_ids"], inputs["attention_mask"])  # (2B,)
+            r_chosen, r_rejected = torch.chunk(rewards, 2)  # (B,), (B,)
+            loss = pairwise_loss(r_chosen, r_rejected, inputs.get("margin"))
+            if self.args.center_rewards_coefficient is not None:
+                loss = loss + self.args.center_rewards_coefficient * ((r_chosen + r_rejected) ** 2).mean()
+            with torch.no_grad():
+                m = self._metrics[mode]
+                m["accuracy"].append((r_chosen > r_rejected).float().mean().item())
+                m["margin"].append((r_chosen - r_rejected).mean().item())
+                m["mean_reward"].append(rewards.mean().item())
+            return (loss, {"logits": rewards[:, None]}) if return_outputs else loss
+
+    return MaskPooledRewardTrainer
+
+
+def sample_policy_ids(sft_model_uri: str, tokenizer, prompts: list[Any], cfg: RewardConfig,
+                      seed: int) -> list[list[int]]:
+    """prompt + sampled completion ids (through the first EOS) from the SFT policy."""
+    import torch
+    import transformers
+
+    from models.loading import load_causal_lm
+
+    policy = load_causal_lm(sft_model_uri).eval()
+    transformers.set_seed(seed)
+    texts = [render_prompt(p, tokenizer) for p in prompts]
+    out: list[list[int]] = []
+    with torch.no_grad():
+        for i in range(0, len(texts), cfg.eval_batch_size):
+            enc = tokenizer(texts[i:i + cfg.eval_batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            gen = policy.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                  max_new_tokens=cfg.max_new_tokens,
+                                  pad_token_id=tokenizer.pad_token_id)
+            prompt_len = enc["input_ids"].shape[1]
+            for row, mask in zip(gen, enc["attention_mask"]):
+                prompt_ids = row[:prompt_len][mask.bool()].tolist()
+                completion = row[prompt_len:].tolist()
+                if tokenizer.eos_token_id in completion:
+                    completion = completion[:completion.index(tokenizer.eos_token_id) + 1]
+                out.append(prompt_ids + completion)
+    return out
+
+
+def run_reward_model(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_uri: str,
+                     rl_prompts_uri: str, out_dir: str, seed: int,
+                     ctx: TrackingContext) -> StageResult:
+    """Train, calibrate and normalise a reward model from the SFT checkpoint at ``sft_model_uri``."""
+    import datasets
+    import mlflow
+    import torch
+    import transformers
+    import trl
+
+    from models.loading import load_sequence_scorer, load_tokenizer
+    from models.reward import (RewardNorm, expected_calibration_error, fit_temperature,
+                               preference_accuracy, preference_nll)
+
+    with stage_run(ctx, "reward_model", cfg, seed) as run:
+        for name, uri in (("preferences", train_uri), ("eval_pairs", eval_uri),
+                          ("rl_prompts", rl_prompts_uri)):
+            mlflow.set_tag(f"data.{name}.sha256", content_hash(uri))
+        transformers.set_seed(seed)  # before loading: the score head is freshly initialised
+        tokenizer = load_tokenizer(sft_model_uri)
+        model = load_sequence_scorer(sft_model_uri)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        train = datasets.Dataset.from_list(preference_rows(read_records(train_uri), train_uri,
+                                                           cfg.margin))
+        max_length = min(cfg.max_length, tokenizer.model_max_length)
+        callback = mlflow_log_callback("reward", run.info.run_id)
+        with tempfile.TemporaryDirectory() as scratch:
+            args = trl.RewardConfig(
+                output_dir=scratch, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+                per_device_train_batch_size=cfg.per_device_train_batch_size,
+                max_length=max_length, warmup_steps=cfg.warmup_ratio,  # float < 1: a ratio
+                center_rewards_coefficient=cfg.center_rewards_coefficient,
+                logging_steps=cfg.logging_steps, seed=seed, data_seed=seed, report_to="none",
+                save_strategy="no", disable_tqdm=False, bf16=False, gradient_checkpointing=False,
+            )
+            trainer = make_trainer_class()(
+                model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                callbacks=[callback],
+                peft_config=peft_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]))
+            train_out = trainer.train()
+        model = trainer.model
+        if cfg.lora is not None:
+            model = model.merge_and_unload()
+        model.eval()
+
+        # Held-out pairs: accuracy and calibration.
+        eval_records = [r for r in read_records(eval_uri)]
+        chosen = [sequence_ids(r, "chosen", tokenizer) for r in eval_records]
+        rejected = [sequence_ids(r, "rejected", tokenizer) for r in eval_records]
+        keep = [i for i in range(len(eval_records))
+                if len(chosen[i]) <= max_length and len(rejected[i]) <= max_length]
+        if not keep:
+            raise DataError(f"{eval_uri}: no pair fits max_length={max_length}")
+        r_c = score_id_lists(model, tokenizer, [chosen[i] for i in keep], cfg.eval_batch_size)
+        r_r = score_id_lists(model, tokenizer, [rejected[i] for i in keep], cfg.eval_batch_size)
+        labels = torch.tensor([soft_label(eval_records[i]) for i in keep], dtype=r_c.dtype)
+        diffs = r_c - r_r  # (N,)
+        temperature = fit_temperature(diffs, labels) if cfg.calibrate else 1.0
+        metrics = {
+            "reward/train_loss": train_out.training_loss,
+            "reward/eval_accuracy": preference_accuracy(r_c, r_r),
+            "reward/eval_pairs": float(len(keep)),
+            "reward/temperature": temperature,
+            "reward/ece_before": expected_calibration_error(torch.sigmoid(diffs), labels),
+            "reward/ece_after": expected_calibration_error(torch.sigmoid(diffs / temperature), labels),
+            "reward/eval_nll_before": preference_nll(diffs, labels),
+            "reward/eval_nll": preference_nll(diffs, labels, temperature),
+        }
+
+        # Normalisation statistics on what the RL stage will score first: SFT samples.
+        mean, std = 0.0, 1.0
+        if cfg.normalize_samples > 0:
+            prompts = [r["prompt"] for r in read_records(rl_prompts_uri)]
+            order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
+            prompts = [prompts[i] for i in order[:cfg.normalize_samples].tolist()]
+            samples = sample_policy_ids(sft_model_uri, tokenizer, prompts, cfg, seed)
+            scores = score_id_lists(model, tokenizer, samples, cfg.eval_batch_size)
+            mean = scores.mean().item()
+            std = scores.std().item() if len(scores) > 1 else 1.0
+            std = std if math.isfinite(std) and std > 0 else 1.0
+        metrics.update({"reward/sample_mean": mean, "reward/sample_std": std})
+
+        model.save_pretrained(out_dir)  # safetensors by default
+        tokenizer.save_pretrained(out_dir)
+        RewardNorm(temperature=temperature, mean=mean, std=std).save(
+            out_dir, extra={"eval_accuracy": metrics["reward/eval_accuracy"],
+                            "ece_before": metrics["reward/ece_before"],
+                            "ece_after": metrics["reward/ece_after"],
+                            "eval_nll": metrics["reward/eval_nll"],
+                            "normalize_samples": cfg.normalize_samples})
+        log_metrics(metrics, step=cfg.max_steps)
+        log_model_dir(out_dir, "model")
+        return StageResult(stage="reward_model", run_id=run.info.run_id, output_uri=out_dir,
+                           metrics=metrics, extra={"num_train_pairs": len(train)})
+
+
+reward_model_task = task(name="reward_model")(run_reward_model)

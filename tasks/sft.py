@@ -1,0 +1,174 @@
+"""Supervised fine-tuning: teach the base model the task's format from demonstrations (TRL SFTTrainer).
+
+Data: TRL's prompt/completion format (standard or conversational), conversational ``messages``
+or plain ``text`` (https://huggingface.co/docs/trl/dataset_formats), from JSONL, Parquet or a
+``datasets`` directory. Columns TRL does not know are dropped. The loss is on completion tokens
+only by default; TRL appends EOS to every completion, so the policy learns where to stop.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from prefect import task
+from pydantic import Field
+
+from tasks.base import BaseModelConfig, StageConfig, StageResult, TrackingContext
+from tasks.io import DataError, content_hash, read_records
+from tasks.tracking import log_metrics, log_model_dir, stage_run
+
+
+class LoraSettings(StageConfig):
+    """Low-rank adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) via peft."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt (e.g. ``["q_proj", "v_proj"]``), or peft's ``"all-linear"``."""
+
+
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning. Defaults train the demo in well under a minute on 2 CPU cores."""
+
+    max_steps: int = 150
+    """Optimizer steps (each step sees batch size x gradient accumulation examples)."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate (tiny models like ~1e-3; ~1e-5 to 2e-5 for full fine-tuning of
+    billion-parameter models, ~1e-4 with LoRA)."""
+    per_device_train_batch_size: int = 32
+    """Examples per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes accumulated per optimizer step."""
+    max_length: int = 128
+    """Tokens per example; longer examples are truncated (the model's own limit applies too)."""
+    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Share of steps spent warming the learning rate up linearly from zero."""
+    lr_scheduler_type: str = "cosine"
+    """transformers scheduler name after warmup (``cosine``, ``linear``, ``constant``, ...)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    completion_only_loss: bool = True
+    """Loss on completion tokens only (prompt/completion data); False trains on the prompt too."""
+    eval_fraction: float = 0.05
+    """Share of examples held out to report ``sft/eval_loss``; 0 disables it."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of all weights; adapters are merged before saving."""
+    logging_steps: int = 25
+    """Log training metrics to MLflow every this many steps."""
+
+
+def mlflow_log_callback(prefix: str, run_id: str):
+    """A TrainerCallback forwarding the trainer's logs to one MLflow run as ``prefix/<key>``.
+
+    The trainer runs with ``report_to="none"``: we log ourselves so the metrics land on the
+    stage's child run (MLflow's active run is per thread, see tasks/tracking.py).
+    """
+    import mlflow
+    from transformers import TrainerCallback
+
+    class MlflowLogCallback(TrainerCallback):
+        def __init__(self):
+            self.last: dict[str, float] = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numeric = {f"{prefix}/{k}": float(v) for k, v in (logs or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numeric:
+                self.last.update(numeric)
+                mlflow.log_metrics(numeric, step=state.global_step, run_id=run_id)
+
+    return MlflowLogCallback()
+
+
+def peft_config(lora: LoraSettings | None, task_type: str, modules_to_save: list[str] | None = None):
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type=task_type,
+                      modules_to_save=modules_to_save)
+
+
+def sft_rows(records: list[dict[str, Any]], uri: str) -> list[dict[str, Any]]:
+    """Keep the columns TRL's SFTTrainer reads, for whichever standard format the data is in."""
+    if not records:
+        raise DataError(f"{uri}: no rows")
+    first = records[0]
+    for columns in (("messages",), ("prompt", "completion"), ("text",)):
+        if all(c in first for c in columns):
+            return [{c: r[c] for c in columns} for r in records]
+    raise DataError(f"{uri}: row 1: rule format: expected prompt/completion, messages or text "
+                    f"columns, got {sorted(first)}")
+
+
+def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_dir: str,
+            seed: int, ctx: TrackingContext) -> StageResult:
+    """Fine-tune ``base_model`` on ``data_uri``; save weights + tokenizer to ``out_dir``."""
+    import datasets
+    import mlflow
+    import transformers
+    import trl
+
+    from models.loading import load_causal_lm, load_tokenizer
+
+    with stage_run(ctx, "sft", cfg, seed) as run:
+        mlflow.set_tag("data.sft.sha256", content_hash(data_uri))
+        transformers.set_seed(seed)
+        rows = sft_rows(read_records(data_uri), data_uri)
+        data = datasets.Dataset.from_list(rows)
+        eval_data = None
+        if cfg.eval_fraction > 0 and len(data) >= 20:
+            split = data.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+            data, eval_data = split["train"], split["test"]
+
+        tokenizer = load_tokenizer(base_model.path, base_model.revision, base_model.trust_remote_code)
+        model = load_causal_lm(base_model.path, base_model.revision, base_model.trust_remote_code)
+        max_length = min(cfg.max_length, tokenizer.model_max_length)
+        callback = mlflow_log_callback("sft", run.info.run_id)
+        with tempfile.TemporaryDirectory() as scratch:
+            args = trl.SFTConfig(
+                output_dir=scratch, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+                per_device_train_batch_size=cfg.per_device_train_batch_size,
+                per_device_eval_batch_size=cfg.per_device_train_batch_size,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                # transformers 5 removed warmup_ratio: a float < 1 in warmup_steps is the ratio.
+                max_length=max_length, warmup_steps=cfg.warmup_ratio,
+                lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay,
+                completion_only_loss=cfg.completion_only_loss, logging_steps=cfg.logging_steps,
+                seed=seed, data_seed=seed, report_to="none", save_strategy="no",
+                disable_tqdm=False,
+                # TRL defaults both on for large GPU models; on CPU, bf16 autocast is slow and
+                # lossy and checkpointing only costs time.
+                bf16=False, gradient_checkpointing=False,
+                trust_remote_code=base_model.trust_remote_code,
+            )
+            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
+                                     eval_dataset=eval_data, processing_class=tokenizer,
+                                     callbacks=[callback],
+                                     peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
+            train_out = trainer.train()
+            metrics = {"sft/train_loss": train_out.training_loss,
+                       "sft/train_runtime_s": train_out.metrics.get("train_runtime", 0.0)}
+            if "sft/loss" in callback.last:
+                metrics["sft/final_loss"] = callback.last["sft/loss"]
+            if eval_data is not None:
+                metrics["sft/eval_loss"] = trainer.evaluate()["eval_loss"]
+
+        model = trainer.model
+        if cfg.lora is not None:
+            model = model.merge_and_unload()
+        model.save_pretrained(out_dir)  # safetensors by default
+        tokenizer.save_pretrained(out_dir)
+        log_metrics(metrics, step=cfg.max_steps)
+        log_model_dir(out_dir, "model")
+        return StageResult(stage="sft", run_id=run.info.run_id, output_uri=out_dir,
+                           metrics=metrics, extra={"num_train_examples": len(data)})
+
+
+sft_task = task(name="sft")(run_sft)
