@@ -11,6 +11,7 @@ Pure tensor functions (torch and transformers only). Shapes: B = batch, T = sequ
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,28 +50,36 @@ def preference_nll(diffs: torch.Tensor, soft_labels: torch.Tensor,
 
 
 def fit_temperature(diffs: torch.Tensor, soft_labels: torch.Tensor,
-                    bounds: tuple[float, float] = (1e-2, 1e2)) -> float:
+                    bounds: tuple[float, float] = (1e-2, 1e2), iters: int = 100) -> float:
     """Temperature T > 0 minimising preference_nll(diffs, soft_labels, T) (Guo et al. 2017, Sec. 4.2).
 
     diffs: (B,) r_chosen - r_rejected; soft_labels: (B,) e.g. chosen_votes / num_votes.
-    Optimised in log T with L-BFGS (one parameter, convex in 1/T) and clamped to ``bounds``:
-    with hard labels and perfectly separated pairs the optimum is T -> 0, so the bound matters.
+    The NLL is convex in beta = 1 / T (logistic loss of beta * d), so a golden-section search
+    over beta in [1 / bounds[1], 1 / bounds[0]] finds the optimum without gradients (L-BFGS
+    stalls on the vanishing gradient when T -> 0). With hard labels and perfectly separated
+    pairs the optimum is T -> 0, so the lower bound is what comes back.
     """
-    diffs = diffs.detach().double()
-    labels = soft_labels.detach().double()
-    lo, hi = torch.log(torch.tensor(bounds, dtype=torch.float64))
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+    d = diffs.detach().double()
+    p = soft_labels.detach().double()
 
-    def closure():
-        opt.zero_grad()
-        z = diffs / log_t.clamp(lo, hi).exp()
-        loss = -(labels * F.logsigmoid(z) + (1 - labels) * F.logsigmoid(-z)).mean()
-        loss.backward()
-        return loss
+    def nll(beta: float) -> float:
+        z = beta * d
+        return -(p * F.logsigmoid(z) + (1 - p) * F.logsigmoid(-z)).mean().item()
 
-    opt.step(closure)
-    return float(log_t.detach().clamp(lo, hi).exp())
+    lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
+    g = (math.sqrt(5) - 1) / 2  # 0.618...
+    a, b = lo + (1 - g) * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(iters):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = lo + (1 - g) * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(b)
+    return 1.0 / ((lo + hi) / 2)
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> float:
