@@ -85,7 +85,7 @@ def load(name: str, uri: str) -> Loaded:
         raise DataError(f"{uri}: rule file_exists: file not found")
     if path.is_dir() or path.suffix == ".parquet":
         rows = read_records(uri)
-        df = pd.DataFrame(rows)
+        df = pd.DataFrame(rows, dtype=object)
         df["_row"] = np.arange(1, len(df) + 1)
         return Loaded(name, uri, df, [], None)
     rows, numbers, errors, raw_lines = [], [], [], {}
@@ -107,7 +107,9 @@ def load(name: str, uri: str) -> Loaded:
                 continue
             rows.append(row)
             numbers.append(i)
-    df = pd.DataFrame(rows) if rows else pd.DataFrame()
+    # object dtype: pandas 3 would store text as Arrow strings, which reject lone surrogates
+    # (a defect we must report, not crash on) and coerce types we want to check.
+    df = pd.DataFrame(rows, dtype=object) if rows else pd.DataFrame()
     df["_row"] = np.asarray(numbers, dtype=np.int64)
     return Loaded(name, uri, df, errors, raw_lines)
 
@@ -141,10 +143,16 @@ def value_type(v: Any) -> str | None:
 
 def _text(v: Any, kind: str | None) -> str | None:
     if kind == "str":
-        return v
-    if kind == "messages":
-        return "\n".join(str(m.get("content", "")) for m in v)
-    return None
+        text = v
+    elif kind == "messages":
+        text = "\n".join(str(m.get("content", "")) for m in v)
+    else:
+        return None
+    if not _encodable(text):
+        # Lone surrogates become U+FFFD here: pandas 3 (Arrow strings) and the tokenizer cannot
+        # hold them, and the valid_utf8_text rule reports U+FFFD all the same.
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
 
 
 def _message_problem(v: Any) -> str | None:
@@ -172,8 +180,14 @@ def add_helpers(loaded: Loaded, spec: Spec, tokenizer=None) -> pd.DataFrame:
         kinds = [value_type(v) for v in values]
         df[f"{col}__type"] = pd.Series(kinds, index=df.index, dtype=object)
         if col in spec.text_fields:
-            df[f"{col}__text"] = pd.Series([_text(v, k) for v, k in zip(values, kinds)],
-                                           index=df.index, dtype=object)
+            texts = [_text(v, k) for v, k in zip(values, kinds)]
+            df[f"{col}__text"] = pd.Series(texts, index=df.index, dtype=object)
+            # GX hashes the frame as UTF-8: raw strings with lone surrogates get the repaired
+            # text too (this is the in-memory copy; files are never written back).
+            broken = [i for i, (v, k) in enumerate(zip(values, kinds))
+                      if k == "str" and texts[i] is not v]
+            if broken:
+                df.loc[df.index[broken], col] = [texts[i] for i in broken]
             problems = [_message_problem(v) if k == "messages" else None
                         for v, k in zip(values, kinds)]
             df["_flag_message_schema"] = _merge_flags(df.get("_flag_message_schema"), problems, n)
@@ -207,6 +221,14 @@ def _merge_flags(existing, new: list, n: int) -> pd.Series:
                      dtype=object, index=existing.index)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _count_tokens(texts: pd.Series, tokenizer) -> pd.Series:
     """Token counts of each text (NaN for None); each distinct text is tokenized once."""
     uniq = pd.unique(texts.dropna())
@@ -214,7 +236,10 @@ def _count_tokens(texts: pd.Series, tokenizer) -> pd.Series:
     if len(uniq):
         ids = tokenizer(list(uniq), add_special_tokens=False)["input_ids"]
         counts = dict(zip(uniq, map(len, ids)))
-    return texts.map(counts).astype(float)
+    # A plain loop, not Series.map(dict): pandas would build an Arrow string index from the
+    # dict's keys, which fails on text with lone surrogates.
+    return pd.Series([counts.get(t, np.nan) if isinstance(t, str) else np.nan for t in texts],
+                     index=texts.index, dtype=float)
 
 
 def _add_token_counts(df: pd.DataFrame, present: list[str], tokenizer) -> None:

@@ -12,6 +12,7 @@ URIs in ``StageResult.extra["data"]``.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -76,6 +77,14 @@ class DataValidationError(Exception):
         if report_path:
             msg += f"\n  report: {report_path}"
         super().__init__(msg)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    """The tokenizer is only read (token counts), so one per path and process is enough."""
+    from models.loading import load_tokenizer
+
+    return load_tokenizer(path)
 
 
 def _limits(cfg: ValidateConfig, name: str, tokenizer):
@@ -208,12 +217,8 @@ def run_validate_data(cfg: ValidateConfig, *, data: dict[str, str | None],
     out = Path(out_dir) / STAGE
     out.mkdir(parents=True, exist_ok=True)
     report = Report()
-    tokenizer = None
-    if tokenizer_path:
-        from models.loading import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer_path)
-    else:
+    tokenizer = _tokenizer(tokenizer_path) if tokenizer_path else None
+    if tokenizer is None:
         report.notes.append("no tokenizer configured: token length limits were not checked")
 
     uris = {k: v for k, v in data.items() if v}

@@ -1,0 +1,272 @@
+"""A corpus of bad inputs, each refused by validate_data with the right rule named.
+
+The corpus is generated into tmp_path from the DEFECTS table: a small valid dataset set
+(``write_base``) with one defect applied. Each case asserts the refusal names the rule (and
+the row, where the rule is row-level) and that no input file changed by a single byte.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from tasks.io import content_hash
+from tasks.validate_data import DataValidationError, ValidateConfig, run_validate_data
+
+TOKENIZER = str(Path(__file__).resolve().parents[1] / "demo" / "base_model")
+N = 40  # rows per dataset; above the default min_rows (16)
+ANNOTATORS = ("a0", "a1", "a2")
+
+
+def base_rows() -> dict[str, list[dict[str, Any]]]:
+    """A small dataset set that passes every rule (train and eval prompts disjoint)."""
+    train = [f"Tell me about movie number {i}" for i in range(N)]
+    held_out = [f"Describe held out show {i}" for i in range(N)]
+
+    def pair(i: int, prefix: str, prompt: str) -> dict[str, Any]:
+        # Alternate which text sorts first, so agreement has both values to work with.
+        good, bad = (f" answer A{i} is fine.", f" answer Z{i} is poor.")
+        chosen, rejected = (good, bad) if i % 2 else (bad.replace("poor", "ok"), good)
+        return {"pair_id": f"{prefix}{i:03d}", "prompt": prompt, "chosen": chosen,
+                "rejected": rejected, "chosen_votes": 3, "num_votes": 3}
+
+    prefs = [pair(i, "p", p) for i, p in enumerate(train)]
+    # Unanimous except one dissent per annotator, so alpha is high but not degenerate.
+    labels = [{"pair_id": p["pair_id"], "annotator_id": a,
+               "preferred": "rejected" if i == 5 * k + 1 else "chosen",
+               "chosen_shown_first": i % 2 == 0}
+              for i, p in enumerate(prefs) for k, a in enumerate(ANNOTATORS)]
+    return {
+        "sft": [{"prompt": p, "completion": f" it was good, part {i}."} for i, p in enumerate(train)],
+        "preferences": prefs,
+        "preference_labels": labels,
+        "rl_prompts": [{"prompt": p} for p in train],
+        "eval_prompts": [{"prompt": p} for p in held_out],
+        "eval_pairs": [pair(i, "e", p) for i, p in enumerate(held_out)],
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_base(tmp_path: Path, rows: dict[str, list[dict]] | None = None) -> dict[str, str]:
+    rows = rows or base_rows()
+    data = {}
+    for name, rs in rows.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", rs)
+        data[name] = str(tmp_path / f"{name}.jsonl")
+    return data
+
+
+# --- defects: each edits the rows (or the file bytes) of the valid base ----------------------
+
+def _set(name: str, i: int, **fields) -> Callable:
+    def edit(rows, data):
+        rows[name][i].update(fields)
+    return edit
+
+
+def _drop_field(name: str, i: int, key: str) -> Callable:
+    def edit(rows, data):
+        del rows[name][i][key]
+    return edit
+
+
+def _drop_column(name: str, key: str) -> Callable:
+    def edit(rows, data):
+        for r in rows[name]:
+            r.pop(key, None)
+    return edit
+
+
+def _raw(name: str, fn: Callable[[bytes], bytes]) -> Callable:
+    """Edit the bytes of a file after it is written (encodings, truncation)."""
+    def edit(rows, data):
+        return name, fn
+    return edit
+
+
+def _truncate(b: bytes) -> bytes:
+    return b[:-25]  # cut the last line mid-object, as an interrupted write would
+
+
+def _replace_line(i: int, new: bytes) -> Callable[[bytes], bytes]:
+    def fn(b: bytes) -> bytes:
+        lines = b.splitlines(keepends=True)
+        lines[i] = new
+        return b"".join(lines)
+    return fn
+
+
+def _keep(name: str, n: int) -> Callable:
+    def edit(rows, data):
+        rows[name] = rows[name][:n]
+    return edit
+
+
+def _duplicate(name: str, i: int, j: int) -> Callable:
+    def edit(rows, data):
+        rows[name][j] = dict(rows[name][i])
+    return edit
+
+
+def _same_texts(i: int) -> Callable:
+    def edit(rows, data):
+        rows["preferences"][i]["rejected"] = rows["preferences"][i]["chosen"]
+    return edit
+
+
+def _swap(i: int, j: int) -> Callable:
+    def edit(rows, data):
+        a = rows["preferences"][i]
+        rows["preferences"][j].update(prompt=a["prompt"], chosen=a["rejected"],
+                                      rejected=a["chosen"])
+    return edit
+
+
+def _leak(name: str, i: int) -> Callable:
+    def edit(rows, data):
+        rows[name][i]["prompt"] = "  TELL me about movie   number 7 "  # case/space differ
+    return edit
+
+
+def _careless(rows, data):
+    """a3 votes on every pair and disagrees with the others every time."""
+    rows["preference_labels"] += [
+        {"pair_id": p["pair_id"], "annotator_id": "a3", "preferred": "rejected",
+         "chosen_shown_first": i % 2 == 0} for i, p in enumerate(rows["preferences"])]
+
+
+def _random_labels(rows, data):
+    rng = random.Random(0)
+    for r in rows["preference_labels"]:
+        r["preferred"] = rng.choice(["chosen", "rejected"])
+
+
+def _all_first(rows, data):
+    for r in rows["preference_labels"]:
+        r["chosen_shown_first"] = True
+
+
+def _mixed_format(rows, data):
+    rows["sft"][4]["prompt"] = [{"role": "user", "content": "hi there"}]
+    rows["sft"][4]["completion"] = [{"role": "assistant", "content": "hello"}]
+
+
+def _missing_file(rows, data):
+    data["rl_prompts"] = str(Path(data["rl_prompts"]).with_name("nowhere.jsonl"))
+
+
+# (case id, edit, expected rule, expected row or None for table-level rules, config overrides)
+DEFECTS: list[tuple[str, str, Callable, str, int | None, dict]] = [
+    ("truncated_jsonl", "preferences", _raw("preferences", _truncate), "json", N, {}),
+    ("latin1_encoding", "sft", _raw("sft", lambda b: b.replace(b"part 3.", "caf\u00e9 3.".encode("latin-1"))),
+     "utf8", 4, {}),
+    ("utf16_file", "rl_prompts", _raw("rl_prompts", lambda b: b.decode().encode("utf-16")), "utf8", 1, {}),
+    ("utf8_bom", "eval_prompts", _raw("eval_prompts", lambda b: b"\xef\xbb\xbf" + b), "json", 1, {}),
+    ("not_an_object", "sft", _raw("sft", _replace_line(2, b'["a", "b"]\n')), "json", 3, {}),
+    ("garbage_line", "eval_pairs", _raw("eval_pairs", _replace_line(9, b"this is not json\n")), "json", 10, {}),
+    ("missing_column", "preferences", _drop_column("preferences", "rejected"), "required_columns", None, {}),
+    ("missing_labels_column", "preference_labels", _drop_column("preference_labels", "preferred"),
+     "required_columns", None, {}),
+    ("missing_field_in_row", "preferences", _drop_field("preferences", 6, "chosen"), "not_null", 7, {}),
+    ("nan_value", "sft", _set("sft", 8, completion=float("nan")), "not_null", 9, {}),
+    ("null_prompt", "rl_prompts", _set("rl_prompts", 2, prompt=None), "not_null", 3, {}),
+    ("int_completion", "sft", _set("sft", 5, completion=5), "column_type", 6, {}),
+    ("dict_prompt", "eval_prompts", _set("eval_prompts", 3, prompt={"text": "x"}), "column_type", 4, {}),
+    ("string_votes", "preferences", _set("preferences", 2, chosen_votes="3"), "column_type", 3, {}),
+    ("string_shown_first", "preference_labels", _set("preference_labels", 4, chosen_shown_first="yes"),
+     "column_type", 5, {}),
+    ("empty_completion", "sft", _set("sft", 1, completion=""), "non_empty_text", 2, {}),
+    ("whitespace_chosen", "preferences", _set("preferences", 3, chosen="  \n\t"), "non_empty_text", 4, {}),
+    ("lone_surrogate", "sft", _set("sft", 7, completion="broken \ud800 text"), "valid_utf8_text", 8, {}),
+    ("replacement_char", "eval_pairs", _set("eval_pairs", 2, rejected="caf\ufffd au lait"),
+     "valid_utf8_text", 3, {}),
+    ("nul_char", "rl_prompts", _set("rl_prompts", 9, prompt="tell me\x00 more"), "valid_utf8_text", 10, {}),
+    ("huge_row", "sft", _set("sft", 10, completion=" great" * 50_000), "max_total_tokens", 11, {}),
+    ("long_prompt", "rl_prompts", _set("rl_prompts", 11, prompt="word " * 40), "max_prompt_tokens", 12,
+     {"max_prompt_tokens": 24}),
+    ("chosen_equals_rejected", "preferences", _same_texts(16),
+     "chosen_differs_from_rejected", 17, {}),
+    ("duplicate_pair", "preferences", _duplicate("preferences", 3, 20), "duplicate_pairs", 21, {}),
+    ("contradictory_pair", "preferences", _swap(4, 22), "contradictory_pairs", 23, {}),
+    ("duplicate_pair_id", "eval_pairs", _set("eval_pairs", 12, pair_id="e003"), "unique_pair_id", 13, {}),
+    ("votes_exceed_total", "preferences", _set("preferences", 8, chosen_votes=4), "vote_counts", 9, {}),
+    ("negative_votes", "eval_pairs", _set("eval_pairs", 8, chosen_votes=-1), "vote_counts", 9, {}),
+    ("chosen_in_minority", "preferences", _set("preferences", 9, chosen_votes=1), "chosen_is_majority", 10, {}),
+    ("leak_eval_prompts", "eval_prompts", _leak("eval_prompts", 5), "prompt_leakage", 6, {}),
+    ("leak_eval_pairs", "eval_pairs", _leak("eval_pairs", 6), "prompt_leakage", 7, {}),
+    ("too_few_rows", "rl_prompts", _keep("rl_prompts", 5), "min_rows", None, {}),
+    ("empty_file", "eval_prompts", _keep("eval_prompts", 0), "min_rows", None, {}),
+    ("bad_label_value", "preference_labels", _set("preference_labels", 7, preferred="A"), "label_values", 8, {}),
+    ("duplicate_vote", "preference_labels", _set("preference_labels", 1, annotator_id="a0"), "unique_votes", 2, {}),
+    ("unknown_pair", "preference_labels", _set("preference_labels", 10, pair_id="p999"), "label_pair_exists", 11, {}),
+    ("chosen_always_first", "preference_labels", _all_first, "position_bias", None, {}),
+    ("careless_annotator", "preference_labels", _careless, "annotator_quality", None,
+     {"flagged_annotator_is_error": True}),
+    ("random_labels", "preference_labels", _random_labels, "annotator_agreement", None, {}),
+    ("bad_message_role", "sft", _set("sft", 12, prompt=[{"role": "bot", "content": "hi"}],
+                              completion=[{"role": "assistant", "content": "yo"}]),
+     "message_schema", 13, {}),
+    ("mixed_formats", "sft", _mixed_format, "consistent_format", 5, {}),
+    ("missing_file", "rl_prompts", _missing_file, "file_exists", None, {}),
+    ("bad_rows_beyond_quarantine_share", "sft", _set("sft", 3, completion=""), "non_empty_text", 4,
+     {"quarantine": True, "max_bad_row_fraction": 0.0}),
+]
+
+
+# Which other files a dataset's rules read: leakage needs training prompts, labels need pairs.
+# A case validates only its dataset and these (GX costs ~25 ms per expectation, ~0.6 s per
+# suite, whatever the data size; the valid base is tested whole once).
+NEEDS = {"eval_prompts": ("rl_prompts",), "eval_pairs": ("rl_prompts",),
+         "preference_labels": ("preferences",)}
+
+
+def build_case(tmp_path: Path, dataset: str, edit: Callable) -> dict[str, str]:
+    rows = base_rows()
+    rows = {n: rows[n] for n in (dataset, *NEEDS.get(dataset, ()))}
+    data = {name: str(tmp_path / f"{name}.jsonl") for name in rows}
+    raw = edit(rows, data)
+    for name, rs in rows.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", rs)
+    if raw:
+        name, fn = raw
+        path = Path(data[name])
+        path.write_bytes(fn(path.read_bytes()))
+    return data
+
+
+def test_corpus_has_enough_distinct_defects():
+    assert len({case[0] for case in DEFECTS}) == len(DEFECTS) >= 30
+
+
+def test_valid_base_passes(tmp_path):
+    data = write_base(tmp_path)
+    result = run_validate_data(ValidateConfig(), data=data, tokenizer_path=TOKENIZER,
+                               out_dir=str(tmp_path / "out"), ctx=None)
+    assert result.extra["passed"] and set(result.extra["hashes"]) == set(data)
+
+
+@pytest.mark.parametrize("case, dataset, edit, rule, row, overrides", DEFECTS,
+                         ids=[d[0] for d in DEFECTS])
+def test_bad_input_is_refused(tmp_path, case, dataset, edit, rule, row, overrides):
+    data = build_case(tmp_path, dataset, edit)
+    before = {n: content_hash(u) for n, u in data.items() if Path(u).exists()}
+    with pytest.raises(DataValidationError) as exc:
+        run_validate_data(ValidateConfig(**overrides), data=data, tokenizer_path=TOKENIZER,
+                          out_dir=str(tmp_path / "out"), ctx=None)
+    msg = str(exc.value)
+    assert f"rule {rule}:" in msg, msg
+    errors = [f for f in exc.value.report.errors if f.rule == rule]
+    assert errors, msg
+    if row is not None:
+        assert any(row in f.rows for f in errors), msg
+        assert any(f"row {row}:" in line or f" {row}," in line or f" {row})" in line
+                   for line in msg.splitlines() if f"rule {rule}:" in line), msg
+    assert {n: content_hash(u) for n, u in data.items() if Path(u).exists()} == before
+    assert (tmp_path / "out" / "validate_data" / "report.html").exists()
