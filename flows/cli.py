@@ -14,15 +14,14 @@ import json
 import os
 import sys
 
-from flows.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config
+# Before anything imports prefect (it reads settings once): the temporary API's telemetry
+# writes harmless "database is locked" errors on SQLite, and its 20 s default startup
+# timeout is too short for a first start on a busy 2-core machine (~12 s when idle).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def _quiet_defaults() -> None:
-    # The temporary Prefect API's telemetry writes harmless "database is locked" errors to
-    # the console on SQLite; a longer startup timeout covers slow first starts (~12 s here).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from flows.config import DEFAULT_CONFIG, ConfigError, PipelineConfig, load_config  # noqa: E402
 
 
 def field_docs(model: type, prefix: str = "") -> list[str]:
@@ -81,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         if name == "config":
             p.add_argument("--docs", action="store_true", help="list every field with its doc")
     args = parser.parse_args(argv)
-    _quiet_defaults()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

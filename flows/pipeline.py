@@ -50,7 +50,9 @@ def start_parent_run(cfg: PipelineConfig) -> TrackingContext:
     return TrackingContext(tracking_uri=uri, experiment_id=exp_id, parent_run_id=run.info.run_id)
 
 
-@flow(name="rlhf-pipeline", log_prints=True)
+# No log_prints: it would turn the bytecode listings that `datasets` prints into its own
+# fingerprint buffer into thousands of Prefect log lines.
+@flow(name="rlhf-pipeline")
 def rlhf_pipeline(config: PipelineConfig) -> dict:
     """Run every stage once; returns the gate's decision and where everything went."""
     from mlflow import MlflowClient
