@@ -1,0 +1,269 @@
+"""GRPO and RLOO stages: TRL's online trainers with our reward model as the reward function.
+
+Both sample ``num_generations`` completions per prompt from the policy, score each one with
+the reward stage's model (normalised like PPO's rewards) and use the group as the baseline
+instead of a critic. They differ in where the KL to the frozen SFT policy goes:
+
+- GRPO (Shao et al. 2024, https://arxiv.org/abs/2402.03300, Eq. 3): group-normalised
+  advantages; KL as a per-token loss term, k3 estimator, ``beta * KL``.
+- RLOO (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): leave-one-out baseline;
+  KL as a sequence-level penalty inside the reward, k1 estimator, like our PPO.
+
+Also here, shared with ``tasks/dpo.py``: the MLflow metrics callback with TRL-to-PPO name
+mapping and saving the final policy the way ``run_ppo`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tasks.base import StageConfig, StageResult, TrackingContext
+from tasks.sft import LoraSettings
+from tasks.tracking import log_model_dir, stage_run
+
+# TRL metric names -> the names PPO logs (tasks/ppo.py), so dashboards compare like with like.
+# Both TRL "kl" metrics are per-token means (GRPO: k3, RLOO: k1); PPO's objective/kl is per sequence.
+TRL_TO_PPO_NAMES = {"kl": "objective/kl", "reward": "objective/scores"}
+
+
+class OnlineRLSettings(StageConfig):
+    """What GRPO and RLOO share. Defaults see 1,536 episodes, half PPO's, in ~2 min on 2 CPU cores."""
+
+    max_steps: int = 48
+    """Optimizer steps. Episodes seen = max_steps * per_device_train_batch_size / num_iterations."""
+    learning_rate: float = 3e-4
+    """Peak AdamW learning rate (tiny models like ~3e-4; ~1e-6 for billion-parameter models)."""
+    lr_scheduler_type: str = "linear"
+    """transformers scheduler name; linear decay to 0 like PPO's default."""
+    per_device_train_batch_size: int = 32
+    """Completions per optimizer step (a multiple of num_generations is simplest)."""
+    steps_per_generation: int = 2
+    """Optimizer steps per sampled batch: each generation samples
+    per_device_train_batch_size * steps_per_generation completions."""
+    num_generations: int = 8
+    """Completions sampled per prompt: the group whose other members form the baseline."""
+    num_iterations: int = 2
+    """Passes over each sampled batch (mu in the GRPO paper); >1 makes the ratio clip matter."""
+    epsilon: float = 0.2
+    """Ratio clip epsilon, as PPO's clip_range."""
+    beta: float = Field(default=0.05, gt=0.0)
+    """KL coefficient to the frozen SFT policy (> 0: without the KL term nothing anchors the policy)."""
+    max_completion_length: int = 24
+    """Completion length cap, as ``ppo.max_new_tokens`` for a fair comparison."""
+    max_prompt_length: int = 32
+    """Prompts longer than this many tokens are dropped (TRL 1.16 no longer truncates them)."""
+    temperature: float = 1.0
+    """Sampling temperature (no top-k / top-p, like PPO)."""
+    missing_eos_penalty: float | None = 1.0
+    """Subtracted from the score of completions cut off without EOS, as in PPO; null = none."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of all weights; merged before saving."""
+    logging_steps: int = 4
+    """Log training metrics to MLflow every this many optimizer steps."""
+
+
+class GRPOSettings(OnlineRLSettings):
+    """GRPO (https://arxiv.org/abs/2402.03300) through TRL's GRPOTrainer."""
+
+    beta: float = Field(default=0.05, gt=0.0)
+    """KL coefficient; the k3 per-token KL to the SFT policy is added to the loss."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
+    """Token aggregation: ``dapo`` (TRL's default, no length bias) or ``grpo`` (per-sequence mean)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's std (GRPO), the batch's, or not at all (Dr. GRPO)."""
+
+
+class RLOOSettings(OnlineRLSettings):
+    """RLOO (https://arxiv.org/abs/2402.14740) through TRL's RLOOTrainer."""
+
+    beta: float = Field(default=0.05, gt=0.0)
+    """KL coefficient; beta * (summed k1 KL to the SFT policy) is subtracted from each reward,
+    as in PPO's per-token penalty (``ppo.kl_coef``)."""
+    normalize_advantages: bool = True
+    """Standardise advantages over each sampled batch (mean 0, std 1), as PPO does."""
+
+
+# --- shared with tasks/dpo.py ------------------------------------------------------------------
+
+
+def metrics_callback(prefix: str, run_id: str, rename: dict[str, str] | None = None):
+    """TrainerCallback forwarding trainer logs to one MLflow run as ``prefix/<name>``.
+
+    Like ``tasks.sft.mlflow_log_callback`` plus a renaming map (TRL name -> our name). The
+    trainer runs with ``report_to="none"`` so nothing is logged twice.
+    """
+    import mlflow
+    from transformers import TrainerCallback
+
+    rename = rename or {}
+
+    class MetricsCallback(TrainerCallback):
+        def __init__(self):
+            self.last: dict[str, float] = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numeric = {f"{prefix}/{rename.get(k, k)}": float(v) for k, v in (logs or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numeric:
+                self.last.update(numeric)
+                mlflow.log_metrics(numeric, step=state.global_step, run_id=run_id)
+
+    return MetricsCallback()
+
+
+def trainer_args(config_cls, scratch: str, seed: int, **extra):
+    """A TRL config with what every policy trainer here shares: no hub, no checkpoints, CPU-sane."""
+    return config_cls(
+        output_dir=scratch, seed=seed, data_seed=seed, report_to="none", save_strategy="no",
+        # TRL defaults both on for large GPU models; on CPU bf16 autocast is slow and lossy and
+        # gradient checkpointing only costs time (same choice as tasks/sft.py).
+        bf16=False, gradient_checkpointing=False, disable_tqdm=False, **extra)
+
+
+def save_policy(model, tokenizer, out_dir: str | Path, lineage: dict[str, Any],
+                merge_lora: bool) -> Path:
+    """Write ``out_dir/policy`` (safetensors + tokenizer + rlhf_lineage.json) and log it as "model"."""
+    policy_dir = Path(out_dir) / "policy"
+    if merge_lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(policy_dir, safe_serialization=True)
+    tokenizer.save_pretrained(policy_dir)
+    (policy_dir / "rlhf_lineage.json").write_text(json.dumps(lineage, indent=2))
+    log_model_dir(policy_dir, "model")
+    return policy_dir
+
+
+# --- reward function ---------------------------------------------------------------------------
+
+
+class RewardModelScore:
+    """TRL reward function: our reward model's normalised score of prompt + completion.
+
+    TRL would accept the model object itself, but it would re-tokenize decoded text and pool by
+    ``pad_token_id``; scoring the sampled ids with ``score_sequences`` (last attended token)
+    keeps the rewards identical to what PPO and the reward stage compute.
+    """
+
+    def __init__(self, reward_model, reward_norm, tokenizer, missing_eos_penalty: float | None):
+        self.model, self.norm, self.tokenizer = reward_model, reward_norm, tokenizer
+        self.missing_eos_penalty = missing_eos_penalty
+        self.device = next(reward_model.parameters()).device
+
+    def __call__(self, prompts: list[str], completions: list[str],
+                 completion_ids: list[list[int]], **kwargs) -> list[float]:
+        import torch
+
+        from models.reward import score_sequences
+
+        # The same call GRPOTrainer/RLOOTrainer._tokenize_prompts makes for text prompts.
+        prompt_ids = self.tokenizer(text=list(prompts))["input_ids"]
+        seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T), right-padded
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        with torch.no_grad():
+            raw = score_sequences(self.model, ids.to(self.device), mask.to(self.device))  # (B,)
+        scores = self.norm.normalize(raw.float().cpu())
+        if self.missing_eos_penalty is not None:
+            eos = self.tokenizer.eos_token_id
+            ended = torch.tensor([bool(c) and c[-1] == eos for c in completion_ids])  # (B,)
+            scores = scores - self.missing_eos_penalty * (~ended).float()
+        return scores.tolist()
+
+
+def prompt_rows(uri: str, tokenizer, max_prompt_length: int) -> tuple[list[dict[str, str]], int]:
+    """Prompt-only rows rendered to text (chat template applied), too-long ones dropped."""
+    from tasks.io import DataError, read_records, render_prompt
+
+    rows, dropped = [], 0
+    for r in read_records(uri):
+        text = render_prompt(r["prompt"], tokenizer)
+        if len(tokenizer(text=text)["input_ids"]) > max_prompt_length:
+            dropped += 1
+        else:
+            rows.append({"prompt": text})
+    if not rows:
+        raise DataError(f"{uri}: no prompt of at most {max_prompt_length} tokens")
+    return rows, dropped
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSettings, *,
+               sft_model_uri: str, reward_model_uri: str, prompts_uri: str, out_dir: str,
+               seed: int, ctx: TrackingContext) -> StageResult:
+    """Train the SFT policy with GRPO or RLOO against the reward model; save and log it."""
+    import datasets
+    import mlflow
+    import torch
+    import transformers
+    import trl
+
+    from models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
+    from models.reward import RewardNorm
+    from tasks.io import content_hash
+    from tasks.sft import peft_config
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    transformers.set_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(sft_model_uri)
+    policy = load_causal_lm(sft_model_uri)
+    reward_model = load_sequence_scorer(reward_model_uri).to(device).eval().requires_grad_(False)
+    for m in (policy, reward_model):
+        m.config.pad_token_id = tokenizer.pad_token_id
+    reward_fn = RewardModelScore(reward_model, RewardNorm.load(reward_model_uri), tokenizer,
+                                 cfg.missing_eos_penalty)
+    rows, dropped = prompt_rows(prompts_uri, tokenizer, cfg.max_prompt_length)
+
+    with stage_run(ctx, algorithm, cfg, seed) as run:
+        mlflow.set_tag("data.rl_prompts.sha256", content_hash(prompts_uri))
+        mlflow.log_metrics({f"{algorithm}/data/prompts": len(rows),
+                            f"{algorithm}/data/prompts_dropped": dropped})
+        common = dict(
+            max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler_type, max_grad_norm=cfg.max_grad_norm,
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            steps_per_generation=cfg.steps_per_generation, num_generations=cfg.num_generations,
+            num_iterations=cfg.num_iterations, epsilon=cfg.epsilon, beta=cfg.beta,
+            max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+            top_k=0, top_p=1.0, logging_steps=cfg.logging_steps)
+        if algorithm == "grpo":
+            config_cls, trainer_cls = trl.GRPOConfig, trl.GRPOTrainer
+            common.update(loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards)
+        else:
+            config_cls, trainer_cls = trl.RLOOConfig, trl.RLOOTrainer
+            common.update(normalize_advantages=cfg.normalize_advantages)
+        callback = metrics_callback(algorithm, run.info.run_id, TRL_TO_PPO_NAMES)
+        with tempfile.TemporaryDirectory() as scratch:
+            trainer = trainer_cls(
+                model=policy, reward_funcs=reward_fn,
+                args=trainer_args(config_cls, scratch, seed, **common),
+                train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                callbacks=[callback], peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
+            trainer.train()
+        policy_dir = save_policy(trainer.model, tokenizer, out,
+                                 {"sft_model": sft_model_uri, "reward_model": reward_model_uri,
+                                  "algorithm": algorithm}, merge_lora=cfg.lora is not None)
+        last = callback.last
+        metrics = {f"{algorithm}/steps": float(trainer.state.global_step),
+                   f"{algorithm}/final_kl": last.get(f"{algorithm}/objective/kl", float("nan")),
+                   f"{algorithm}/final_score": last.get(f"{algorithm}/objective/scores",
+                                                        float("nan"))}
+        mlflow.log_metrics(metrics)
+        return StageResult(stage=algorithm, run_id=run.info.run_id, output_uri=str(policy_dir),
+                           metrics=metrics, extra={"stop_reason": None,
+                                                   "steps": trainer.state.global_step,
+                                                   "planned_steps": cfg.max_steps})
