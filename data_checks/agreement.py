@@ -67,11 +67,15 @@ def alpha_from_votes(votes: pd.DataFrame) -> float:
     """Nominal Krippendorff's alpha from (pair_id, vote) rows; NaN if nothing is pairable."""
     import krippendorff
 
-    counts = pd.crosstab(votes["pair_id"], votes["vote"]).reindex(columns=[0, 1], fill_value=0)
-    counts = counts[counts.sum(axis=1) >= 2]  # a unit with one vote has nothing to agree with
-    if counts.empty:
+    codes, _ = pd.factorize(votes["pair_id"])
+    v = votes["vote"].to_numpy()
+    n_chosen = np.bincount(codes, weights=v, minlength=codes.max() + 1 if len(codes) else 0)
+    n_all = np.bincount(codes, minlength=len(n_chosen)).astype(np.float64)
+    counts = np.stack([n_all - n_chosen, n_chosen], axis=1)  # (pairs, 2): votes for 0, for 1
+    counts = counts[n_all >= 2]  # a unit with one vote has nothing to agree with
+    if len(counts) == 0:
         return float("nan")
-    values = counts.to_numpy(dtype=np.float64)  # (pairs, 2)
+    values = counts
     if (values.sum(axis=0) == 0).any():
         # One value only: no expected disagreement, alpha is undefined (0/0). Perfect agreement
         # on a single value says nothing about reliability; report 1.0 as the package would not.

@@ -82,9 +82,9 @@ class DataValidationError(Exception):
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str):
     """The tokenizer is only read (token counts), so one per path and process is enough."""
-    from models.loading import load_tokenizer
+    from data_checks.frames import TokenCounter
 
-    return load_tokenizer(path)
+    return TokenCounter(path)
 
 
 def _limits(cfg: ValidateConfig, name: str, tokenizer):
