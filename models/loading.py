@@ -38,3 +38,27 @@ def load_sequence_scorer(path: str, revision: str | None = None, trust_remote_co
 
 def is_local(path: str) -> bool:
     return Path(path).exists()
+
+
+def transformer_blocks(model):
+    """The model's stack of transformer blocks: the ModuleList of num_hidden_layers modules."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(model).__name__}: no ModuleList of {n} transformer blocks found")
+
+
+def freeze_bottom_layers(model, n: int) -> None:
+    """Freeze the input embeddings and the first ``n`` blocks (0 leaves everything trainable).
+
+    The lower layers of a pretrained LM change least in fine-tuning; freezing them saves
+    their gradients and optimizer state (Huang et al. 2024 list it among memory savers).
+    """
+    if n <= 0:
+        return
+    model.get_input_embeddings().requires_grad_(False)
+    for block in list(transformer_blocks(model))[:n]:
+        block.requires_grad_(False)

@@ -8,6 +8,7 @@ critic (value model, initialised from the reward model or the SFT weights), rewa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -23,6 +24,7 @@ from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, co
                         policy_loss, value_loss)
 from models.rollout import Rollout, generate, response_logprobs, response_values
 from tasks.base import StageConfig, StageResult, TrackingContext
+from tasks.sft import LoraSettings
 
 
 class PPOConfig(StageConfig):
@@ -86,6 +88,14 @@ class PPOConfig(StageConfig):
     """Subtracted from the score of responses truncated without EOS; null = no penalty."""
     critic_init: Literal["reward", "sft"] = "reward"
     """Initialise the critic from the reward model (TRL's choice) or from the SFT weights."""
+    lora: LoraSettings | None = None
+    """LoRA adapters (peft) on policy and critic. The reference policy is then the policy
+    with adapters disabled, and with ``critic_init: reward`` the reward model is the critic
+    with adapters disabled: no second copy of either base's weights."""
+    freeze_layers: int = 0
+    """Freeze the input embeddings and the first N transformer blocks of policy and critic."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast dtype for forward passes on a GPU (fp16 adds loss scaling); CPU runs in fp32."""
     kl_budget: float | None = None
     """Stop early when mean KL per sequence exceeds this many nats; null = no budget."""
     checkpoint_every: int = 10
@@ -145,6 +155,27 @@ class PromptSampler:
 # --- one update -----------------------------------------------------------------------------
 
 
+def autocast(cfg: PPOConfig, device: torch.device):
+    """bf16/fp16 autocast on CUDA when configured; a no-op elsewhere."""
+    if device.type != "cuda" or cfg.mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def frozen_view(model, frozen):
+    """``frozen`` itself, or (when None) ``model`` with its LoRA adapters disabled."""
+    if frozen is not None:
+        return contextlib.nullcontext(frozen)
+    return _disabled_adapters(model)
+
+
+@contextlib.contextmanager
+def _disabled_adapters(model):
+    with model.disable_adapter():
+        yield model
+
+
 @torch.no_grad()
 def make_rollout(cfg: PPOConfig, policy, ref_policy, critic, reward_model, reward_norm,
                  tokenizer, prompts: list[list[int]], kl_coef: float, device) -> Rollout:
@@ -160,9 +191,11 @@ def make_rollout(cfg: PPOConfig, policy, ref_policy, critic, reward_model, rewar
     attn = torch.cat([query_mask, rmask.long()], 1)
     T = response.shape[1]
     logp = response_logprobs(policy, ids, attn, response, cfg.temperature)
-    ref_logp = response_logprobs(ref_policy, ids, attn, response, cfg.temperature)
-    values = response_values(critic, ids, attn, T)
-    scores = reward_norm.normalize(score_sequences(reward_model, ids, attn).float())
+    with frozen_view(policy, ref_policy) as ref:
+        ref_logp = response_logprobs(ref, ids, attn, response, cfg.temperature)
+    values = response_values(critic, ids, attn, T).float()
+    with frozen_view(critic, reward_model) as rm:
+        scores = reward_norm.normalize(score_sequences(rm, ids, attn).float())
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     if cfg.missing_eos_penalty is not None:
@@ -180,7 +213,8 @@ def make_rollout(cfg: PPOConfig, policy, ref_policy, critic, reward_model, rewar
 
 
 def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: float,
-               gen: torch.Generator) -> dict[str, float]:
+               gen: torch.Generator, scaler: torch.amp.GradScaler | None = None
+               ) -> dict[str, float]:
     """ppo_epochs passes of minibatch SGD on one rollout batch; returns averaged stats."""
     stats: dict[str, list[float]] = {}
     B = ro.response_ids.shape[0]
@@ -194,9 +228,10 @@ def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: 
             for m in range(start, min(start + cfg.mini_batch_size, B), micro):
                 mb = ro.select(perm[m:m + micro].to(ro.response_ids.device))
                 ids, attn = mb.input_ids, mb.attention_mask
-                logp, ent = response_logprobs(policy, ids, attn, mb.response_ids,
-                                              cfg.temperature, with_entropy=True)
-                vpred = response_values(critic, ids, attn, T)
+                with autocast(cfg, ids.device):
+                    logp, ent = response_logprobs(policy, ids, attn, mb.response_ids,
+                                                  cfg.temperature, with_entropy=True)
+                    vpred = response_values(critic, ids, attn, T).float()
                 pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
                 vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask,
                                        cfg.clip_range_value)
@@ -206,14 +241,21 @@ def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: 
                     kl_term = masked_mean(kl_estimate(logp, mb.ref_logprobs, cfg.kl_estimator),
                                           mb.response_mask)
                     loss = loss + kl_coef * kl_term
-                (loss / cfg.gradient_accumulation_steps).backward()
+                scaled = loss / cfg.gradient_accumulation_steps
+                (scaler.scale(scaled) if scaler else scaled).backward()
                 for k, v in {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
                              "policy/entropy": entropy, "loss/policy": pl.loss,
                              "loss/value": vl, "val/clipfrac": vclip}.items():
-                    stats.setdefault(k, []).append(float(v))
+                    stats.setdefault(k, []).append(float(v.detach()))
+            if scaler:
+                scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             stats.setdefault("policy/grad_norm", []).append(float(grad_norm))
-            optimizer.step()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
@@ -221,13 +263,15 @@ def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: 
 
 
 def _save_checkpoint(path: Path, step: int, policy, critic, optimizer, scheduler, kl_ctl,
-                     sampler: PromptSampler, gen: torch.Generator, history: list) -> None:
+                     sampler: PromptSampler, gen: torch.Generator, history: list,
+                     stats: dict, stop_reason: str | None) -> None:
     """Everything resume needs; written to a temp file and renamed so a kill mid-write is safe."""
     state = {
         "step": step, "policy": policy.state_dict(), "critic": critic.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "kl_ctl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
         "torch_rng": torch.get_rng_state(), "gen": gen.get_state(), "history": history,
+        "stats": stats, "stop_reason": stop_reason,
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -257,10 +301,12 @@ def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, rewar
         optimizer, (lambda u: 1 - u / n_updates) if cfg.lr_schedule == "linear" else (lambda u: 1.0))
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
+    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
+              and cfg.mixed_precision == "fp16" else None)
     sampler = PromptSampler(prompts, seed)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    start, history = 0, []
+    start, history, stats, stop_reason = 0, [], {}, None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         policy.load_state_dict(state["policy"])
@@ -274,17 +320,18 @@ def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, rewar
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start, history = state["step"], state["history"]
+        stats, stop_reason = state["stats"], state["stop_reason"]
 
-    stop_reason, stats = None, {}
-    bar = tqdm(range(start, n_updates), desc="ppo", initial=start, total=n_updates)
+    bar = tqdm(range(start if stop_reason is None else n_updates, n_updates), desc="ppo", initial=start, total=n_updates)
     for update in bar:
         t0 = time.perf_counter()
         policy.eval(), critic.eval()  # no dropout while sampling and scoring (Huang et al.)
-        ro = make_rollout(cfg, policy, ref_policy, critic, reward_model, reward_norm, tokenizer,
-                          sampler.next_batch(cfg.batch_size), kl_ctl.value, device)
+        with autocast(cfg, device):
+            ro = make_rollout(cfg, policy, ref_policy, critic, reward_model, reward_norm,
+                              tokenizer, sampler.next_batch(cfg.batch_size), kl_ctl.value, device)
         t_gen = time.perf_counter() - t0
         policy.train(), critic.train()
-        stats = ppo_update(cfg, policy, critic, optimizer, ro, kl_ctl.value, gen)
+        stats = ppo_update(cfg, policy, critic, optimizer, ro, kl_ctl.value, gen, scaler)
         scheduler.step()
         seq_kl = ro.kl.sum(1)  # (B,) KL to the reference per sequence
         mean_kl = float(seq_kl.mean())
@@ -314,13 +361,48 @@ def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, rewar
         if checkpoint is not None and (step % cfg.checkpoint_every == 0 or step == n_updates
                                        or stop_reason):
             _save_checkpoint(checkpoint, step, policy, critic, optimizer, scheduler, kl_ctl,
-                             sampler, gen, history)
+                             sampler, gen, history, stats, stop_reason)
         if stop_reason:
             break
     bar.close()
     steps_done = history[-1]["step"] if history else 0
+    if stop_reason is None and steps_done != n_updates:  # never report skipped steps as done
+        raise RuntimeError(f"ppo: {steps_done} of {n_updates} updates done, without a stop reason")
     return {"steps": steps_done, "planned_steps": n_updates, "stop_reason": stop_reason,
             "final": stats, "history": history}
+
+
+def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str, pad_token_id: int,
+                 device: torch.device):
+    """-> policy, reference (None: policy with adapters off), critic, reward model (None:
+    critic with adapters off). Without LoRA, reference and reward model are frozen copies."""
+    from models.loading import freeze_bottom_layers, load_causal_lm, load_sequence_scorer
+    from tasks.sft import peft_config
+
+    policy = load_causal_lm(sft_model_uri)
+    critic_src = reward_model_uri if cfg.critic_init == "reward" else sft_model_uri
+    critic = load_sequence_scorer(critic_src)
+    for m in (policy, critic):
+        m.config.pad_token_id = pad_token_id
+        freeze_bottom_layers(m, cfg.freeze_layers)
+    ref_policy = reward_model = None
+    if cfg.lora is None:
+        ref_policy = load_causal_lm(sft_model_uri)
+    else:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_config(cfg.lora, "CAUSAL_LM"))
+        # modules_to_save: the scalar head trains fully; disabling adapters restores the
+        # reward model's own head, so the RM can be the critic's base.
+        critic = get_peft_model(critic, peft_config(cfg.lora, "SEQ_CLS", ["score"]))
+    if cfg.lora is None or cfg.critic_init != "reward":
+        reward_model = load_sequence_scorer(reward_model_uri)
+    for m in (ref_policy, reward_model):
+        if m is not None:
+            m.config.pad_token_id = pad_token_id
+            m.eval().requires_grad_(False)
+    return tuple(m.to(device) if m is not None else None
+                 for m in (policy, ref_policy, critic, reward_model))
 
 
 def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompts_uri: str,
@@ -329,7 +411,7 @@ def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompt
     import mlflow
     from transformers import set_seed
 
-    from models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
+    from models.loading import load_tokenizer
     from models.reward import RewardNorm
     from tasks.tracking import log_metrics, log_model_dir, stage_run
 
@@ -338,13 +420,8 @@ def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompt
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(sft_model_uri)
-    policy = load_causal_lm(sft_model_uri).to(device)
-    ref_policy = load_causal_lm(sft_model_uri).to(device).eval().requires_grad_(False)
-    reward_model = load_sequence_scorer(reward_model_uri).to(device).eval().requires_grad_(False)
-    critic_src = reward_model_uri if cfg.critic_init == "reward" else sft_model_uri
-    critic = load_sequence_scorer(critic_src).to(device)
-    for m in (policy, ref_policy, reward_model, critic):
-        m.config.pad_token_id = tokenizer.pad_token_id
+    policy, ref_policy, critic, reward_model = build_models(cfg, sft_model_uri, reward_model_uri,
+                                                            tokenizer.pad_token_id, device)
     reward_norm = RewardNorm.load(reward_model_uri)
     prompts = _load_prompts(prompts_uri, tokenizer, cfg.max_prompt_length)
 
@@ -354,6 +431,8 @@ def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompt
                             tokenizer=tokenizer, prompts=prompts, seed=seed,
                             checkpoint=out / "checkpoint.pt", log_fn=log_metrics)
         policy_dir = out / "policy"
+        if cfg.lora is not None:
+            policy = policy.merge_and_unload()  # plain weights: evaluate/serve need no peft
         policy.save_pretrained(policy_dir, safe_serialization=True)
         tokenizer.save_pretrained(policy_dir)
         (policy_dir / "rlhf_lineage.json").write_text(json.dumps(

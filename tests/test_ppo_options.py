@@ -1,0 +1,215 @@
+"""Each PPO option does what its docstring says, on the demo's tiny GPT-2 (seconds each)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.loading import load_sequence_scorer, load_tokenizer, transformer_blocks
+from models.reward import RewardNorm
+from tasks.ppo import PPOConfig, _load_prompts, build_models, make_rollout, train_ppo
+from tasks.sft import LoraSettings
+
+BASE = "demo/base_model"
+SMALL = dict(total_episodes=16, batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    """A 'reward model' made from the base model with a fresh scalar head, plus its norm."""
+    d = tmp_path_factory.mktemp("rm")
+    torch.manual_seed(0)
+    tok = load_tokenizer(BASE)
+    rm = load_sequence_scorer(BASE)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(d)
+    tok.save_pretrained(d)
+    RewardNorm(1.0, 0.0, 1.0).save(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(BASE)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    return _load_prompts("demo/data/rl_prompts.jsonl", tok, 32)[:32]
+
+
+def run(cfg: PPOConfig, rm_dir, tok, prompts, seed=0, checkpoint=None):
+    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
+    logs = []
+    summary = train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
+                        reward_norm=RewardNorm.load(rm_dir), tokenizer=tok, prompts=prompts,
+                        seed=seed, checkpoint=checkpoint, log_fn=lambda m, s: logs.append(m))
+    return summary, logs, (policy, ref, critic, rm)
+
+
+def rollout(cfg, rm_dir, tok, prompts, seed=0):
+    torch.manual_seed(seed)
+    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
+    return make_rollout(cfg, policy, ref, critic, rm, RewardNorm.load(rm_dir), tok, prompts[:8],
+                        cfg.kl_coef, torch.device("cpu"))
+
+
+def test_default_run_logs_kl_drift_metrics(rm_dir, tok, prompts):
+    summary, logs, _ = run(PPOConfig(**SMALL), rm_dir, tok, prompts)
+    assert summary["steps"] == summary["planned_steps"] == 2 and summary["stop_reason"] is None
+    for key in ("objective/kl", "objective/kl_max_seq", "objective/kl_coef", "policy/clipfrac",
+                "policy/approx_kl", "val/explained_variance", "policy/entropy",
+                "objective/scores", "objective/rlhf_reward", "perf/episodes_per_s",
+                "perf/tokens_per_s"):
+        assert f"ppo/{key}" in logs[-1], key
+
+
+def test_adaptive_vs_fixed_kl_coef(rm_dir, tok, prompts):
+    _, logs, _ = run(PPOConfig(**SMALL, adaptive_kl=False, kl_coef=0.3), rm_dir, tok, prompts)
+    assert [m["ppo/objective/kl_coef"] for m in logs] == [0.3, 0.3]
+    _, logs, _ = run(PPOConfig(**SMALL, kl_coef=0.3, kl_target=1e-6, kl_horizon=100),
+                     rm_dir, tok, prompts)
+    # The first batch is sampled before any update: KL 0, below target, so beta shrinks by
+    # (1 - 0.2 * 8 / 100); the second batch has KL > 1e-6, so beta grows by (1 + 0.016).
+    assert logs[0]["ppo/objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[1]["ppo/objective/kl"] > 1e-6
+    assert logs[1]["ppo/objective/kl_coef"] == pytest.approx(0.3 * 0.984)
+
+
+def test_kl_in_reward_vs_kl_as_loss(rm_dir, tok, prompts):
+    in_reward = rollout(PPOConfig(**SMALL, kl_coef=1.0), rm_dir, tok, prompts)
+    # rewards sum to score - beta * sum(kl)
+    assert torch.allclose(in_reward.rewards.sum(1), in_reward.scores - in_reward.kl.sum(1), atol=1e-5)
+    as_loss = rollout(PPOConfig(**SMALL, kl_coef=1.0, kl_in_reward=False, kl_estimator="k3"),
+                      rm_dir, tok, prompts)
+    assert torch.allclose(as_loss.rewards.sum(1), as_loss.scores, atol=1e-5)
+
+
+def test_advantage_whitening(rm_dir, tok, prompts):
+    ro = rollout(PPOConfig(**SMALL), rm_dir, tok, prompts)
+    m = ro.response_mask.bool()
+    assert ro.advantages[m].mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert ro.advantages[m].std().item() == pytest.approx(1.0, abs=1e-3)
+    raw = rollout(PPOConfig(**SMALL, whiten_advantages=False), rm_dir, tok, prompts)
+    assert abs(raw.advantages[m].std().item() - 1.0) > 1e-3
+
+
+def test_reward_clip_and_missing_eos_penalty(rm_dir, tok, prompts):
+    big = RewardNorm(1.0, 0.0, 1e-3)  # scores * 1000: clipping must bite
+    big_dir = rm_dir + "_big"
+    import shutil
+
+    shutil.copytree(rm_dir, big_dir, dirs_exist_ok=True)
+    big.save(big_dir)
+    ro = rollout(PPOConfig(**SMALL, reward_clip=2.0, missing_eos_penalty=None), big_dir, tok, prompts)
+    assert ro.scores.abs().max().item() <= 2.0
+    # max_new_tokens=2: nearly every response is truncated without EOS.
+    cfg = dict(SMALL, max_new_tokens=2)
+    a = rollout(PPOConfig(**cfg, missing_eos_penalty=None), rm_dir, tok, prompts, seed=1)
+    b = rollout(PPOConfig(**cfg, missing_eos_penalty=3.0), rm_dir, tok, prompts, seed=1)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.allclose(b.scores, a.scores - 3.0 * (~a.ended_with_eos).float())
+
+
+def test_reward_whitening_keeps_scores_finite(rm_dir, tok, prompts):
+    summary, logs, _ = run(PPOConfig(**SMALL, whiten_rewards=True), rm_dir, tok, prompts)
+    assert summary["steps"] == 2 and all(torch.isfinite(torch.tensor(list(m.values()))).all()
+                                         for m in logs)
+
+
+def test_value_clipping_toggle(rm_dir, tok, prompts):
+    _, logs, _ = run(PPOConfig(**SMALL, clip_range_value=None), rm_dir, tok, prompts)
+    assert all(m["ppo/val/clipfrac"] == 0.0 for m in logs)
+
+
+def test_critic_initialisation(rm_dir, tok, prompts):
+    rm_state = load_sequence_scorer(rm_dir).state_dict()
+    _, _, critic, _ = build_models(PPOConfig(critic_init="reward"), BASE, rm_dir, tok.pad_token_id,
+                                   torch.device("cpu"))
+    assert torch.equal(critic.state_dict()["score.weight"], rm_state["score.weight"])
+    _, _, critic, rm = build_models(PPOConfig(critic_init="sft"), BASE, rm_dir, tok.pad_token_id,
+                                    torch.device("cpu"))
+    assert not torch.equal(critic.state_dict()["score.weight"], rm_state["score.weight"])
+    assert rm is not None  # the reward model stays a separate frozen model
+
+
+def test_epochs_minibatches_and_accumulation(rm_dir, tok, prompts):
+    cfg = PPOConfig(**dict(SMALL, ppo_epochs=3, mini_batch_size=4, total_episodes=8),
+                    gradient_accumulation_steps=2)
+    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
+    steps = []
+    opt_step = torch.optim.AdamW.step
+
+    def counting_step(self, *a, **k):
+        steps.append(1)
+        return opt_step(self, *a, **k)
+
+    torch.optim.AdamW.step = counting_step
+    try:
+        train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
+                  reward_norm=RewardNorm.load(rm_dir), tokenizer=tok, prompts=prompts, seed=0)
+    finally:
+        torch.optim.AdamW.step = opt_step
+    assert len(steps) == 3 * (8 // 4)  # epochs x minibatches, accumulation inside each
+    with pytest.raises(ValueError, match="multiple"):
+        run(PPOConfig(**dict(SMALL, mini_batch_size=3)), rm_dir, tok, prompts)
+
+
+def test_entropy_bonus_changes_the_update(rm_dir, tok, prompts):
+    _, _, (p0, *_ ) = run(PPOConfig(**SMALL, ent_coef=0.0), rm_dir, tok, prompts)
+    _, _, (p1, *_ ) = run(PPOConfig(**SMALL, ent_coef=0.5), rm_dir, tok, prompts)
+    w = "lm_head.weight"
+    assert not torch.allclose(p0.state_dict()[w], p1.state_dict()[w])
+
+
+def test_learning_rate_schedule(rm_dir, tok, prompts):
+    _, logs, _ = run(PPOConfig(**dict(SMALL, total_episodes=24)), rm_dir, tok, prompts)
+    lrs = [m["ppo/lr"] for m in logs]
+    assert lrs == pytest.approx([3e-4 * 2 / 3, 3e-4 / 3, 0.0])
+    _, logs, _ = run(PPOConfig(**SMALL, lr_schedule="constant"), rm_dir, tok, prompts)
+    assert {m["ppo/lr"] for m in logs} == {3e-4}
+
+
+def test_lora_shares_base_weights_for_reference_and_reward(rm_dir, tok, prompts):
+    cfg = PPOConfig(**SMALL, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    before = {k: v.clone() for k, v in load_sequence_scorer(rm_dir).state_dict().items()}
+    summary, _, (policy, ref, critic, rm) = run(cfg, rm_dir, tok, prompts)
+    assert ref is None and rm is None  # no second copy of the policy or reward-model weights
+    assert summary["steps"] == 2
+    base_params = {n: p for n, p in policy.named_parameters() if "lora_" not in n}
+    assert all(not p.requires_grad for p in base_params.values())
+    lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # adapters trained (B starts at zero)
+    # Adapters disabled == the untouched reward model: same scalar head, same backbone.
+    with critic.disable_adapter():
+        head = critic.base_model.model.score.original_module.weight
+        assert torch.equal(head, before["score.weight"])
+
+
+def test_freeze_layers(rm_dir, tok, prompts):
+    cfg = PPOConfig(**SMALL, freeze_layers=1)
+    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
+    frozen = {k: v.clone() for k, v in transformer_blocks(policy)[0].state_dict().items()}
+    emb = policy.get_input_embeddings().weight.clone()
+    train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
+              reward_norm=RewardNorm.load(rm_dir), tokenizer=tok, prompts=prompts, seed=0)
+    for k, v in transformer_blocks(policy)[0].state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert torch.equal(policy.get_input_embeddings().weight, emb)
+    assert not torch.equal(transformer_blocks(policy)[1].state_dict()["attn.c_attn.weight"],
+                           transformer_blocks(ref)[1].state_dict()["attn.c_attn.weight"])
+
+
+def test_kl_budget_stops_early_with_reason(rm_dir, tok, prompts, tmp_path):
+    cfg = PPOConfig(**dict(SMALL, total_episodes=32), kl_budget=-1.0)
+    summary, logs, _ = run(cfg, rm_dir, tok, prompts, checkpoint=tmp_path / "ckpt.pt")
+    assert summary["steps"] == 1 and summary["planned_steps"] == 4
+    assert "exceeded kl_budget" in summary["stop_reason"]
+    # A re-run does not train past the recorded stop.
+    again, _, _ = run(cfg, rm_dir, tok, prompts, checkpoint=tmp_path / "ckpt.pt")
+    assert again["steps"] == 1 and again["stop_reason"] == summary["stop_reason"]
+
+
+def test_mixed_precision_is_a_no_op_on_cpu(rm_dir, tok, prompts):
+    summary, _, _ = run(PPOConfig(**SMALL, mixed_precision="bf16"), rm_dir, tok, prompts)
+    assert summary["steps"] == 2
