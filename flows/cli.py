@@ -60,7 +60,7 @@ def cmd_validate(cfg: PipelineConfig) -> int:
 
     result = run_validate_data(cfg.validation, data=cfg.data.model_dump(),
                                tokenizer_path=cfg.base_model.path,
-                               out_dir=os.path.join(cfg.output_dir, cfg.name, "validate_data"),
+                               out_dir=os.path.join(cfg.output_dir, cfg.name),
                                ctx=None)
     print(json.dumps(result.model_dump(mode="json"), indent=2, default=str))
     print("all datasets passed validation")

@@ -67,8 +67,11 @@ def rlhf_pipeline(config: PipelineConfig) -> dict:
         data = config.data.model_dump()
         checked = validate_data_task(config.validation, data=data,
                                      tokenizer_path=config.base_model.path,
-                                     out_dir=str(root / "validate_data"), ctx=ctx)
+                                     out_dir=str(root), ctx=ctx)
         hashes = checked.extra.get("hashes", {})
+        # With quarantine on, the stage hands back clean copies: train on those, never the
+        # originals (which stay byte-identical).
+        data = {**data, **checked.extra.get("data", {})}
         for name, h in hashes.items():
             client.set_tag(ctx.parent_run_id, f"data.{name}.sha256", h)
 
