@@ -27,7 +27,7 @@ from tasks.tracking import log_metrics, log_model_dir, stage_run
 class RewardConfig(StageConfig):
     """Reward model training, calibration and score normalisation."""
 
-    max_steps: int = 200
+    max_steps: int = 120
     """Optimizer steps (each sees ``per_device_train_batch_size`` pairs)."""
     learning_rate: float = 5e-4
     """Peak AdamW learning rate (tiny models ~5e-4; ~1e-5 for full fine-tuning of large ones)."""
@@ -37,7 +37,7 @@ class RewardConfig(StageConfig):
     """Pairs whose chosen or rejected sequence is longer than this many tokens are dropped."""
     warmup_ratio: float = 0.05
     """Share of steps spent warming the learning rate up linearly from zero."""
-    margin: bool = False
+    margin: bool = True
     """Subtract a margin 2p - 1 from r_c - r_r, p = chosen_votes / num_votes, when the data has
     vote counts (Llama 2, https://arxiv.org/abs/2307.09288, Eq. 2): clear wins must win by more."""
     center_rewards_coefficient: float | None = 0.01
@@ -159,8 +159,9 @@ def sample_policy_ids(sft_model_uri: str, tokenizer, prompts: list[Any], cfg: Re
     out: list[list[int]] = []
     with torch.no_grad():
         for i in range(0, len(texts), cfg.eval_batch_size):
+            # A chat template already writes BOS and friends; plain text gets them like in training.
             enc = tokenizer(texts[i:i + cfg.eval_batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
+                            add_special_tokens=not is_conversational(prompts[0]))
             gen = policy.generate(**enc, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
                                   max_new_tokens=cfg.max_new_tokens,
                                   pad_token_id=tokenizer.pad_token_id)
