@@ -45,9 +45,18 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], 1)
 
     def select(self, idx: torch.Tensor) -> "Rollout":
-        """Rows ``idx`` of every tensor field (for minibatches)."""
+        """Rows ``idx`` of every tensor field (for minibatches), with the response columns
+        cut to the longest real response among those rows."""
         fields = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        T = max(int(fields["response_mask"].sum(1).max()), 1)
+        for k in PER_TOKEN_FIELDS:
+            if fields[k] is not None:
+                fields[k] = fields[k][:, :T]
         return Rollout(**fields)
+
+
+PER_TOKEN_FIELDS = ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values",
+                    "rewards", "kl", "advantages", "returns")
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None
@@ -78,12 +87,9 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_ne
         temperature=temperature, max_new_tokens=max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
     )
+    # generate stops once every row has ended, so T <= max_new_tokens: nothing downstream
+    # spends compute on columns that are padding in every row.
     response = out[:, query_ids.shape[1]:]
-    if response.shape[1] < max_new_tokens:
-        # generate stops when every row has ended; pad to a fixed width for stacking.
-        pad = torch.full((response.shape[0], max_new_tokens - response.shape[1]), pad_token_id,
-                         dtype=response.dtype, device=response.device)
-        response = torch.cat([response, pad], 1)
     mask, ended = response_mask_from_ids(response, eos_token_id)
     response = response.masked_fill(mask == 0, pad_token_id)
     return response, mask.to(query_mask.device), ended
@@ -96,8 +102,11 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Logits at column P-1+t predict response token t. Divided by the sampling temperature so
     that log-probs match the distribution the tokens were drawn from (Huang et al. 2024).
     """
+    # logits_to_keep: project only the last T+1 positions onto the vocabulary; the prompt's
+    # logits are never used and the vocab projection dominates small models' cost.
     out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                logits_to_keep=response_len + 1)
     logits = out.logits[:, -response_len - 1:-1]
     return logits / temperature
 

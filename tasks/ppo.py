@@ -219,7 +219,6 @@ def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: 
     stats: dict[str, list[float]] = {}
     B = ro.response_ids.shape[0]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-    T = ro.response_ids.shape[1]
     params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
@@ -231,7 +230,7 @@ def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: 
                 with autocast(cfg, ids.device):
                     logp, ent = response_logprobs(policy, ids, attn, mb.response_ids,
                                                   cfg.temperature, with_entropy=True)
-                    vpred = response_values(critic, ids, attn, T).float()
+                    vpred = response_values(critic, ids, attn, mb.response_ids.shape[1]).float()
                 pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
                 vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask,
                                        cfg.clip_range_value)
