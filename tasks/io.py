@@ -50,7 +50,9 @@ def read_records(uri: str) -> list[dict[str, Any]]:
     if path.suffix == ".parquet":
         import pandas as pd
 
-        return pd.read_parquet(path).to_dict("records")
+        # Parquet list columns come back as numpy arrays; TRL formats expect lists (of dicts).
+        return [{k: _plain(v) for k, v in row.items()}
+                for row in pd.read_parquet(path).to_dict("records")]
     rows = []
     with path.open("rb") as f:
         for i, raw in enumerate(f, start=1):
@@ -66,6 +68,16 @@ def read_records(uri: str) -> list[dict[str, Any]]:
                 raise DataError(f"{uri}: row {i}: rule json: expected an object per line")
             rows.append(row)
     return rows
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def content_hash(uri: str) -> str:
