@@ -138,3 +138,22 @@ def scalar_head_per_token(model, input_ids: torch.Tensor, attention_mask: torch.
 def response_values(critic, input_ids, attention_mask, response_len: int) -> torch.Tensor:
     """V(s_t) for each response token t: the head at column P-1+t (the state before it)."""
     return scalar_head_per_token(critic, input_ids, attention_mask)[:, -response_len - 1:-1]
+
+
+class SharedTrunkCritic(torch.nn.Module):
+    """A value head on the policy's own transformer: one trunk, two heads (Ziegler et al.
+    2019 used this layout; it saves a whole critic's weights and optimizer state).
+
+    Shaped like a sequence-classification model (``base_model_prefix`` naming the trunk and a
+    ``score`` head) so ``scalar_head_per_token`` serves it unchanged. The value loss trains the
+    trunk too, so ``vf_coef`` also weighs how much the critic may move the policy.
+    """
+
+    base_model_prefix = "trunk"
+
+    def __init__(self, policy):
+        super().__init__()
+        self.trunk = getattr(policy, policy.base_model_prefix)  # shared module, not a copy
+        self.config = policy.config
+        self.score = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
+        torch.nn.init.zeros_(self.score.weight)  # V = 0 before training: no random baseline

@@ -22,7 +22,8 @@ from prefect import task
 from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, compute_rewards,
                         explained_variance, kl_estimate, masked_mean, masked_whiten,
                         policy_loss, value_loss)
-from models.rollout import Rollout, generate, response_logprobs, response_values
+from models.rollout import (Rollout, SharedTrunkCritic, generate, response_logprobs,
+                            response_values)
 from tasks.base import StageConfig, StageResult, TrackingContext
 from tasks.sft import LoraSettings
 
@@ -86,8 +87,9 @@ class PPOConfig(StageConfig):
     """Clip normalised scores to [-reward_clip, reward_clip]; null = no clip."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of responses truncated without EOS; null = no penalty."""
-    critic_init: Literal["reward", "sft"] = "reward"
-    """Initialise the critic from the reward model (TRL's choice) or from the SFT weights."""
+    critic_init: Literal["reward", "sft", "policy"] = "reward"
+    """Critic: a separate model initialised from the reward model (TRL's choice) or from the
+    SFT weights, or ``policy``: a value head on the policy's own trunk (shared weights)."""
     lora: LoraSettings | None = None
     """LoRA adapters (peft) on policy and critic. The reference policy is then the policy
     with adapters disabled, and with ``critic_init: reward`` the reward model is the critic
@@ -212,6 +214,16 @@ def make_rollout(cfg: PPOConfig, policy, ref_policy, critic, reward_model, rewar
     return ro
 
 
+def trainable_params(policy, critic) -> list[torch.nn.Parameter]:
+    """Policy and critic parameters, each once (a shared-trunk critic repeats the policy's)."""
+    seen, out = set(), []
+    for p in list(policy.parameters()) + list(critic.parameters()):
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
 def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: float,
                gen: torch.Generator, scaler: torch.amp.GradScaler | None = None
                ) -> dict[str, float]:
@@ -219,7 +231,7 @@ def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: 
     stats: dict[str, list[float]] = {}
     B = ro.response_ids.shape[0]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-    params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
+    params = trainable_params(policy, critic)
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
         for start in range(0, B, cfg.mini_batch_size):
@@ -293,7 +305,7 @@ def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, rewar
                          "mini_batch_size of gradient_accumulation_steps")
     device = next(policy.parameters()).device
     n_updates = max(1, cfg.total_episodes // cfg.batch_size)
-    params = [p for p in list(policy.parameters()) + list(critic.parameters()) if p.requires_grad]
+    params = trainable_params(policy, critic)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   eps=1e-5)  # eps 1e-5: CleanRL / Huang et al. detail
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -379,11 +391,14 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str, pad_
     from tasks.sft import peft_config
 
     policy = load_causal_lm(sft_model_uri)
-    critic_src = reward_model_uri if cfg.critic_init == "reward" else sft_model_uri
-    critic = load_sequence_scorer(critic_src)
-    for m in (policy, critic):
-        m.config.pad_token_id = pad_token_id
-        freeze_bottom_layers(m, cfg.freeze_layers)
+    policy.config.pad_token_id = pad_token_id
+    freeze_bottom_layers(policy, cfg.freeze_layers)
+    critic = None
+    if cfg.critic_init != "policy":
+        critic = load_sequence_scorer(reward_model_uri if cfg.critic_init == "reward"
+                                      else sft_model_uri)
+        critic.config.pad_token_id = pad_token_id
+        freeze_bottom_layers(critic, cfg.freeze_layers)
     ref_policy = reward_model = None
     if cfg.lora is None:
         ref_policy = load_causal_lm(sft_model_uri)
@@ -391,9 +406,12 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str, pad_
         from peft import get_peft_model
 
         policy = get_peft_model(policy, peft_config(cfg.lora, "CAUSAL_LM"))
-        # modules_to_save: the scalar head trains fully; disabling adapters restores the
-        # reward model's own head, so the RM can be the critic's base.
-        critic = get_peft_model(critic, peft_config(cfg.lora, "SEQ_CLS", ["score"]))
+        if critic is not None:
+            # modules_to_save: the scalar head trains fully; disabling adapters restores the
+            # reward model's own head, so the RM can be the critic's base.
+            critic = get_peft_model(critic, peft_config(cfg.lora, "SEQ_CLS", ["score"]))
+    if critic is None:
+        critic = SharedTrunkCritic(policy)
     if cfg.lora is None or cfg.critic_init != "reward":
         reward_model = load_sequence_scorer(reward_model_uri)
     for m in (ref_policy, reward_model):

@@ -213,3 +213,17 @@ def test_kl_budget_stops_early_with_reason(rm_dir, tok, prompts, tmp_path):
 def test_mixed_precision_is_a_no_op_on_cpu(rm_dir, tok, prompts):
     summary, _, _ = run(PPOConfig(**SMALL, mixed_precision="bf16"), rm_dir, tok, prompts)
     assert summary["steps"] == 2
+
+
+def test_value_head_on_the_policy_shares_its_trunk(rm_dir, tok, prompts):
+    from tasks.ppo import trainable_params
+
+    cfg = PPOConfig(**SMALL, critic_init="policy")
+    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
+    assert critic.trunk is policy.transformer and rm is not None
+    assert not critic.score.weight.any()  # V starts at 0
+    n_policy = sum(1 for p in policy.parameters() if p.requires_grad)
+    assert len(trainable_params(policy, critic)) == n_policy + 1  # the trunk counted once
+    summary = train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
+                        reward_norm=RewardNorm.load(rm_dir), tokenizer=tok, prompts=prompts, seed=0)
+    assert summary["steps"] == 2 and critic.score.weight.any()
