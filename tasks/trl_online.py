@@ -32,10 +32,11 @@ TRL_TO_PPO_NAMES = {"kl": "objective/kl", "reward": "objective/scores"}
 
 
 class OnlineRLSettings(StageConfig):
-    """What GRPO and RLOO share. Defaults see 1,536 episodes, half PPO's, in ~2 min on 2 CPU cores."""
+    """What GRPO and RLOO share. Defaults sample 768 episodes (a quarter of PPO's) in ~2 min on
+    2 CPU cores; on the demo both beat SFT at ~2 nats KL."""
 
     max_steps: int = 48
-    """Optimizer steps. Episodes seen = max_steps * per_device_train_batch_size / num_iterations."""
+    """Optimizer steps. Episodes sampled = max_steps * per_device_train_batch_size / num_iterations."""
     learning_rate: float = 3e-4
     """Peak AdamW learning rate (tiny models like ~3e-4; ~1e-6 for billion-parameter models)."""
     lr_scheduler_type: str = "linear"
