@@ -106,6 +106,9 @@ def rlhf_pipeline(config: PipelineConfig) -> dict:
         else:
             # The next roadmap step turns this into the human-feedback loop.
             summary["result"] = "feedback_round_needed"
+        # The headline numbers on the parent too, so pipeline runs compare side by side.
+        for key, value in {**evaluation.metrics, "gate/promoted": int(decision["promote"])}.items():
+            client.log_metric(ctx.parent_run_id, key, float(value))
         client.set_tag(ctx.parent_run_id, "rlhf.result", summary["result"])
         client.set_terminated(ctx.parent_run_id, "FINISHED")
         for reason in decision["reasons"]:

@@ -54,6 +54,8 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
     ev = children["evaluate"].data.metrics
     assert 0.0 <= ev["eval/win_rate"] <= 1.0 and "eval/kl_policy_sft" in ev
     assert children["gate"].data.metrics["gate/promoted"] == 1.0
+    assert parent.data.metrics["gate/promoted"] == 1.0
+    assert parent.data.metrics["eval/win_rate"] == ev["eval/win_rate"]
 
     # Every stage changed parameters: base -> SFT -> policy.
     sft_dir = client.get_run(children["sft"].info.run_id)  # noqa: F841 (run exists)
