@@ -58,7 +58,6 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
     assert parent.data.metrics["eval/win_rate"] == ev["eval/win_rate"]
 
     # Every stage changed parameters: base -> SFT -> policy.
-    sft_dir = client.get_run(children["sft"].info.run_id)  # noqa: F841 (run exists)
     policy_w = _weights(summary["policy_uri"])
     lineage = json.loads(open(f"{summary['policy_uri']}/rlhf_lineage.json").read())
     sft_w = _weights(lineage["sft_model"])
