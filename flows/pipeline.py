@@ -84,7 +84,11 @@ def rlhf_pipeline(config: PipelineConfig) -> dict:
                                    train_uri=data["preferences"], eval_uri=data["eval_pairs"],
                                    rl_prompts_uri=data["rl_prompts"],
                                    out_dir=str(root / f"reward-{k_rm}"), seed=seed, ctx=ctx)
-        k_pol = stage_key(config.policy, k_sft, k_rm, hashes.get("rl_prompts"), seed)
+        # Only the chosen algorithm's settings key the folder: editing DPO's settings must not
+        # orphan an interrupted PPO run's checkpoint.
+        algo = config.policy.algorithm
+        k_pol = stage_key(algo, getattr(config.policy, algo), k_sft, k_rm,
+                          hashes.get("rl_prompts"), hashes.get("preferences"), seed)
         policy = policy_task(config.policy, sft_model_uri=sft.output_uri,
                              reward_model_uri=reward.output_uri, prompts_uri=data["rl_prompts"],
                              preferences_uri=data["preferences"],

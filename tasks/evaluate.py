@@ -65,6 +65,7 @@ def _sample(model, tokenizer, prompts, cfg: EvaluateConfig, device):
     return torch.cat([q, resp], 1), torch.cat([qm, rmask.long()], 1), resp, rmask, texts
 
 
+@torch.no_grad()
 def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
                  reward_model_uri: str, eval_prompts_uri: str, seed: int,
                  ctx: TrackingContext) -> StageResult:
