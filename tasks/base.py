@@ -34,6 +34,29 @@ class BaseModelConfig(StageConfig):
     """Allow model code from the hub repo; off unless you trust the repo."""
 
 
+class LoraSettings(StageConfig):
+    """Low-rank adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) via peft."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt (e.g. ``["q_proj", "v_proj"]``), or peft's ``"all-linear"``."""
+
+
+def peft_config(lora: LoraSettings | None, task_type: str, modules_to_save: list[str] | None = None):
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type=task_type,
+                      modules_to_save=modules_to_save)
+
+
 class TrackingContext(BaseModel):
     """Where a stage logs: MLflow is per thread, so tasks get the parent run id explicitly."""
 

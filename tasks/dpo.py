@@ -15,9 +15,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.base import StageConfig, StageResult, TrackingContext
-from tasks.sft import LoraSettings
-from tasks.tracking import stage_run
+from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
+from tasks.tracking import stage_run, trainer_metrics_callback
 
 
 class DPOSettings(StageConfig):
@@ -63,8 +62,7 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
     from models.loading import load_causal_lm, load_tokenizer
     from tasks.io import content_hash, read_records
     from tasks.reward_model import preference_rows
-    from tasks.sft import peft_config
-    from tasks.trl_online import metrics_callback, save_policy, trainer_args
+    from tasks.trl_online import save_policy, trainer_args
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +79,7 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
 
     with stage_run(ctx, "dpo", cfg, seed) as run:
         mlflow.set_tag("data.preferences.sha256", content_hash(preferences_uri))
-        callback = metrics_callback("dpo", run.info.run_id)
+        callback = trainer_metrics_callback("dpo", run.info.run_id)
         with tempfile.TemporaryDirectory() as scratch:
             args = trainer_args(
                 trl.DPOConfig, scratch, seed, max_steps=cfg.max_steps,

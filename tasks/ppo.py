@@ -24,8 +24,7 @@ from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, co
                         policy_loss, value_loss)
 from models.rollout import (Rollout, SharedTrunkCritic, generate, response_logprobs,
                             response_values)
-from tasks.base import StageConfig, StageResult, TrackingContext
-from tasks.sft import LoraSettings
+from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
 
 
 class PPOConfig(StageConfig):
@@ -388,7 +387,6 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str, pad_
     """-> policy, reference (None: policy with adapters off), critic, reward model (None:
     critic with adapters off). Without LoRA, reference and reward model are frozen copies."""
     from models.loading import freeze_bottom_layers, load_causal_lm, load_sequence_scorer
-    from tasks.sft import peft_config
 
     policy = load_causal_lm(sft_model_uri)
     policy.config.pad_token_id = pad_token_id

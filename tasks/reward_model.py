@@ -18,10 +18,9 @@ from typing import Any
 
 from prefect import task
 
-from tasks.base import StageConfig, StageResult, TrackingContext
+from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
 from tasks.io import DataError, content_hash, is_conversational, read_records, render_prompt
-from tasks.sft import LoraSettings, mlflow_log_callback, peft_config
-from tasks.tracking import log_metrics, log_model_dir, stage_run
+from tasks.tracking import log_metrics, log_model_dir, stage_run, trainer_metrics_callback
 
 
 class RewardConfig(StageConfig):
@@ -200,7 +199,7 @@ def run_reward_model(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, e
         train = datasets.Dataset.from_list(preference_rows(read_records(train_uri), train_uri,
                                                            cfg.margin))
         max_length = min(cfg.max_length, tokenizer.model_max_length)
-        callback = mlflow_log_callback("reward", run.info.run_id)
+        callback = trainer_metrics_callback("reward", run.info.run_id)
         with tempfile.TemporaryDirectory() as scratch:
             args = trl.RewardConfig(
                 output_dir=scratch, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,

@@ -14,22 +14,10 @@ from typing import Any
 from prefect import task
 from pydantic import Field
 
-from tasks.base import BaseModelConfig, StageConfig, StageResult, TrackingContext
+from tasks.base import (BaseModelConfig, LoraSettings, StageConfig, StageResult, TrackingContext,
+                        peft_config)
 from tasks.io import DataError, content_hash, read_records
-from tasks.tracking import log_metrics, log_model_dir, stage_run
-
-
-class LoraSettings(StageConfig):
-    """Low-rank adapters (Hu et al. 2021, https://arxiv.org/abs/2106.09685) via peft."""
-
-    r: int = 16
-    """Adapter rank."""
-    alpha: int = 32
-    """Scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapter input."""
-    target_modules: list[str] | str = "all-linear"
-    """Module names to adapt (e.g. ``["q_proj", "v_proj"]``), or peft's ``"all-linear"``."""
+from tasks.tracking import log_metrics, log_model_dir, stage_run, trainer_metrics_callback
 
 
 class SFTConfig(StageConfig):
@@ -60,39 +48,6 @@ class SFTConfig(StageConfig):
     """Train LoRA adapters instead of all weights; adapters are merged before saving."""
     logging_steps: int = 25
     """Log training metrics to MLflow every this many steps."""
-
-
-def mlflow_log_callback(prefix: str, run_id: str):
-    """A TrainerCallback forwarding the trainer's logs to one MLflow run as ``prefix/<key>``.
-
-    The trainer runs with ``report_to="none"``: we log ourselves so the metrics land on the
-    stage's child run (MLflow's active run is per thread, see tasks/tracking.py).
-    """
-    import mlflow
-    from transformers import TrainerCallback
-
-    class MlflowLogCallback(TrainerCallback):
-        def __init__(self):
-            self.last: dict[str, float] = {}
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            numeric = {f"{prefix}/{k}": float(v) for k, v in (logs or {}).items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if numeric:
-                self.last.update(numeric)
-                mlflow.log_metrics(numeric, step=state.global_step, run_id=run_id)
-
-    return MlflowLogCallback()
-
-
-def peft_config(lora: LoraSettings | None, task_type: str, modules_to_save: list[str] | None = None):
-    if lora is None:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type=task_type,
-                      modules_to_save=modules_to_save)
 
 
 def sft_rows(records: list[dict[str, Any]], uri: str) -> list[dict[str, Any]]:
@@ -130,7 +85,7 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
         tokenizer = load_tokenizer(base_model.path, base_model.revision, base_model.trust_remote_code)
         model = load_causal_lm(base_model.path, base_model.revision, base_model.trust_remote_code)
         max_length = min(cfg.max_length, tokenizer.model_max_length)
-        callback = mlflow_log_callback("sft", run.info.run_id)
+        callback = trainer_metrics_callback("sft", run.info.run_id)
         with tempfile.TemporaryDirectory() as scratch:
             args = trl.SFTConfig(
                 output_dir=scratch, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,

@@ -68,3 +68,30 @@ def log_model_dir(local_dir: str | Path, artifact_path: str) -> str:
 
     mlflow.log_artifacts(str(local_dir), artifact_path)
     return mlflow.get_artifact_uri(artifact_path)
+
+
+def trainer_metrics_callback(prefix: str, run_id: str, rename: dict[str, str] | None = None):
+    """A TrainerCallback forwarding a trainer's logs to one MLflow run as ``prefix/<name>``.
+
+    Trainers run with ``report_to="none"``: we log ourselves so the metrics land on the
+    stage's child run (MLflow's active run is per thread) and nothing is logged twice.
+    ``rename`` maps trainer names to ours (e.g. TRL's ``kl`` -> PPO's ``objective/kl``) so
+    dashboards compare like with like. ``.last`` keeps the latest value of each metric.
+    """
+    import mlflow
+    from transformers import TrainerCallback
+
+    rename = rename or {}
+
+    class MetricsCallback(TrainerCallback):
+        def __init__(self):
+            self.last: dict[str, float] = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numeric = {f"{prefix}/{rename.get(k, k)}": float(v) for k, v in (logs or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numeric:
+                self.last.update(numeric)
+                mlflow.log_metrics(numeric, step=state.global_step, run_id=run_id)
+
+    return MetricsCallback()

@@ -9,7 +9,7 @@ instead of a critic. They differ in where the KL to the frozen SFT policy goes:
 - RLOO (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): leave-one-out baseline;
   KL as a sequence-level penalty inside the reward, k1 estimator, like our PPO.
 
-Also here, shared with ``tasks/dpo.py``: the MLflow metrics callback with TRL-to-PPO name
+Also here, shared with ``tasks/dpo.py``: the TRL-to-PPO metric names
 mapping and saving the final policy the way ``run_ppo`` does.
 """
 
@@ -22,9 +22,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tasks.base import StageConfig, StageResult, TrackingContext
-from tasks.sft import LoraSettings
-from tasks.tracking import log_model_dir, stage_run
+from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
+from tasks.tracking import log_model_dir, stage_run, trainer_metrics_callback
 
 # TRL metric names -> the names PPO logs (tasks/ppo.py), so dashboards compare like with like.
 # Both TRL "kl" metrics are per-token means (GRPO: k3, RLOO: k1); PPO's objective/kl is per sequence.
@@ -92,31 +91,6 @@ class RLOOSettings(OnlineRLSettings):
 
 
 # --- shared with tasks/dpo.py ------------------------------------------------------------------
-
-
-def metrics_callback(prefix: str, run_id: str, rename: dict[str, str] | None = None):
-    """TrainerCallback forwarding trainer logs to one MLflow run as ``prefix/<name>``.
-
-    Like ``tasks.sft.mlflow_log_callback`` plus a renaming map (TRL name -> our name). The
-    trainer runs with ``report_to="none"`` so nothing is logged twice.
-    """
-    import mlflow
-    from transformers import TrainerCallback
-
-    rename = rename or {}
-
-    class MetricsCallback(TrainerCallback):
-        def __init__(self):
-            self.last: dict[str, float] = {}
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            numeric = {f"{prefix}/{rename.get(k, k)}": float(v) for k, v in (logs or {}).items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if numeric:
-                self.last.update(numeric)
-                mlflow.log_metrics(numeric, step=state.global_step, run_id=run_id)
-
-    return MetricsCallback()
 
 
 def trainer_args(config_cls, scratch: str, seed: int, **extra):
@@ -214,7 +188,6 @@ def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSetti
     from models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
     from models.reward import RewardNorm
     from tasks.io import content_hash
-    from tasks.sft import peft_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +220,7 @@ def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSetti
         else:
             config_cls, trainer_cls = trl.RLOOConfig, trl.RLOOTrainer
             common.update(normalize_advantages=cfg.normalize_advantages)
-        callback = metrics_callback(algorithm, run.info.run_id, TRL_TO_PPO_NAMES)
+        callback = trainer_metrics_callback(algorithm, run.info.run_id, TRL_TO_PPO_NAMES)
         with tempfile.TemporaryDirectory() as scratch:
             trainer = trainer_cls(
                 model=policy, reward_funcs=reward_fn,

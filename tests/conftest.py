@@ -33,3 +33,42 @@ def tiny_overrides(tmp_path):
     """TINY plus a private MLflow store and output folder under tmp_path."""
     return TINY + [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                    f"output_dir={tmp_path}/runs"]
+
+
+@pytest.fixture(scope="session")
+def make_ctx(tmp_path_factory):
+    """Factory: a real sqlite MLflow store with an experiment and a parent run, as a stage
+    sees it (``TrackingContext``)."""
+    from mlflow import MlflowClient
+
+    from tasks.base import TrackingContext
+
+    def make(name: str) -> TrackingContext:
+        workdir = tmp_path_factory.mktemp(f"mlflow_{name}")
+        uri = f"sqlite:///{workdir / 'mlflow.db'}"
+        client = MlflowClient(uri)
+        exp = client.create_experiment(name, artifact_location=str(workdir / "artifacts"))
+        parent = client.create_run(exp, run_name="pipeline").info.run_id
+        return TrackingContext(tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory) -> str:
+    """The demo base model with a fresh (seeded) scalar head and identity normalisation, saved
+    as a reward-model directory: stands in for the reward stage's output."""
+    import torch
+
+    from models.loading import load_sequence_scorer, load_tokenizer
+    from models.reward import RewardNorm
+
+    out = tmp_path_factory.mktemp("tiny_rm")
+    torch.manual_seed(0)
+    tok = load_tokenizer("demo/base_model")
+    rm = load_sequence_scorer("demo/base_model")
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    RewardNorm(1.0, 0.0, 1.0).save(out)
+    return str(out)

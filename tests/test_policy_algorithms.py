@@ -43,33 +43,13 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ctx(workdir) -> TrackingContext:
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("policy", artifact_location=str(workdir / "artifacts"))
-    parent = client.create_run(exp, run_name="pipeline").info.run_id
-    return TrackingContext(tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
+def ctx(make_ctx) -> TrackingContext:
+    return make_ctx("policy")
 
 
 @pytest.fixture(scope="module")
-def reward_dir(workdir) -> str:
-    """The demo base model with a fresh scalar head and identity normalisation, as a reward model."""
-    from transformers import AutoModelForSequenceClassification
-
-    from models.loading import load_tokenizer
-    from models.reward import RewardNorm
-
-    out = workdir / "rm"
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(str(DEMO_MODEL), num_labels=1)
-    tokenizer = load_tokenizer(str(DEMO_MODEL))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    RewardNorm(1.0, 0.0, 1.0).save(out)
-    return str(out)
+def reward_dir(tiny_reward_dir) -> str:
+    return tiny_reward_dir
 
 
 @pytest.fixture(scope="module")

@@ -8,24 +8,15 @@ import torch
 from models.loading import load_sequence_scorer, load_tokenizer, transformer_blocks
 from models.reward import RewardNorm
 from tasks.ppo import PPOConfig, _load_prompts, build_models, make_rollout, train_ppo
-from tasks.sft import LoraSettings
+from tasks.base import LoraSettings
 
 BASE = "demo/base_model"
 SMALL = dict(total_episodes=16, batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    """A 'reward model' made from the base model with a fresh scalar head, plus its norm."""
-    d = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    tok = load_tokenizer(BASE)
-    rm = load_sequence_scorer(BASE)
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(d)
-    tok.save_pretrained(d)
-    RewardNorm(1.0, 0.0, 1.0).save(d)
-    return str(d)
+def rm_dir(tiny_reward_dir):
+    return tiny_reward_dir
 
 
 @pytest.fixture(scope="module")

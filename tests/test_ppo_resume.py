@@ -9,23 +9,13 @@ import sys
 import pytest
 import torch
 
-from models.loading import load_sequence_scorer, load_tokenizer
-from models.reward import RewardNorm
 
 WORKER = [sys.executable, "tests/ppo_resume_worker.py"]
 
 
 @pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    tok = load_tokenizer("demo/base_model")
-    rm = load_sequence_scorer("demo/base_model")
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(d)
-    tok.save_pretrained(d)
-    RewardNorm(1.0, 0.0, 1.0).save(d)
-    return str(d)
+def rm_dir(tiny_reward_dir):
+    return tiny_reward_dir
 
 
 def test_sigkill_then_rerun_finishes_with_same_steps(rm_dir, tmp_path):

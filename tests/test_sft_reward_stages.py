@@ -29,14 +29,8 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ctx(workdir) -> TrackingContext:
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("stages", artifact_location=str(workdir / "artifacts"))
-    parent = client.create_run(exp, run_name="pipeline").info.run_id
-    return TrackingContext(tracking_uri=uri, experiment_id=exp, parent_run_id=parent)
+def ctx(make_ctx) -> TrackingContext:
+    return make_ctx("stages")
 
 
 def child_run(ctx: TrackingContext, run_id: str):
