@@ -1,0 +1,83 @@
+"""Benchmark worker: our PPO (``tasks/ppo.py``) on the driver's matched settings.
+
+    .venv/bin/python bench/ppo_worker_ours.py SETTINGS.json RESULT.json
+
+Started by ``bench/bench_ppo.py`` in its own process; times ``train_ppo`` only (model
+loading excluded) and writes one result (see ``ppo_bench_common.result``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import ppo_bench_common as common  # noqa: E402
+
+
+def main(settings_path: str, result_path: str) -> None:
+    s = common.read_settings(settings_path)
+    torch, device = common.setup_torch(s)
+    import transformers
+    import trl
+
+    import tasks.ppo as ppo
+    from models.loading import load_tokenizer
+    from models.reward import RewardNorm
+
+    cfg = ppo.PPOConfig(
+        total_episodes=s["total_episodes"], batch_size=s["batch_size"],
+        mini_batch_size=s["batch_size"] // s["mini_batches"], gradient_accumulation_steps=1,
+        ppo_epochs=s["ppo_epochs"], learning_rate=s["learning_rate"], lr_schedule="linear",
+        max_prompt_length=s["max_prompt_length"], max_new_tokens=s["response_length"],
+        temperature=s["temperature"], kl_coef=s["kl_coef"], adaptive_kl=False,
+        kl_estimator="k1", kl_in_reward=True, gamma=s["gamma"], lam=s["lam"],
+        clip_range=s["cliprange"], clip_range_value=s["cliprange_value"], vf_coef=s["vf_coef"],
+        ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
+        missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
+        checkpoint_every=10**9, log_every=1)
+    tok = load_tokenizer(s["policy_dir"])
+    policy, ref, critic, rm = ppo.build_models(cfg, s["policy_dir"], s["rm_dir"],
+                                               tok.pad_token_id, device)
+    prompts = ppo._load_prompts(s["prompts_path"], tok, cfg.max_prompt_length)
+    norm = RewardNorm.load(s["rm_dir"])
+    rss_after_load = common.rss_mb()
+
+    clock = common.Clock()
+    # Count sampled tokens at the source, as the trl side does: wrap the generate that
+    # tasks.ppo calls (it imported the name, so patch it there). Costs one cumsum per batch.
+    inner_generate = ppo.generate
+
+    def counting_generate(*args, **kwargs):
+        response, mask, ended = inner_generate(*args, **kwargs)
+        n = common.count_response_tokens(response, tok.eos_token_id)
+        clock.tokens += n
+        clock.updates_tokens.append(n)
+        return response, mask, ended
+
+    ppo.generate = counting_generate
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    clock.start()
+    summary = ppo.train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
+                            reward_norm=norm, tokenizer=tok, prompts=prompts, seed=s["seed"],
+                            checkpoint=None, log_fn=lambda metrics, step: clock.stamp())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    clock.stop()
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    final = summary["final"]
+    common.write_result(result_path, common.result(
+        s, clock, side="ours", rss_after_load_mb=rss_after_load, cuda_peak_mb=cuda_peak,
+        versions={"torch": torch.__version__, "transformers": transformers.__version__,
+                  "trl": trl.__version__},
+        extra={"final": {k: final.get(k) for k in ("objective/kl", "objective/scores",
+                                                  "episode/eos_rate", "episode/length")}}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
