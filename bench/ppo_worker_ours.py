@@ -52,11 +52,11 @@ def main(settings_path: str, result_path: str) -> None:
     inner_generate = ppo.generate
 
     def counting_generate(*args, **kwargs):
-        response, mask, ended = inner_generate(*args, **kwargs)
-        n = common.count_response_tokens(response, tok.eos_token_id)
+        out = inner_generate(*args, **kwargs)
+        n = common.count_response_tokens(out[0], tok.eos_token_id)
         clock.tokens += n
         clock.updates_tokens.append(n)
-        return response, mask, ended
+        return out
 
     ppo.generate = counting_generate
     if device.type == "cuda":

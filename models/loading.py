@@ -62,3 +62,13 @@ def freeze_bottom_layers(model, n: int) -> None:
     model.get_input_embeddings().requires_grad_(False)
     for block in list(transformer_blocks(model))[:n]:
         block.requires_grad_(False)
+
+
+def disable_dropout(model) -> None:
+    """Set every dropout probability to 0 (Huang et al. 2024: dropout makes the PPO ratio
+    differ from 1 on identical weights, and the log-probs of rollout and update disagree)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

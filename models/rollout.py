@@ -78,21 +78,31 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
-             temperature: float, eos_token_id: int | None, pad_token_id: int
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             temperature: float, eos_token_id: int | None, pad_token_id: int,
+             with_logprobs: bool = False):
     """Pure sampling (no top-k/top-p), so the sampled tokens' log-probs under the policy are
-    exactly what PPO's ratio needs; uses the KV cache. Returns response ids (B, T), mask, eos."""
+    exactly what PPO's ratio needs; uses the KV cache.
+
+    Returns response ids (B, T), mask (B, T), ended with EOS (B,), and with ``with_logprobs``
+    the log-probs (B, T) of the sampled tokens, read off the logits generation computed
+    anyway (as TRL's PPOTrainer does): one policy forward per rollout saved.
+    """
     out = model.generate(
         input_ids=query_ids, attention_mask=query_mask, do_sample=True, top_k=0, top_p=1.0,
         temperature=temperature, max_new_tokens=max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+        return_dict_in_generate=True, output_logits=with_logprobs,
     )
     # generate stops once every row has ended, so T <= max_new_tokens: nothing downstream
     # spends compute on columns that are padding in every row.
-    response = out[:, query_ids.shape[1]:]
+    response = out.sequences[:, query_ids.shape[1]:]
     mask, ended = response_mask_from_ids(response, eos_token_id)
     response = response.masked_fill(mask == 0, pad_token_id)
-    return response, mask.to(query_mask.device), ended
+    mask = mask.to(query_mask.device)
+    if not with_logprobs:
+        return response, mask, ended
+    logits = torch.stack(out.logits, 1) / temperature  # (B, T, V) raw logits, not processed
+    return response, mask, ended, logprobs_from_logits(logits, response) * mask
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -112,13 +122,20 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def response_logprobs(model, input_ids, attention_mask, response_ids, temperature: float = 1.0,
-                      with_entropy: bool = False):
-    """log pi(response_t | prefix) (B, T), and optionally the per-token entropy (B, T)."""
+                      with_entropy: bool = False, entropy_grad: bool = True):
+    """log pi(response_t | prefix) (B, T), and optionally the per-token entropy (B, T).
+
+    ``entropy_grad=False`` computes the entropy outside autograd: it is then only a metric,
+    and keeping it out of the graph saves its backward (entropy bonus 0, the default).
+    """
     logits = forward_logits(model, input_ids, attention_mask, response_ids.shape[1], temperature)
     logp = logprobs_from_logits(logits, response_ids)
-    if with_entropy:
+    if not with_entropy:
+        return logp
+    if entropy_grad:
         return logp, entropy_from_logits(logits)
-    return logp
+    with torch.no_grad():
+        return logp, entropy_from_logits(logits.detach())
 
 
 def scalar_head_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
