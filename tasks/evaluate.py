@@ -95,6 +95,9 @@ def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
 
     results = {}
     for name, model in (("policy", policy), ("sft", sft)):
+        # Same random stream for both policies (common random numbers): the SFT baseline is
+        # then identical whichever policy it is compared with, for a given seed.
+        torch.manual_seed(seed)
         texts, rm_scores, lengths, kls = [], [], [], []
         for i in range(0, len(expanded), cfg.batch_size):
             ids, attn, resp, rmask, t = _sample(model, tokenizer, expanded[i:i + cfg.batch_size],
