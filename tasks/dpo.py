@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
-from tasks.tracking import stage_run, trainer_metrics_callback
+from tasks.tracking import save_policy, stage_run, trainer_args, trainer_metrics_callback
 
 
 class DPOSettings(StageConfig):
@@ -62,7 +62,6 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
     from models.loading import load_causal_lm, load_tokenizer
     from tasks.io import content_hash, read_records
     from tasks.reward_model import preference_rows
-    from tasks.trl_online import save_policy, trainer_args
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ critic (value model, initialised from the reward model or the SFT weights), rewa
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -433,7 +432,7 @@ def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompt
 
     from models.loading import load_tokenizer
     from models.reward import RewardNorm
-    from tasks.tracking import log_metrics, log_model_dir, stage_run
+    from tasks.tracking import log_metrics, save_policy, stage_run
 
     set_seed(seed)
     out = Path(out_dir)
@@ -450,14 +449,9 @@ def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompt
                             reward_model=reward_model, reward_norm=reward_norm,
                             tokenizer=tokenizer, prompts=prompts, seed=seed,
                             checkpoint=out / "checkpoint.pt", log_fn=log_metrics)
-        policy_dir = out / "policy"
-        if cfg.lora is not None:
-            policy = policy.merge_and_unload()  # plain weights: evaluate/serve need no peft
-        policy.save_pretrained(policy_dir, safe_serialization=True)
-        tokenizer.save_pretrained(policy_dir)
-        (policy_dir / "rlhf_lineage.json").write_text(json.dumps(
-            {"sft_model": sft_model_uri, "reward_model": reward_model_uri}, indent=2))
-        log_model_dir(policy_dir, "model")
+        policy_dir = save_policy(policy, tokenizer, out, {"sft_model": sft_model_uri,
+                                                          "reward_model": reward_model_uri},
+                                 merge_lora=cfg.lora is not None)
         mlflow.log_dict({k: v for k, v in summary.items() if k != "final"}, "ppo_summary.json")
         final = summary["final"]
         metrics = {"ppo/steps": summary["steps"], "ppo/final_kl": final.get("objective/kl", math.nan),

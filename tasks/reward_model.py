@@ -20,7 +20,8 @@ from prefect import task
 
 from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
 from tasks.io import DataError, content_hash, is_conversational, read_records, render_prompt
-from tasks.tracking import log_metrics, log_model_dir, stage_run, trainer_metrics_callback
+from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
+                            trainer_metrics_callback)
 
 
 class RewardConfig(StageConfig):
@@ -201,13 +202,13 @@ def run_reward_model(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, e
         max_length = min(cfg.max_length, tokenizer.model_max_length)
         callback = trainer_metrics_callback("reward", run.info.run_id)
         with tempfile.TemporaryDirectory() as scratch:
-            args = trl.RewardConfig(
-                output_dir=scratch, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+            args = trainer_args(
+                trl.RewardConfig, scratch, seed, max_steps=cfg.max_steps,
+                learning_rate=cfg.learning_rate,
                 per_device_train_batch_size=cfg.per_device_train_batch_size,
                 max_length=max_length, warmup_steps=cfg.warmup_ratio,  # float < 1: a ratio
                 center_rewards_coefficient=cfg.center_rewards_coefficient,
-                logging_steps=cfg.logging_steps, seed=seed, data_seed=seed, report_to="none",
-                save_strategy="no", disable_tqdm=False, bf16=False, gradient_checkpointing=False,
+                logging_steps=cfg.logging_steps,
             )
             trainer = make_trainer_class()(
                 model=model, args=args, train_dataset=train, processing_class=tokenizer,

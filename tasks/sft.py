@@ -17,7 +17,8 @@ from pydantic import Field
 from tasks.base import (BaseModelConfig, LoraSettings, StageConfig, StageResult, TrackingContext,
                         peft_config)
 from tasks.io import DataError, content_hash, read_records
-from tasks.tracking import log_metrics, log_model_dir, stage_run, trainer_metrics_callback
+from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
+                            trainer_metrics_callback)
 
 
 class SFTConfig(StageConfig):
@@ -87,8 +88,9 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
         max_length = min(cfg.max_length, tokenizer.model_max_length)
         callback = trainer_metrics_callback("sft", run.info.run_id)
         with tempfile.TemporaryDirectory() as scratch:
-            args = trl.SFTConfig(
-                output_dir=scratch, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+            args = trainer_args(
+                trl.SFTConfig, scratch, seed, max_steps=cfg.max_steps,
+                learning_rate=cfg.learning_rate,
                 per_device_train_batch_size=cfg.per_device_train_batch_size,
                 per_device_eval_batch_size=cfg.per_device_train_batch_size,
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -96,11 +98,6 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
                 max_length=max_length, warmup_steps=cfg.warmup_ratio,
                 lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay,
                 completion_only_loss=cfg.completion_only_loss, logging_steps=cfg.logging_steps,
-                seed=seed, data_seed=seed, report_to="none", save_strategy="no",
-                disable_tqdm=False,
-                # TRL defaults both on for large GPU models; on CPU, bf16 autocast is slow and
-                # lossy and checkpointing only costs time.
-                bf16=False, gradient_checkpointing=False,
                 trust_remote_code=base_model.trust_remote_code,
             )
             trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,

@@ -95,3 +95,29 @@ def trainer_metrics_callback(prefix: str, run_id: str, rename: dict[str, str] | 
                 mlflow.log_metrics(numeric, step=state.global_step, run_id=run_id)
 
     return MetricsCallback()
+
+
+def trainer_args(config_cls, scratch: str, seed: int, **extra):
+    """A TRL/transformers trainer config with what every stage here shares: our own MLflow
+    logging (``report_to="none"``), no checkpoints, seeded data order, progress bars on."""
+    return config_cls(
+        output_dir=scratch, seed=seed, data_seed=seed, report_to="none", save_strategy="no",
+        # TRL defaults both on for large GPU models; on CPU bf16 autocast is slow and lossy and
+        # gradient checkpointing only costs time.
+        bf16=False, gradient_checkpointing=False, disable_tqdm=False, **extra)
+
+
+def save_policy(model, tokenizer, out_dir: str | Path, lineage: dict[str, Any],
+                merge_lora: bool) -> Path:
+    """Write ``out_dir/policy`` (safetensors + tokenizer + rlhf_lineage.json) and log it as
+    artifact "model"; LoRA adapters are merged first so evaluate and serving need no peft."""
+    import json
+
+    policy_dir = Path(out_dir) / "policy"
+    if merge_lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(policy_dir, safe_serialization=True)
+    tokenizer.save_pretrained(policy_dir)
+    (policy_dir / "rlhf_lineage.json").write_text(json.dumps(lineage, indent=2))
+    log_model_dir(policy_dir, "model")
+    return policy_dir

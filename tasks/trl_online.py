@@ -9,21 +9,19 @@ instead of a critic. They differ in where the KL to the frozen SFT policy goes:
 - RLOO (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): leave-one-out baseline;
   KL as a sequence-level penalty inside the reward, k1 estimator, like our PPO.
 
-Also here, shared with ``tasks/dpo.py``: the TRL-to-PPO metric names
-mapping and saving the final policy the way ``run_ppo`` does.
+Also here, shared with ``tasks/dpo.py``: the TRL-to-PPO metric names.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
 from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
-from tasks.tracking import log_model_dir, stage_run, trainer_metrics_callback
+from tasks.tracking import save_policy, stage_run, trainer_args, trainer_metrics_callback
 
 # TRL metric names -> the names PPO logs (tasks/ppo.py), so dashboards compare like with like.
 # Both TRL "kl" metrics are per-token means (GRPO: k3, RLOO: k1); PPO's objective/kl is per sequence.
@@ -88,31 +86,6 @@ class RLOOSettings(OnlineRLSettings):
     as in PPO's per-token penalty (``ppo.kl_coef``)."""
     normalize_advantages: bool = True
     """Standardise advantages over each sampled batch (mean 0, std 1), as PPO does."""
-
-
-# --- shared with tasks/dpo.py ------------------------------------------------------------------
-
-
-def trainer_args(config_cls, scratch: str, seed: int, **extra):
-    """A TRL config with what every policy trainer here shares: no hub, no checkpoints, CPU-sane."""
-    return config_cls(
-        output_dir=scratch, seed=seed, data_seed=seed, report_to="none", save_strategy="no",
-        # TRL defaults both on for large GPU models; on CPU bf16 autocast is slow and lossy and
-        # gradient checkpointing only costs time (same choice as tasks/sft.py).
-        bf16=False, gradient_checkpointing=False, disable_tqdm=False, **extra)
-
-
-def save_policy(model, tokenizer, out_dir: str | Path, lineage: dict[str, Any],
-                merge_lora: bool) -> Path:
-    """Write ``out_dir/policy`` (safetensors + tokenizer + rlhf_lineage.json) and log it as "model"."""
-    policy_dir = Path(out_dir) / "policy"
-    if merge_lora:
-        model = model.merge_and_unload()
-    model.save_pretrained(policy_dir, safe_serialization=True)
-    tokenizer.save_pretrained(policy_dir)
-    (policy_dir / "rlhf_lineage.json").write_text(json.dumps(lineage, indent=2))
-    log_model_dir(policy_dir, "model")
-    return policy_dir
 
 
 # --- reward function ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from data_checks.report import RULES
 from tasks.base import TrackingContext
 from tasks.io import content_hash
 from tasks.validate_data import DataValidationError, ValidateConfig, run_validate_data
-from test_bad_inputs import TOKENIZER, base_rows, write_base, write_jsonl
+from test_bad_inputs import TOKENIZER, base_rows, write_base
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = {n: str(ROOT / "demo" / "data" / f"{n}.jsonl") for n in
