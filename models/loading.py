@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -50,10 +49,6 @@ def load_sequence_scorer(path: str, revision: str | None = None, trust_remote_co
     return AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
         **fast_activation(path, revision, trust_remote_code))
-
-
-def is_local(path: str) -> bool:
-    return Path(path).exists()
 
 
 def transformer_blocks(model):

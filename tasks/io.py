@@ -104,9 +104,3 @@ def render_prompt(prompt: Any, tokenizer) -> str:
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return str(prompt)
 
-
-def render_completion(value: Any) -> str:
-    """Completion text: a conversational completion is its assistant messages' content."""
-    if is_conversational(value):
-        return "".join(m.get("content", "") for m in value if m.get("role") == "assistant")
-    return str(value)

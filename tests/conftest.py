@@ -72,3 +72,16 @@ def tiny_reward_dir(tmp_path_factory) -> str:
     tok.save_pretrained(out)
     RewardNorm(1.0, 0.0, 1.0).save(out)
     return str(out)
+
+
+def _head(src, dst, n: int) -> str:
+    """Write the first ``n`` lines of ``src`` to ``dst``: a small slice of a demo dataset."""
+    from pathlib import Path
+
+    Path(dst).write_text("".join(Path(src).read_text().splitlines(keepends=True)[:n]))
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def head_file():
+    return _head

@@ -32,11 +32,6 @@ TINY = {
 }
 
 
-def head(src: Path, dst: Path, n: int) -> str:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("policy_algorithms")
@@ -60,15 +55,16 @@ def start_weights() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("algorithm", ["dpo", "grpo", "rloo"])
-def test_algorithm_trains_saves_and_logs(algorithm, workdir, ctx, reward_dir, start_weights):
+def test_algorithm_trains_saves_and_logs(algorithm, workdir, ctx, reward_dir, start_weights,
+                                         head_file):
     from mlflow import MlflowClient
 
     from models.loading import load_causal_lm
 
     result = run_policy(
         TINY[algorithm], sft_model_uri=str(DEMO_MODEL), reward_model_uri=reward_dir,
-        prompts_uri=head(DEMO_DATA / "rl_prompts.jsonl", workdir / "prompts.jsonl", 32),
-        preferences_uri=head(DEMO_DATA / "preferences.jsonl", workdir / "prefs.jsonl", 32),
+        prompts_uri=head_file(DEMO_DATA / "rl_prompts.jsonl", workdir / "prompts.jsonl", 32),
+        preferences_uri=head_file(DEMO_DATA / "preferences.jsonl", workdir / "prefs.jsonl", 32),
         out_dir=str(workdir / algorithm), seed=0, ctx=ctx)
 
     assert result.stage == algorithm

@@ -18,11 +18,6 @@ DEMO_MODEL = REPO / "demo" / "base_model"
 DEMO_DATA = REPO / "demo" / "data"
 
 
-def head(src: Path, dst: Path, n: int) -> str:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("stages")
@@ -44,21 +39,21 @@ def child_run(ctx: TrackingContext, run_id: str):
 
 
 @pytest.fixture(scope="module")
-def sft_result(workdir, ctx):
-    data = head(DEMO_DATA / "sft.jsonl", workdir / "sft.jsonl", 256)
+def sft_result(workdir, ctx, head_file):
+    data = head_file(DEMO_DATA / "sft.jsonl", workdir / "sft.jsonl", 256)
     cfg = SFTConfig(max_steps=12, per_device_train_batch_size=8, logging_steps=4)
     return run_sft(cfg, base_model=BaseModelConfig(path=str(DEMO_MODEL)), data_uri=data,
                    out_dir=str(workdir / "sft"), seed=0, ctx=ctx)
 
 
 @pytest.fixture(scope="module")
-def rm_result(workdir, ctx, sft_result):
+def rm_result(workdir, ctx, sft_result, head_file):
     cfg = RewardConfig(max_steps=12, per_device_train_batch_size=8, logging_steps=4,
                        normalize_samples=8, max_new_tokens=8, margin=True)
     return run_reward_model(
         cfg, sft_model_uri=sft_result.output_uri,
-        train_uri=head(DEMO_DATA / "preferences.jsonl", workdir / "prefs.jsonl", 128),
-        eval_uri=head(DEMO_DATA / "eval_pairs.jsonl", workdir / "eval_pairs.jsonl", 48),
+        train_uri=head_file(DEMO_DATA / "preferences.jsonl", workdir / "prefs.jsonl", 128),
+        eval_uri=head_file(DEMO_DATA / "eval_pairs.jsonl", workdir / "eval_pairs.jsonl", 48),
         rl_prompts_uri=str(DEMO_DATA / "rl_prompts.jsonl"),
         out_dir=str(workdir / "rm"), seed=0, ctx=ctx)
 
