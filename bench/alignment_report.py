@@ -29,7 +29,7 @@ def run_seed(seed: int, algorithms: list[str], overrides: list[str], out: Path) 
     from tasks.base import TrackingContext
     from tasks.evaluate import run_evaluate
     from tasks.policy import run_policy
-    from tasks.reward_model import run_reward_model
+    from tasks.reward import run_reward
     from tasks.sft import run_sft
 
     cfg = load_config("configs/demo.yaml", [f"seed={seed}", *overrides])
@@ -43,19 +43,19 @@ def run_seed(seed: int, algorithms: list[str], overrides: list[str], out: Path) 
     d = cfg.data
     sft = run_sft(cfg.sft, base_model=cfg.base_model, data_uri=d.sft, out_dir=str(root / "sft"),
                   seed=seed, ctx=ctx)
-    rm = run_reward_model(cfg.reward, sft_model_uri=sft.output_uri, train_uri=d.preferences,
-                          eval_uri=d.eval_pairs, rl_prompts_uri=d.rl_prompts,
-                          out_dir=str(root / "reward"), seed=seed, ctx=ctx)
+    rm = run_reward(cfg.reward, sft_model_uri=sft.model_uri, train_uri=d.preferences,
+                    eval_uri=d.eval_pairs, rl_prompts_uri=d.rl_prompts,
+                    out_dir=str(root / "reward"), seed=seed, ctx=ctx)
     rows = []
     for algo in algorithms:
         cfg.policy.algorithm = algo
         t0 = time.perf_counter()
-        pol = run_policy(cfg.policy, sft_model_uri=sft.output_uri, reward_model_uri=rm.output_uri,
+        pol = run_policy(cfg.policy, sft_model_uri=sft.model_uri, reward_model_uri=rm.model_uri,
                          prompts_uri=d.rl_prompts, preferences_uri=d.preferences,
                          out_dir=str(root / algo), seed=seed, ctx=ctx)
         seconds = time.perf_counter() - t0
-        ev = run_evaluate(cfg.evaluate, policy_uri=pol.output_uri, sft_model_uri=sft.output_uri,
-                          reward_model_uri=rm.output_uri, eval_prompts_uri=d.eval_prompts,
+        ev = run_evaluate(cfg.evaluate, policy_uri=pol.model_uri, sft_model_uri=sft.model_uri,
+                          reward_model_uri=rm.model_uri, eval_prompts_uri=d.eval_prompts,
                           seed=seed, ctx=ctx)
         m = ev.metrics
         rows.append({"seed": seed, "algorithm": algo, "policy_seconds": seconds,
@@ -63,7 +63,7 @@ def run_seed(seed: int, algorithms: list[str], overrides: list[str], out: Path) 
                      "gold_policy": m["eval/gold_policy"], "gold_sft": m["eval/gold_sft"],
                      "rm_policy": m["eval/rm_policy"], "len_policy": m["eval/len_policy"],
                      "rm_accuracy": rm.metrics.get("reward/eval_accuracy"),
-                     "stop_reason": pol.extra.get("stop_reason")})
+                     "stop_reason": pol.stop_reason})
         print(json.dumps(rows[-1]), flush=True)
     client.set_terminated(parent, "FINISHED")
     return rows

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_validate.py [--pairs 100000]
 
-Prints the wall seconds of ``run_validate_data`` (GX import and context build included,
+Prints the wall seconds of ``run_validation`` (GX import and context build included,
 MLflow off) and its CPU seconds (a shared machine inflates wall time; the load average is
 recorded too) and writes them to bench/out/bench_validate.json. Not a test: timings depend on the machine.
 """
@@ -60,13 +60,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp), args.pairs)
         t0, c0 = time.perf_counter(), time.process_time()
-        from tasks.validate_data import DataValidationError, ValidateConfig, run_validate_data
+        from tasks.validation import DataValidationError, ValidationConfig, run_validation
 
         # Random labels (90% "chosen") agree only by chance; the benchmark measures speed,
         # so agreement is not the point here.
-        cfg = ValidateConfig(min_alpha=-1.0)
+        cfg = ValidationConfig(min_alpha=-1.0)
         try:
-            run_validate_data(cfg, data=data, tokenizer_path=str(ROOT / "demo" / "base_model"),
+            run_validation(cfg, data=data, tokenizer_path=str(ROOT / "demo" / "base_model"),
                               out_dir=tmp, ctx=None)
             passed = True
         except DataValidationError as e:

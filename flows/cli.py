@@ -43,25 +43,25 @@ def field_docs(model: type, prefix: str = "") -> list[str]:
 def cmd_run(cfg: PipelineConfig) -> int:
     from flows.pipeline import rlhf_pipeline
 
-    summary = rlhf_pipeline(cfg)
-    print(json.dumps({k: summary[k] for k in ("result", "parent_run_id", "tracking_uri",
-                                              "reasons", "metrics") if k in summary}, indent=2))
-    if "registry" in summary:
-        r = summary["registry"]
-        print(f"registered {r['policy_name']} version {r['policy_version']} "
-              f"with aliases {', '.join(r['aliases'])}")
+    out = rlhf_pipeline(cfg)
+    print(json.dumps({"result": out.result, "parent_run_id": out.parent_run_id,
+                      "tracking_uri": out.tracking_uri, "reasons": out.decision.reasons,
+                      "metrics": out.metrics}, indent=2))
+    if out.registration is not None:
+        r = out.registration
+        print(f"registered {r.policy_name} version {r.policy_version} "
+              f"with aliases {', '.join(r.aliases)}")
     else:
         print("gate refused promotion: feedback round needed (reasons above)")
     return 0
 
 
 def cmd_validate(cfg: PipelineConfig) -> int:
-    from tasks.validate_data import run_validate_data
+    from tasks.validation import run_validation
 
-    result = run_validate_data(cfg.validation, data=cfg.data.model_dump(),
-                               tokenizer_path=cfg.base_model.path,
-                               out_dir=os.path.join(cfg.output_dir, cfg.name),
-                               ctx=None)
+    result = run_validation(cfg.validation, data=cfg.data.model_dump(),
+                            tokenizer_path=cfg.base_model.path,
+                            out_dir=os.path.join(cfg.output_dir, cfg.name), ctx=None)
     print(json.dumps(result.model_dump(mode="json"), indent=2, default=str))
     print("all datasets passed validation")
     return 0
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
     from tasks.io import DataError
-    from tasks.validate_data import DataValidationError
+    from tasks.validation import DataValidationError
 
     try:
         return cmd_run(cfg) if args.command == "run" else cmd_validate(cfg)

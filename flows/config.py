@@ -17,9 +17,9 @@ from tasks.base import BaseModelConfig, StageConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.gate import GateConfig, RegistryConfig
 from tasks.policy import PolicyConfig
-from tasks.reward_model import RewardConfig
+from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
-from tasks.validate_data import ValidateConfig
+from tasks.validation import ValidationConfig
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -66,7 +66,7 @@ class PipelineConfig(StageConfig):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig
     base_model: BaseModelConfig
-    validation: ValidateConfig = Field(default_factory=ValidateConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)

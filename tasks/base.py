@@ -6,6 +6,9 @@ Stages hand each other URIs, run ids and content hashes, never tensors or model 
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,6 +50,15 @@ class LoraSettings(StageConfig):
     """Module names to adapt (e.g. ``["q_proj", "v_proj"]``), or peft's ``"all-linear"``."""
 
 
+def stage_dir(root: str | Path, stage: str, *parts: Any) -> str:
+    """``root/<stage>-<key>``: the key hashes whatever determines the stage's output (its
+    config, seed, upstream keys, input hashes), so an unchanged re-run finds the same folder
+    (how an interrupted PPO stage resumes) and any change gets a fresh one."""
+    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p
+                       for p in parts], sort_keys=True, default=str)
+    return str(Path(root) / f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}")
+
+
 def peft_config(lora: LoraSettings | None, task_type: str, modules_to_save: list[str] | None = None):
     if lora is None:
         return None
@@ -66,10 +78,28 @@ class TrackingContext(BaseModel):
 
 
 class StageResult(BaseModel):
-    """What a stage returns: where its outputs are and how to find its MLflow run."""
+    """What every stage returns: its name, its MLflow child run and its headline metrics.
+
+    Each stage subclasses this with the few typed fields the next stages read (URIs, hashes,
+    step counts), so the flow never digs in an untyped dict.
+    """
 
     stage: str
     run_id: str
-    output_uri: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
-    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelResult(StageResult):
+    """A stage that trains a model: where the saved model (safetensors + tokenizer) is."""
+
+    model_uri: str
+
+
+class PolicyResult(ModelResult):
+    """The policy stage, whichever algorithm ran: the gate reads how training ended."""
+
+    algorithm: str
+    steps: int
+    planned_steps: int
+    stop_reason: str | None = None
+    """Why training stopped before ``planned_steps`` (e.g. a KL budget); None if it did not."""

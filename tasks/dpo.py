@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
+from tasks.base import LoraSettings, PolicyResult, StageConfig, TrackingContext, peft_config
 from tasks.tracking import save_policy, stage_run, trainer_args, trainer_metrics_callback
 
 
@@ -52,7 +52,7 @@ class DPOSettings(StageConfig):
 
 
 def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_dir: str,
-            seed: int, ctx: TrackingContext) -> StageResult:
+            seed: int, ctx: TrackingContext) -> PolicyResult:
     """Train the SFT policy with DPO on ``preferences_uri``; save and log it like PPO."""
     import datasets
     import mlflow
@@ -61,7 +61,7 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
 
     from models.loading import load_causal_lm, load_tokenizer
     from tasks.io import content_hash, read_records
-    from tasks.reward_model import preference_rows
+    from tasks.reward import preference_rows
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
     # prompt/chosen/rejected only (vote counts and ids are dropped).
     rows = preference_rows(read_records(preferences_uri), preferences_uri, with_margin=False)
 
-    with stage_run(ctx, "dpo", cfg, seed) as run:
+    with stage_run(ctx, "policy", cfg, seed, algorithm="dpo") as run:
         mlflow.set_tag("data.preferences.sha256", content_hash(preferences_uri))
         callback = trainer_metrics_callback("dpo", run.info.run_id)
         with tempfile.TemporaryDirectory() as scratch:
@@ -103,7 +103,6 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
                    "dpo/final_accuracy": last.get("dpo/rewards/accuracies", float("nan")),
                    "dpo/final_margin": last.get("dpo/rewards/margins", float("nan"))}
         mlflow.log_metrics(metrics)
-        return StageResult(stage="dpo", run_id=run.info.run_id, output_uri=str(policy_dir),
-                           metrics=metrics, extra={"stop_reason": None,
-                                                   "steps": trainer.state.global_step,
-                                                   "planned_steps": cfg.max_steps})
+        return PolicyResult(stage="policy", run_id=run.info.run_id, model_uri=str(policy_dir),
+                            metrics=metrics, algorithm="dpo", steps=trainer.state.global_step,
+                            planned_steps=cfg.max_steps)

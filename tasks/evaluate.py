@@ -9,7 +9,6 @@ policy's own samples: an unbiased estimate of the sequence-level KL.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,6 +33,13 @@ class EvaluateConfig(StageConfig):
     """Evaluate on the first N held-out prompts only; null = all."""
     batch_size: int = 128
     """Sequences per generation/scoring batch."""
+
+
+class EvaluateResult(StageResult):
+    """Held-out metrics of the policy against SFT (``eval/...``), and who judged them."""
+
+    judge: str
+    """The gold judge's ``module:function``, or ``reward_model`` when none is configured."""
 
 
 def load_judge(spec: str) -> Callable[[list[str]], list[float]]:
@@ -68,7 +74,7 @@ def _sample(model, tokenizer, prompts, cfg: EvaluateConfig, device):
 @torch.no_grad()
 def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
                  reward_model_uri: str, eval_prompts_uri: str, seed: int,
-                 ctx: TrackingContext) -> StageResult:
+                 ctx: TrackingContext) -> EvaluateResult:
     import mlflow
     from transformers import set_seed
 
@@ -142,8 +148,8 @@ def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
             table.update(gold_policy=pol["gold"].flatten().tolist(),
                          gold_sft=ref["gold"].flatten().tolist())
         mlflow.log_table(table, "eval_samples.json")
-        return StageResult(stage="evaluate", run_id=run.info.run_id, metrics=metrics,
-                           output_uri=str(Path(policy_uri)))
+        return EvaluateResult(stage="evaluate", run_id=run.info.run_id, metrics=metrics,
+                              judge=cfg.gold_judge or "reward_model")
 
 
 evaluate_task = task(name="evaluate")(run_evaluate)

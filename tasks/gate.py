@@ -9,11 +9,13 @@ stages are deprecated in MLflow 3, so "stages" are aliases (``staging``, ``produ
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
 
 from prefect import task
+from pydantic import BaseModel
 
-from tasks.base import StageConfig, StageResult, TrackingContext
+from tasks.base import ModelResult, PolicyResult, StageConfig, TrackingContext
+from tasks.evaluate import EvaluateResult
 
 
 class GateConfig(StageConfig):
@@ -40,14 +42,31 @@ class RegistryConfig(StageConfig):
     """Aliases set on a promoted version; add ``production`` to deploy straight away."""
 
 
-@dataclass
-class Decision:
+class Decision(BaseModel):
+    """The gate's verdict: every check's outcome in ``reasons`` (``pass: ...`` / ``FAIL: ...``)."""
+
     promote: bool
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str]
+    run_id: str | None = None
+    """The gate's MLflow child run, once the decision is recorded."""
+
+
+class Registration(BaseModel):
+    """The registry versions a promotion created and the aliases it moved to them."""
+
+    policy_name: str
+    policy_version: str
+    reward_name: str
+    reward_version: str
+    aliases: list[str]
 
 
 def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None = None) -> Decision:
-    """Promote only when every threshold holds; every check contributes a reason either way."""
+    """Promote only when every threshold holds; every check contributes a reason either way.
+
+    A missing or NaN metric fails its check (NaN compares false both ways, so each check is
+    written as "value is good", never as "value is not bad").
+    """
     reasons, ok = [], True
 
     def check(passed: bool, text: str) -> None:
@@ -55,37 +74,45 @@ def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None =
         ok = ok and passed
         reasons.append(("pass: " if passed else "FAIL: ") + text)
 
-    win = metrics.get("eval/win_rate", float("nan"))
-    check(win >= cfg.min_win_rate, f"win rate {win:.3f} vs min_win_rate {cfg.min_win_rate}")
-    kl = metrics.get("eval/kl_policy_sft", float("nan"))
+    nan = float("nan")
+    judged_by_gold = "eval/gold_policy" in metrics
+    judge = "gold judge" if judged_by_gold else (
+        "reward model: no gold judge configured, so a policy that games the reward model "
+        "would pass this check")
+    win = metrics.get("eval/win_rate", nan)
+    check(win >= cfg.min_win_rate,
+          f"win rate {win:.3f} vs min_win_rate {cfg.min_win_rate} (judged by the {judge})")
+    kl = metrics.get("eval/kl_policy_sft", nan)
     check(kl <= cfg.max_kl, f"KL(policy||SFT) {kl:.3f} nats vs max_kl {cfg.max_kl}")
-    if "eval/gold_policy" in metrics:
-        gain = metrics["eval/gold_policy"] - metrics["eval/gold_sft"]
+    if judged_by_gold:
+        gain = metrics["eval/gold_policy"] - metrics.get("eval/gold_sft", nan)
         check(gain > cfg.min_gold_gain, f"gold gain {gain:+.3f} vs min_gold_gain {cfg.min_gold_gain}")
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    check(not bad, f"all evaluation metrics finite{': not ' + ', '.join(bad) if bad else ''}")
     if stop_reason:
         check(cfg.allow_early_stop, f"training stopped early: {stop_reason}")
     return Decision(promote=ok, reasons=reasons)
 
 
-def run_gate(cfg: GateConfig, *, evaluation: StageResult, stop_reason: str | None, seed: int,
-             ctx: TrackingContext) -> dict:
+def run_gate(cfg: GateConfig, *, evaluation: EvaluateResult, policy: PolicyResult, seed: int,
+             ctx: TrackingContext) -> Decision:
     """Decide and record the decision in the gate's child run; no registry write here."""
     import mlflow
 
     from tasks.tracking import stage_run
 
-    decision = decide(evaluation.metrics, cfg, stop_reason)
+    decision = decide(evaluation.metrics, cfg, policy.stop_reason)
     with stage_run(ctx, "gate", cfg, seed) as run:
         mlflow.log_metric("gate/promoted", int(decision.promote))
         mlflow.set_tag("gate.decision", "promote" if decision.promote else "refuse")
         mlflow.set_tag("gate.reasons", "; ".join(decision.reasons)[:5000])
-        mlflow.log_dict(asdict(decision), "gate_decision.json")
-    return {"promote": decision.promote, "reasons": decision.reasons, "run_id": run.info.run_id}
+        mlflow.log_dict(decision.model_dump(), "gate_decision.json")
+    return decision.model_copy(update={"run_id": run.info.run_id})
 
 
-def register_policy(cfg: RegistryConfig, *, policy: StageResult, reward: StageResult,
-                    sft: StageResult, data_hashes: dict[str, str], metrics: dict[str, float],
-                    ctx: TrackingContext) -> dict:
+def register_policy(cfg: RegistryConfig, *, policy: ModelResult, reward: ModelResult,
+                    sft: ModelResult, data_hashes: dict[str, str], metrics: dict[str, float],
+                    ctx: TrackingContext) -> Registration:
     """Register reward model and policy versions with lineage tags, then move the aliases.
 
     Aliases move last: if anything before fails, the versions created so far are deleted so
@@ -105,7 +132,7 @@ def register_policy(cfg: RegistryConfig, *, policy: StageResult, reward: StageRe
         source = client.get_run(run_id).info.artifact_uri + "/model"
         mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         created.append((name, mv.version))
-        return mv.version
+        return str(mv.version)  # an int from the SQL store, a str over REST
 
     lineage = {"rlhf.parent_run_id": ctx.parent_run_id, "rlhf.sft_run_id": sft.run_id,
                **{f"data.{k}.sha256": v for k, v in data_hashes.items()}}
@@ -123,9 +150,10 @@ def register_policy(cfg: RegistryConfig, *, policy: StageResult, reward: StageRe
             client.delete_model_version(name, version)
         raise
     client.set_tag(ctx.parent_run_id, "registry.policy_version", policy_version)
-    return {"policy_name": cfg.policy_name, "policy_version": policy_version,
-            "reward_name": cfg.reward_name, "reward_version": rm_version, "aliases": cfg.aliases}
+    return Registration(policy_name=cfg.policy_name, policy_version=policy_version,
+                        reward_name=cfg.reward_name, reward_version=rm_version,
+                        aliases=cfg.aliases)
 
 
 gate_task = task(name="gate")(run_gate)
-register_task = task(name="register_policy")(register_policy)
+register_task = task(name="register")(register_policy)

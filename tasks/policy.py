@@ -1,8 +1,8 @@
 """Policy-optimisation stage: chooses the algorithm (``policy.algorithm``) and runs it.
 
-Every algorithm starts from the SFT model and returns the same ``StageResult`` (a saved policy
-directory ``out_dir/policy`` logged as artifact "model" on a child run named after the
-algorithm), so the evaluate and gate stages do not care which one ran:
+Every algorithm starts from the SFT model and returns the same ``PolicyResult`` (a saved policy
+directory ``out_dir/policy`` logged as artifact "model" on the child run ``policy``, tagged
+``rlhf.algorithm``), so the evaluate and gate stages do not care which one ran:
 
 - ``ppo``: ours (tasks/ppo.py), reward model + critic + per-token KL penalty.
 - ``dpo``: TRL DPOTrainer on the preference pairs; no reward model (tasks/dpo.py).
@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 from prefect import task
 
-from tasks.base import StageConfig, StageResult, TrackingContext
+from tasks.base import PolicyResult, StageConfig, TrackingContext
 from tasks.dpo import DPOSettings, run_dpo
 from tasks.ppo import PPOConfig, run_ppo
 from tasks.trl_online import GRPOSettings, RLOOSettings, run_online
@@ -40,7 +40,7 @@ class PolicyConfig(StageConfig):
 
 
 def run_policy(cfg: PolicyConfig, *, sft_model_uri: str, reward_model_uri: str, prompts_uri: str,
-               preferences_uri: str, out_dir: str, seed: int, ctx: TrackingContext) -> StageResult:
+               preferences_uri: str, out_dir: str, seed: int, ctx: TrackingContext) -> PolicyResult:
     """Run ``cfg.algorithm`` from the SFT model; the child run and stage are named after it."""
     if cfg.algorithm == "ppo":
         return run_ppo(cfg.ppo, sft_model_uri=sft_model_uri, reward_model_uri=reward_model_uri,

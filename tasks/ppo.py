@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from prefect import task
 
 from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, compute_rewards,
                         explained_variance, kl_estimate, masked_mean, masked_whiten,
                         policy_loss, value_loss)
 from models.rollout import (Rollout, SharedTrunkCritic, generate, response_logprobs,
                             response_values)
-from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
+from tasks.base import LoraSettings, PolicyResult, StageConfig, TrackingContext, peft_config
 
 
 class PPOConfig(StageConfig):
@@ -425,7 +424,7 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str, pad_
 
 
 def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompts_uri: str,
-            out_dir: str, seed: int, ctx: TrackingContext) -> StageResult:
+            out_dir: str, seed: int, ctx: TrackingContext) -> PolicyResult:
     """Load actor/reference/critic/reward model, train, save the policy, log it all."""
     import mlflow
     from transformers import set_seed
@@ -444,7 +443,7 @@ def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompt
     reward_norm = RewardNorm.load(reward_model_uri)
     prompts = _load_prompts(prompts_uri, tokenizer, cfg.max_prompt_length)
 
-    with stage_run(ctx, "ppo", cfg, seed) as run:
+    with stage_run(ctx, "policy", cfg, seed, algorithm="ppo") as run:
         summary = train_ppo(cfg, policy=policy, ref_policy=ref_policy, critic=critic,
                             reward_model=reward_model, reward_norm=reward_norm,
                             tokenizer=tokenizer, prompts=prompts, seed=seed,
@@ -458,10 +457,7 @@ def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompt
                    "ppo/final_score": final.get("objective/scores", math.nan)}
         mlflow.log_metrics(metrics)
         mlflow.set_tag("ppo.stop_reason", summary["stop_reason"] or "completed")
-        return StageResult(stage="ppo", run_id=run.info.run_id, output_uri=str(policy_dir),
-                           metrics=metrics, extra={"stop_reason": summary["stop_reason"],
-                                                   "steps": summary["steps"],
-                                                   "planned_steps": summary["planned_steps"]})
-
-
-ppo_task = task(name="ppo")(run_ppo)
+        return PolicyResult(stage="policy", run_id=run.info.run_id, model_uri=str(policy_dir),
+                            metrics=metrics, algorithm="ppo", steps=summary["steps"],
+                            planned_steps=summary["planned_steps"],
+                            stop_reason=summary["stop_reason"])

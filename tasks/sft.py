@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 from pydantic import Field
 
-from tasks.base import (BaseModelConfig, LoraSettings, StageConfig, StageResult, TrackingContext,
+from tasks.base import (BaseModelConfig, LoraSettings, ModelResult, StageConfig, TrackingContext,
                         peft_config)
 from tasks.io import DataError, content_hash, read_records
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
@@ -51,6 +51,10 @@ class SFTConfig(StageConfig):
     """Log training metrics to MLflow every this many steps."""
 
 
+class SFTResult(ModelResult):
+    num_train_examples: int
+
+
 def sft_rows(records: list[dict[str, Any]], uri: str) -> list[dict[str, Any]]:
     """Keep the columns TRL's SFTTrainer reads, for whichever standard format the data is in."""
     if not records:
@@ -64,7 +68,7 @@ def sft_rows(records: list[dict[str, Any]], uri: str) -> list[dict[str, Any]]:
 
 
 def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_dir: str,
-            seed: int, ctx: TrackingContext) -> StageResult:
+            seed: int, ctx: TrackingContext) -> SFTResult:
     """Fine-tune ``base_model`` on ``data_uri``; save weights + tokenizer to ``out_dir``."""
     import datasets
     import mlflow
@@ -119,8 +123,8 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
         tokenizer.save_pretrained(out_dir)
         log_metrics(metrics, step=cfg.max_steps)
         log_model_dir(out_dir, "model")
-        return StageResult(stage="sft", run_id=run.info.run_id, output_uri=out_dir,
-                           metrics=metrics, extra={"num_train_examples": len(data)})
+        return SFTResult(stage="sft", run_id=run.info.run_id, model_uri=out_dir,
+                         metrics=metrics, num_train_examples=len(data))
 
 
 sft_task = task(name="sft")(run_sft)

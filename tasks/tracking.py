@@ -38,14 +38,18 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 @contextlib.contextmanager
 def stage_run(ctx: TrackingContext, stage: str, config: BaseModel | None = None,
-              seed: int | None = None) -> Iterator[Any]:
-    """Open the stage's child run under the pipeline's parent run and log config and seed."""
+              seed: int | None = None, algorithm: str | None = None) -> Iterator[Any]:
+    """Open the stage's child run under the pipeline's parent run and log config and seed.
+
+    The run is named after the stage (``policy``, not ``ppo``), so runs compare across
+    algorithms; ``algorithm`` goes in the ``rlhf.algorithm`` tag.
+    """
     import mlflow
 
+    tags = {"rlhf.stage": stage, **({"rlhf.algorithm": algorithm} if algorithm else {})}
     mlflow.set_tracking_uri(ctx.tracking_uri)
     with mlflow.start_run(run_name=stage, experiment_id=ctx.experiment_id,
-                          parent_run_id=ctx.parent_run_id, nested=True,
-                          tags={"rlhf.stage": stage}) as run:
+                          parent_run_id=ctx.parent_run_id, nested=True, tags=tags) as run:
         if config is not None:
             params = flatten(config)
             # log_params caps values at 6000 chars; configs are small, but keep it honest.
@@ -121,3 +125,48 @@ def save_policy(model, tokenizer, out_dir: str | Path, lineage: dict[str, Any],
     (policy_dir / "rlhf_lineage.json").write_text(json.dumps(lineage, indent=2))
     log_model_dir(policy_dir, "model")
     return policy_dir
+
+
+class PipelineRun:
+    """The pipeline's MLflow parent run, as the flow sees it: the ``TrackingContext`` stages
+    open their child runs from, plus what the flow itself records on the parent."""
+
+    def __init__(self, client, ctx: TrackingContext):
+        self.client, self.ctx = client, ctx
+
+    def tag_data(self, hashes: dict[str, str]) -> None:
+        """The content hash of every dataset, so runs on the same data are found by tag."""
+        for name, h in hashes.items():
+            self.client.set_tag(self.ctx.parent_run_id, f"data.{name}.sha256", h)
+
+    def record(self, result: str, metrics: dict[str, float]) -> None:
+        """The outcome and the headline metrics, so pipeline runs compare side by side."""
+        for key, value in metrics.items():
+            self.client.log_metric(self.ctx.parent_run_id, key, float(value))
+        self.client.set_tag(self.ctx.parent_run_id, "rlhf.result", result)
+
+
+@contextlib.contextmanager
+def pipeline_run(name: str, experiment: str, uri: str | None,
+                 config: BaseModel) -> Iterator[PipelineRun]:
+    """Open the parent run (full config as params and ``config/pipeline.json``); close it
+    FINISHED, or FAILED with the error in the ``rlhf.error`` tag, whatever happens inside."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run_id = client.create_run(exp_id, run_name=f"{name}-pipeline",
+                               tags={"rlhf.pipeline": name}).info.run_id
+    for k, v in flatten(config).items():
+        client.log_param(run_id, k, str(v)[:6000])
+    client.log_dict(run_id, config.model_dump(mode="json"), "config/pipeline.json")
+    try:
+        yield PipelineRun(client, TrackingContext(tracking_uri=uri, experiment_id=exp_id,
+                                                  parent_run_id=run_id))
+    except BaseException as e:
+        client.set_tag(run_id, "rlhf.error", f"{type(e).__name__}: {e}"[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
+from tasks.base import LoraSettings, PolicyResult, StageConfig, TrackingContext, peft_config
 from tasks.tracking import save_policy, stage_run, trainer_args, trainer_metrics_callback
 
 # TRL metric names -> the names PPO logs (tasks/ppo.py), so dashboards compare like with like.
@@ -150,7 +150,7 @@ def prompt_rows(uri: str, tokenizer, max_prompt_length: int) -> tuple[list[dict[
 
 def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSettings, *,
                sft_model_uri: str, reward_model_uri: str, prompts_uri: str, out_dir: str,
-               seed: int, ctx: TrackingContext) -> StageResult:
+               seed: int, ctx: TrackingContext) -> PolicyResult:
     """Train the SFT policy with GRPO or RLOO against the reward model; save and log it."""
     import datasets
     import mlflow
@@ -175,7 +175,7 @@ def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSetti
                                  cfg.missing_eos_penalty)
     rows, dropped = prompt_rows(prompts_uri, tokenizer, cfg.max_prompt_length)
 
-    with stage_run(ctx, algorithm, cfg, seed) as run:
+    with stage_run(ctx, "policy", cfg, seed, algorithm=algorithm) as run:
         mlflow.set_tag("data.rl_prompts.sha256", content_hash(prompts_uri))
         mlflow.log_metrics({f"{algorithm}/data/prompts": len(rows),
                             f"{algorithm}/data/prompts_dropped": dropped})
@@ -210,7 +210,6 @@ def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSetti
                    f"{algorithm}/final_score": last.get(f"{algorithm}/objective/scores",
                                                         float("nan"))}
         mlflow.log_metrics(metrics)
-        return StageResult(stage=algorithm, run_id=run.info.run_id, output_uri=str(policy_dir),
-                           metrics=metrics, extra={"stop_reason": None,
-                                                   "steps": trainer.state.global_step,
-                                                   "planned_steps": cfg.max_steps})
+        return PolicyResult(stage="policy", run_id=run.info.run_id, model_uri=str(policy_dir),
+                            metrics=metrics, algorithm=algorithm,
+                            steps=trainer.state.global_step, planned_steps=cfg.max_steps)

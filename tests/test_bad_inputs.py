@@ -1,4 +1,4 @@
-"""A corpus of bad inputs, each refused by validate_data with the right rule named.
+"""A corpus of bad inputs, each refused by the validation stage with the right rule named.
 
 The corpus is generated into tmp_path from the DEFECTS table: a small valid dataset set
 (``write_base``) with one defect applied. Each case asserts the refusal names the rule (and
@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 
 from tasks.io import content_hash
-from tasks.validate_data import DataValidationError, ValidateConfig, run_validate_data
+from tasks.validation import DataValidationError, ValidationConfig, run_validation
 
 TOKENIZER = str(Path(__file__).resolve().parents[1] / "demo" / "base_model")
 N = 40  # rows per dataset; above the default min_rows (16)
@@ -247,9 +247,9 @@ def test_corpus_has_enough_distinct_defects():
 
 def test_valid_base_passes(tmp_path):
     data = write_base(tmp_path)
-    result = run_validate_data(ValidateConfig(), data=data, tokenizer_path=TOKENIZER,
+    result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
                                out_dir=str(tmp_path / "out"), ctx=None)
-    assert result.extra["passed"] and set(result.extra["hashes"]) == set(data)
+    assert result.passed and set(result.hashes) == set(data)
 
 
 @pytest.mark.parametrize("case, dataset, edit, rule, row, overrides", DEFECTS,
@@ -258,7 +258,7 @@ def test_bad_input_is_refused(tmp_path, case, dataset, edit, rule, row, override
     data = build_case(tmp_path, dataset, edit)
     before = {n: content_hash(u) for n, u in data.items() if Path(u).exists()}
     with pytest.raises(DataValidationError) as exc:
-        run_validate_data(ValidateConfig(**overrides), data=data, tokenizer_path=TOKENIZER,
+        run_validation(ValidationConfig(**overrides), data=data, tokenizer_path=TOKENIZER,
                           out_dir=str(tmp_path / "out"), ctx=None)
     msg = str(exc.value)
     assert f"rule {rule}:" in msg, msg
@@ -269,4 +269,4 @@ def test_bad_input_is_refused(tmp_path, case, dataset, edit, rule, row, override
         assert any(f"row {row}:" in line or f" {row}," in line or f" {row})" in line
                    for line in msg.splitlines() if f"rule {rule}:" in line), msg
     assert {n: content_hash(u) for n, u in data.items() if Path(u).exists()} == before
-    assert (tmp_path / "out" / "validate_data" / "report.html").exists()
+    assert (tmp_path / "out" / "validation" / "report.html").exists()

@@ -45,6 +45,6 @@ def test_cli_refuses_bad_input(prefect_harness, tracking_uri, tmp_path, capsys, 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(f"bad-{case}")
     stages = {r.info.run_name for r in client.search_runs([exp.experiment_id])}
-    assert stages <= {"demo-pipeline", "validate_data"}  # no training stage started
+    assert stages <= {"demo-pipeline", "validation"}  # no training stage started
     assert client.search_registered_models() == []
     assert {n: content_hash(u) for n, u in data.items() if Path(u).exists()} == before

@@ -1,4 +1,4 @@
-"""validate_data on the demo data, agreement against hand-computed values, quarantine, MLflow."""
+"""The validation stage on the demo data, agreement against hand-computed values, quarantine, MLflow."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from data_checks.agreement import alpha_from_votes, annotator_agreement, majorit
 from data_checks.report import RULES
 from tasks.base import TrackingContext
 from tasks.io import content_hash
-from tasks.validate_data import DataValidationError, ValidateConfig, run_validate_data
+from tasks.validation import DataValidationError, ValidationConfig, run_validation
 from test_bad_inputs import TOKENIZER, base_rows, write_base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,20 +61,20 @@ def test_majority_agreement_hand_computed():
 
 def test_demo_data_passes_and_flags_a4(tmp_path):
     before = {n: content_hash(u) for n, u in DEMO.items()}
-    result = run_validate_data(ValidateConfig(), data=DEMO, tokenizer_path=TOKENIZER,
+    result = run_validation(ValidationConfig(), data=DEMO, tokenizer_path=TOKENIZER,
                                out_dir=str(tmp_path), ctx=None)
-    assert result.extra["passed"]
-    assert result.extra["hashes"] == before == {n: content_hash(u) for n, u in DEMO.items()}
-    report = json.loads((tmp_path / "validate_data" / "report.json").read_text())
+    assert result.passed
+    assert result.hashes == before == {n: content_hash(u) for n, u in DEMO.items()}
+    report = json.loads((tmp_path / "validation" / "report.json").read_text())
     flagged = [a["annotator"] for a in report["agreement"]["annotators"] if a["flagged"]]
     assert flagged == ["a4"]
     warnings = [f for f in report["failures"] if f["severity"] == "warning"]
     assert [w["rule"] for w in warnings] == ["annotator_quality"] and "'a4'" in warnings[0]["message"]
     assert 0.3 < result.metrics["agreement/alpha"] < 0.5
-    assert "a4" in (tmp_path / "validate_data" / "report.html").read_text()
+    assert "a4" in (tmp_path / "validation" / "report.html").read_text()
     # Same data, a4 made an error by config: refused, naming the rule.
     with pytest.raises(DataValidationError, match="rule annotator_quality: annotator 'a4'"):
-        run_validate_data(ValidateConfig(flagged_annotator_is_error=True),
+        run_validation(ValidationConfig(flagged_annotator_is_error=True),
                           data={n: DEMO[n] for n in ("preferences", "preference_labels")},
                           tokenizer_path=TOKENIZER, out_dir=str(tmp_path), ctx=None)
 
@@ -86,7 +86,7 @@ def test_message_format_names_file_row_rule(tmp_path):
     rows["preferences"][16]["rejected"] = rows["preferences"][16]["chosen"]
     data = write_base(tmp_path, {"preferences": rows["preferences"]})
     with pytest.raises(DataValidationError) as exc:
-        run_validate_data(ValidateConfig(), data=data, tokenizer_path=TOKENIZER,
+        run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
                           out_dir=str(tmp_path / "out"), ctx=None)
     assert (f"{data['preferences']}: 8 rows (first 5: 3, 5, 7, 9, 11): rule "
             f"chosen_differs_from_rejected: chosen and rejected are identical") in str(exc.value)
@@ -102,9 +102,9 @@ def test_conversational_format_passes(tmp_path):
               "rejected": [{"role": "assistant", "content": r["rejected"]}]}
              for r in rows["preferences"]]
     data = write_base(tmp_path, {"sft": sft, "preferences": prefs})
-    result = run_validate_data(ValidateConfig(), data=data, tokenizer_path=TOKENIZER,
+    result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
                                out_dir=str(tmp_path / "out"), ctx=None)
-    assert result.extra["passed"]
+    assert result.passed
 
 
 def test_quarantine_within_share_sets_rows_aside(tmp_path):
@@ -112,12 +112,12 @@ def test_quarantine_within_share_sets_rows_aside(tmp_path):
     rows["sft"][3]["completion"] = ""
     data = write_base(tmp_path, {"sft": rows["sft"]})
     raw = Path(data["sft"]).read_bytes()
-    cfg = ValidateConfig(quarantine=True, max_bad_row_fraction=0.05)
-    result = run_validate_data(cfg, data=data, tokenizer_path=TOKENIZER,
+    cfg = ValidationConfig(quarantine=True, max_bad_row_fraction=0.05)
+    result = run_validation(cfg, data=data, tokenizer_path=TOKENIZER,
                                out_dir=str(tmp_path / "out"), ctx=None)
     assert Path(data["sft"]).read_bytes() == raw  # the input is never modified
-    q = tmp_path / "out" / "validate_data" / "quarantine" / "sft.jsonl"
-    clean = Path(result.extra["data"]["sft"])
+    q = tmp_path / "out" / "validation" / "quarantine" / "sft.jsonl"
+    clean = Path(result.data["sft"])
     assert q.read_bytes() == raw.splitlines(keepends=True)[3]
     assert len(clean.read_bytes().splitlines()) == len(rows["sft"]) - 1
     reasons = (q.parent / "sft.reasons.jsonl").read_text()
@@ -128,9 +128,9 @@ def test_no_tokenizer_skips_token_limits(tmp_path):
     rows = base_rows()
     rows["sft"][0]["completion"] = " word" * 5000
     data = write_base(tmp_path, {"sft": rows["sft"]})
-    result = run_validate_data(ValidateConfig(), data=data, tokenizer_path=None,
+    result = run_validation(ValidationConfig(), data=data, tokenizer_path=None,
                                out_dir=str(tmp_path / "out"), ctx=None)
-    assert result.extra["passed"]
+    assert result.passed
 
 
 def test_rule_names_are_documented():
@@ -151,7 +151,7 @@ def test_mlflow_child_run_has_hashes_metrics_and_report(tmp_path):
     parent = client.create_run(exp, run_name="pipeline")
     ctx = TrackingContext(tracking_uri=uri, experiment_id=exp, parent_run_id=parent.info.run_id)
     try:
-        result = run_validate_data(ValidateConfig(), data=data, tokenizer_path=TOKENIZER,
+        result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
                                    out_dir=str(tmp_path / "out"), ctx=ctx)
     finally:
         mlflow.set_tracking_uri(None)

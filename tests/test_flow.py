@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from flows.config import load_config
-from tasks.validate_data import DataValidationError
+from tasks.validation import DataValidationError
 
 
 def _runs(client, exp_name):
@@ -32,25 +32,26 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
         "gate.min_win_rate=0.0", "gate.max_kl=1e9", "gate.min_gold_gain=-100",
         "registry.aliases=[staging, production]"])
     summary = rlhf_pipeline(cfg)
-    assert summary["result"] == "promoted"
+    assert summary.result == "promoted"
 
-    client = MlflowClient(summary["tracking_uri"])
+    client = MlflowClient(summary.tracking_uri)
     runs = _runs(client, cfg.tracking.experiment)
-    parent = [r for r in runs if r.info.run_id == summary["parent_run_id"]][0]
+    parent = [r for r in runs if r.info.run_id == summary.parent_run_id][0]
     assert parent.info.status == "FINISHED"
     children = {r.info.run_name: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"validate_data", "sft", "reward_model", "ppo", "evaluate", "gate"}
-    for name in ("sft", "reward_model", "ppo"):
+    assert set(children) == {"validation", "sft", "reward", "policy", "evaluate", "gate"}
+    for name in ("sft", "reward", "policy"):
         run = children[name]
         assert run.data.params["seed"] == "0"
         arts = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
         assert "model/model.safetensors" in arts and "model/tokenizer.json" in arts, name
-    ppo = children["ppo"].data.metrics
+    assert children["policy"].data.tags["rlhf.algorithm"] == "ppo"
+    ppo = children["policy"].data.metrics
     for key in ("ppo/objective/kl", "ppo/objective/kl_coef", "ppo/objective/scores",
                 "ppo/policy/clipfrac", "ppo/policy/entropy", "ppo/loss/value"):
         assert key in ppo, key
-    assert len(client.get_metric_history(children["ppo"].info.run_id, "ppo/objective/kl")) == 2
+    assert len(client.get_metric_history(children["policy"].info.run_id, "ppo/objective/kl")) == 2
     ev = children["evaluate"].data.metrics
     assert 0.0 <= ev["eval/win_rate"] <= 1.0 and "eval/kl_policy_sft" in ev
     assert children["gate"].data.metrics["gate/promoted"] == 1.0
@@ -58,8 +59,8 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
     assert parent.data.metrics["eval/win_rate"] == ev["eval/win_rate"]
 
     # Every stage changed parameters: base -> SFT -> policy.
-    policy_w = _weights(summary["policy_uri"])
-    lineage = json.loads(open(f"{summary['policy_uri']}/rlhf_lineage.json").read())
+    policy_w = _weights(summary.policy_uri)
+    lineage = json.loads(open(f"{summary.policy_uri}/rlhf_lineage.json").read())
     sft_w = _weights(lineage["sft_model"])
     base_w = _weights("demo/base_model")
     for name, w in sft_w.items():
@@ -67,14 +68,14 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
         assert not torch.equal(policy_w[name], w), f"PPO did not change {name}"
 
     # Registered with both aliases and lineage tags.
-    reg = summary["registry"]
+    reg = summary.registration
     mv = client.get_model_version_by_alias(cfg.registry.policy_name, "production")
-    assert mv.version == reg["policy_version"]
+    assert str(mv.version) == reg.policy_version
     assert set(client.get_model_version(mv.name, mv.version).aliases) == {"staging", "production"}
     assert mv.tags["rlhf.parent_run_id"] == parent.info.run_id
     assert mv.tags["rlhf.sft_run_id"] == children["sft"].info.run_id
     assert mv.tags["data.preferences.sha256"]
-    assert mv.tags["rlhf.reward_model"] == f"{cfg.registry.reward_name}/{reg['reward_version']}"
+    assert mv.tags["rlhf.reward_model"] == f"{cfg.registry.reward_name}/{reg.reward_version}"
 
 
 def test_pipeline_refusal_is_recorded(prefect_harness, tiny_overrides):
@@ -85,10 +86,10 @@ def test_pipeline_refusal_is_recorded(prefect_harness, tiny_overrides):
 
     cfg = load_config("configs/demo.yaml", tiny_overrides + ["gate.min_win_rate=1.01"])
     summary = rlhf_pipeline(cfg)
-    assert summary["result"] == "feedback_round_needed"
-    assert any(r.startswith("FAIL: win rate") for r in summary["reasons"])
-    client = MlflowClient(summary["tracking_uri"])
-    parent = client.get_run(summary["parent_run_id"])
+    assert summary.result == "feedback_round_needed"
+    assert any(r.startswith("FAIL: win rate") for r in summary.decision.reasons)
+    client = MlflowClient(summary.tracking_uri)
+    parent = client.get_run(summary.parent_run_id)
     assert parent.data.tags["rlhf.result"] == "feedback_round_needed"
     gate = [r for r in _runs(client, cfg.tracking.experiment) if r.info.run_name == "gate"][0]
     assert gate.data.metrics["gate/promoted"] == 0.0
@@ -114,6 +115,6 @@ def test_malformed_input_stops_before_training(prefect_harness, tiny_overrides, 
     assert bad.read_bytes() == before
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = _runs(client, cfg.tracking.experiment)
-    assert {r.info.run_name for r in runs} <= {"demo-pipeline", "validate_data"}
+    assert {r.info.run_name for r in runs} <= {"demo-pipeline", "validation"}
     assert [r.info.status for r in runs if r.info.run_name == "demo-pipeline"] == ["FAILED"]
     assert client.search_registered_models() == []

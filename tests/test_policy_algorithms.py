@@ -68,15 +68,15 @@ def test_algorithm_trains_saves_and_logs(algorithm, workdir, ctx, reward_dir, st
         out_dir=str(workdir / algorithm), seed=0, ctx=ctx)
 
     assert result.stage == algorithm
-    assert result.output_uri == str(workdir / algorithm / "policy")
-    assert result.extra["stop_reason"] is None
-    assert result.extra["steps"] == result.extra["planned_steps"] > 0
-    lineage = json.loads((Path(result.output_uri) / "rlhf_lineage.json").read_text())
+    assert result.model_uri == str(workdir / algorithm / "policy")
+    assert result.stop_reason is None
+    assert result.steps == result.planned_steps > 0
+    lineage = json.loads((Path(result.model_uri) / "rlhf_lineage.json").read_text())
     assert lineage["sft_model"] == str(DEMO_MODEL) and lineage["algorithm"] == algorithm
 
     # The saved policy loads, and training moved every weight matrix.
-    after = load_causal_lm(result.output_uri).state_dict()
-    assert (Path(result.output_uri) / "model.safetensors").exists()
+    after = load_causal_lm(result.model_uri).state_dict()
+    assert (Path(result.model_uri) / "model.safetensors").exists()
     changed = [k for k in start_weights if not torch.equal(start_weights[k], after[k])]
     unchanged = sorted(set(start_weights) - set(changed))
     assert not unchanged, f"{algorithm}: parameters not trained: {unchanged}"

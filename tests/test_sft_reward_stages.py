@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tasks.base import BaseModelConfig, TrackingContext
-from tasks.reward_model import RewardConfig, run_reward_model
+from tasks.reward import RewardConfig, run_reward
 from tasks.sft import SFTConfig, run_sft
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,8 +50,8 @@ def sft_result(workdir, ctx, head_file):
 def rm_result(workdir, ctx, sft_result, head_file):
     cfg = RewardConfig(max_steps=12, per_device_train_batch_size=8, logging_steps=4,
                        normalize_samples=8, max_new_tokens=8, margin=True)
-    return run_reward_model(
-        cfg, sft_model_uri=sft_result.output_uri,
+    return run_reward(
+        cfg, sft_model_uri=sft_result.model_uri,
         train_uri=head_file(DEMO_DATA / "preferences.jsonl", workdir / "prefs.jsonl", 128),
         eval_uri=head_file(DEMO_DATA / "eval_pairs.jsonl", workdir / "eval_pairs.jsonl", 48),
         rl_prompts_uri=str(DEMO_DATA / "rl_prompts.jsonl"),
@@ -68,9 +68,9 @@ def test_sft_stage_trains_saves_and_logs(sft_result, ctx):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL)
-    tuned = AutoModelForCausalLM.from_pretrained(sft_result.output_uri)
-    AutoTokenizer.from_pretrained(sft_result.output_uri)
-    assert (Path(sft_result.output_uri) / "model.safetensors").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(sft_result.model_uri)
+    AutoTokenizer.from_pretrained(sft_result.model_uri)
+    assert (Path(sft_result.model_uri) / "model.safetensors").exists()
     assert_all_changed(dict(base.named_parameters()), dict(tuned.named_parameters()))
 
     run, artifacts = child_run(ctx, sft_result.run_id)
@@ -83,14 +83,14 @@ def test_sft_stage_trains_saves_and_logs(sft_result, ctx):
 def test_reward_stage_trains_calibrates_and_logs(rm_result, sft_result, ctx):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_result.output_uri)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_result.model_uri)
     assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
-    sft = AutoModelForCausalLM.from_pretrained(sft_result.output_uri)
+    sft = AutoModelForCausalLM.from_pretrained(sft_result.model_uri)
     # Every backbone tensor moved away from the SFT weights it started from.
     sft_backbone = {k: v for k, v in sft.named_parameters() if k.startswith("transformer.")}
     assert_all_changed(sft_backbone, dict(rm.named_parameters()))
 
-    calib = json.loads((Path(rm_result.output_uri) / "reward_calibration.json").read_text())
+    calib = json.loads((Path(rm_result.model_uri) / "reward_calibration.json").read_text())
     assert calib["temperature"] > 0 and calib["std"] > 0
     assert 0.0 <= calib["eval_accuracy"] <= 1.0
     acc = rm_result.metrics["reward/eval_accuracy"]
@@ -107,7 +107,7 @@ def test_reward_stage_trains_calibrates_and_logs(rm_result, sft_result, ctx):
 def test_reward_norm_loads_from_stage_output(rm_result):
     from models.reward import RewardNorm
 
-    norm = RewardNorm.load(rm_result.output_uri)
+    norm = RewardNorm.load(rm_result.model_uri)
     assert norm.std > 0 and norm.temperature == rm_result.metrics["reward/temperature"]
 
 
@@ -121,8 +121,8 @@ def test_sft_reads_parquet(workdir, ctx):
                      base_model=BaseModelConfig(path=str(DEMO_MODEL)),
                      data_uri=str(workdir / "sft.parquet"), out_dir=str(workdir / "sft_pq"),
                      seed=0, ctx=ctx)
-    assert (Path(result.output_uri) / "model.safetensors").exists()
-    assert result.extra["num_train_examples"] == 32
+    assert (Path(result.model_uri) / "model.safetensors").exists()
+    assert result.num_train_examples == 32
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>"
@@ -145,5 +145,5 @@ def test_sft_reads_conversational(workdir, ctx):
     result = run_sft(SFTConfig(max_steps=2, per_device_train_batch_size=4, eval_fraction=0.0),
                      base_model=BaseModelConfig(path=str(model_dir)), data_uri=str(data),
                      out_dir=str(workdir / "sft_chat"), seed=0, ctx=ctx)
-    saved = AutoTokenizer.from_pretrained(result.output_uri)
+    saved = AutoTokenizer.from_pretrained(result.model_uri)
     assert saved.chat_template == CHAT_TEMPLATE

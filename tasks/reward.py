@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import task
 
-from tasks.base import LoraSettings, StageConfig, StageResult, TrackingContext, peft_config
+from tasks.base import LoraSettings, ModelResult, StageConfig, TrackingContext, peft_config
 from tasks.io import DataError, content_hash, is_conversational, read_records, render_prompt
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
@@ -54,6 +54,12 @@ class RewardConfig(StageConfig):
     """Train LoRA adapters (plus the score head) instead of all weights; merged before saving."""
     logging_steps: int = 25
     """Log training metrics to MLflow every this many steps."""
+
+
+class RewardResult(ModelResult):
+    """The reward model; ``model_uri`` also holds its calibration (``reward_calibration.json``)."""
+
+    num_train_pairs: int
 
 
 TRL_PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -175,9 +181,9 @@ def sample_policy_ids(sft_model_uri: str, tokenizer, prompts: list[Any], cfg: Re
     return out
 
 
-def run_reward_model(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_uri: str,
-                     rl_prompts_uri: str, out_dir: str, seed: int,
-                     ctx: TrackingContext) -> StageResult:
+def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_uri: str,
+               rl_prompts_uri: str, out_dir: str, seed: int,
+               ctx: TrackingContext) -> RewardResult:
     """Train, calibrate and normalise a reward model from the SFT checkpoint at ``sft_model_uri``."""
     import datasets
     import mlflow
@@ -189,7 +195,7 @@ def run_reward_model(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, e
     from models.reward import (RewardNorm, expected_calibration_error, fit_temperature,
                                preference_accuracy, preference_nll)
 
-    with stage_run(ctx, "reward_model", cfg, seed) as run:
+    with stage_run(ctx, "reward", cfg, seed) as run:
         for name, uri in (("preferences", train_uri), ("eval_pairs", eval_uri),
                           ("rl_prompts", rl_prompts_uri)):
             mlflow.set_tag(f"data.{name}.sha256", content_hash(uri))
@@ -267,8 +273,8 @@ def run_reward_model(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, e
                             "normalize_samples": cfg.normalize_samples})
         log_metrics(metrics, step=cfg.max_steps)
         log_model_dir(out_dir, "model")
-        return StageResult(stage="reward_model", run_id=run.info.run_id, output_uri=out_dir,
-                           metrics=metrics, extra={"num_train_pairs": len(train)})
+        return RewardResult(stage="reward", run_id=run.info.run_id, model_uri=out_dir,
+                            metrics=metrics, num_train_pairs=len(train))
 
 
-reward_model_task = task(name="reward_model")(run_reward_model)
+reward_task = task(name="reward")(run_reward)

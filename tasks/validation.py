@@ -7,7 +7,7 @@ report and raises ``DataValidationError`` naming file, rows and rule, so the flo
 SFT. Input files are only read. With ``quarantine`` on, rows that break row-level rules are
 copied to ``<out_dir>/quarantine/`` and the rest to ``<out_dir>/clean/``, and the stage passes
 only if the bad share is at most ``max_bad_row_fraction``; downstream stages then read the
-URIs in ``StageResult.extra["data"]``.
+URIs in ``ValidationResult.data``.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from data_checks.report import DatasetSummary, Failure, Report
 from tasks.base import StageConfig, StageResult, TrackingContext
 from tasks.io import DataError, content_hash
 
-STAGE = "validate_data"
+STAGE = "validation"
 # Tokenizers report a huge sentinel (int(1e30)) as model_max_length when they know no limit.
 NO_LIMIT = 1_000_000
 
 
-class ValidateConfig(StageConfig):
+class ValidationConfig(StageConfig):
     """Data contracts: thresholds of the validation stage (defaults pass the demo data)."""
 
     min_rows: int = Field(default=16, ge=0)
@@ -67,6 +67,17 @@ class ValidateConfig(StageConfig):
     """Largest share of bad rows per dataset that quarantine may set aside; 0 = refuse any."""
 
 
+class ValidationResult(StageResult):
+    """Datasets that passed: what to train on and the content hashes that key later stages."""
+
+    data: dict[str, str]
+    """Dataset name -> URI to train on: the original, or its clean copy under quarantine."""
+    hashes: dict[str, str]
+    """Dataset name -> sha256 of the original file's bytes."""
+    report_uri: str
+    passed: bool
+
+
 class DataValidationError(Exception):
     """A dataset broke its contract; ``str(e)`` names file, rows and rule, ``.report`` has it all."""
 
@@ -87,7 +98,7 @@ def _tokenizer(path: str):
     return TokenCounter(path)
 
 
-def _limits(cfg: ValidateConfig, name: str, tokenizer):
+def _limits(cfg: ValidationConfig, name: str, tokenizer):
     from data_checks.suites import Limits
 
     total = cfg.max_total_tokens
@@ -100,7 +111,7 @@ def _limits(cfg: ValidateConfig, name: str, tokenizer):
                   max_chosen_first_share=cfg.max_chosen_first_share)
 
 
-def _agreement(cfg: ValidateConfig, frames: dict, uris: dict, report: Report) -> None:
+def _agreement(cfg: ValidationConfig, frames: dict, uris: dict, report: Report) -> None:
     import pandas as pd
 
     from data_checks.agreement import annotator_agreement, votes_frame
@@ -133,7 +144,7 @@ def _agreement(cfg: ValidateConfig, frames: dict, uris: dict, report: Report) ->
             severity="error" if cfg.flagged_annotator_is_error else "warning", count=a.votes))
 
 
-def _quarantine(cfg: ValidateConfig, loaded: Loaded, summary: DatasetSummary,
+def _quarantine(cfg: ValidationConfig, loaded: Loaded, summary: DatasetSummary,
                 failures: list[Failure], out_dir: Path) -> None:
     """Set bad rows aside when allowed; otherwise leave the failures as errors."""
     errors = [f for f in failures if f.severity == "error"]
@@ -201,12 +212,12 @@ def _prefect_artifact(report: Report) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(markdown=report.to_markdown(), key="data-validation-report",
-                             description="Data validation report (validate_data stage)")
+                             description="Data validation report (validation stage)")
 
 
-def run_validate_data(cfg: ValidateConfig, *, data: dict[str, str | None],
-                      tokenizer_path: str | None, out_dir: str,
-                      ctx: TrackingContext | None) -> StageResult:
+def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
+                   tokenizer_path: str | None, out_dir: str,
+                   ctx: TrackingContext | None) -> ValidationResult:
     """Validate every dataset in ``data`` (name -> URI, names as in DataConfig).
 
     ``ctx`` None runs without MLflow (``rlhf validate``). Raises ``DataValidationError`` after
@@ -224,7 +235,7 @@ def run_validate_data(cfg: ValidateConfig, *, data: dict[str, str | None],
     uris = {k: v for k, v in data.items() if v}
     unknown = sorted(set(uris) - set(SPECS))
     if unknown:
-        raise ValueError(f"validate_data: unknown dataset names {unknown}; known: {sorted(SPECS)}")
+        raise ValueError(f"validation: unknown dataset names {unknown}; known: {sorted(SPECS)}")
     loaded: dict[str, Loaded] = {}
     hashes: dict[str, str] = {}
     for name, uri in uris.items():
@@ -261,8 +272,6 @@ def run_validate_data(cfg: ValidateConfig, *, data: dict[str, str | None],
     (out / "gx_results.json").write_text(json.dumps(gx_results, default=str), encoding="utf-8")
     metrics = _metrics(report)
     clean = {d.name: d.clean_path or d.file for d in report.datasets}
-    extra = {"hashes": hashes, "report_path": str(report_path), "data": clean,
-             "passed": report.passed}
     _prefect_artifact(report)
 
     run_id = ""
@@ -281,8 +290,8 @@ def run_validate_data(cfg: ValidateConfig, *, data: dict[str, str | None],
                 _log_input(name, l, hashes[name])
     if not report.passed:
         raise DataValidationError(report, str(report_path))
-    return StageResult(stage=STAGE, run_id=run_id, output_uri=str(out), metrics=metrics,
-                       extra=extra)
+    return ValidationResult(stage=STAGE, run_id=run_id, metrics=metrics, data=clean,
+                            hashes=hashes, report_uri=str(report_path), passed=report.passed)
 
 
 def _log_input(name: str, loaded: Loaded, sha256: str) -> None:
@@ -298,4 +307,4 @@ def _log_input(name: str, loaded: Loaded, sha256: str) -> None:
         mlflow.set_tag(f"data.{name}.log_input_error", str(e)[:250])
 
 
-validate_data_task = prefect.task(name="validate_data")(run_validate_data)
+validation_task = prefect.task(name="validation")(run_validation)
