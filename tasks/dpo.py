@@ -20,27 +20,27 @@ from tasks.tracking import save_policy, stage_run, trainer_args, trainer_metrics
 
 
 class DPOSettings(StageConfig):
-    """DPO hyper-parameters. Defaults train the demo (3,000 pairs, ~1 epoch) in ~1-2 min on 2 CPU
-    cores and end near PPO's KL to SFT (beta 0.1 / lr 2e-4 / 150 steps won as often but at 33 nats)."""
+    """DPO hyper-parameters. Defaults: a ~0.5B SFT model on one GPU, the DPO paper's beta and
+    TRL's learning rate (configs/demo.yaml shows what a tiny model wants instead)."""
 
-    max_steps: int = 100
+    max_steps: int = 1000
     """Optimizer steps (each sees ``per_device_train_batch_size`` pairs)."""
-    learning_rate: float = 1e-4
-    """Peak AdamW learning rate (tiny models ~1e-4; ~5e-7 for billion-parameter models)."""
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate (~5e-7 to 1e-6 for billion-parameter models; tiny models ~1e-4)."""
     lr_scheduler_type: str = "linear"
     """transformers scheduler name after warmup."""
     warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
     """Share of steps spent warming the learning rate up linearly from zero."""
-    per_device_train_batch_size: int = 32
+    per_device_train_batch_size: int = 16
     """Preference pairs per optimizer step."""
-    beta: float = Field(default=0.5, gt=0.0)
+    beta: float = Field(default=0.1, gt=0.0)
     """Strength of the implicit KL to the SFT policy: higher stays closer (paper: 0.1 to 0.5)."""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     """``sigmoid`` is DPO; ``ipo`` (https://arxiv.org/abs/2310.12036) does not push the margin
     to infinity on deterministic preferences; ``robust`` expects label noise."""
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
     """Assumed share of flipped labels, used by ``robust`` only; 0 = trust the labels."""
-    max_length: int = 64
+    max_length: int = 1024
     """Prompt + answer tokens; longer pairs are truncated at the end (the model's limit applies too)."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip."""

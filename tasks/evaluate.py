@@ -2,8 +2,10 @@
 
 Both policies sample ``samples_per_prompt`` responses per held-out prompt. Per prompt, the
 policy wins when its mean gold-judge score beats the SFT's (a tie counts half); the win rate
-is the share of prompts won. KL(policy || SFT) per sequence is the summed log-ratio on the
-policy's own samples: an unbiased estimate of the sequence-level KL.
+is the share of prompts won; without a gold judge the reward model judges instead (and the
+gate says so). KL(policy || SFT) per sequence is the summed log-ratio on the policy's own
+samples: an unbiased estimate of the sequence-level KL. ``eval/rm_pref_prob`` is the reward
+model's calibrated preference probability (temperature from the reward stage).
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ class EvaluateConfig(StageConfig):
 
     samples_per_prompt: int = 4
     """Responses sampled per prompt and per policy; more gives a less noisy win rate."""
-    max_new_tokens: int = 24
+    max_new_tokens: int = 128
     """Response length cap (use the policy stage's)."""
     temperature: float = 1.0
     """Sampling temperature for both policies."""
-    gold_judge: str | None = "demo.judge:sentiment_judge"
+    gold_judge: str | None = None
     """``module:function`` scoring a list of completions (list[str] -> list[float]); the
-    trusted judge. Null: win rate by the reward model instead (less trustworthy)."""
+    trusted judge. Null: win rate by the reward model instead, which a policy that games the
+    reward model also wins (the gate says so in its reasons)."""
     max_prompts: int | None = None
     """Evaluate on the first N held-out prompts only; null = all."""
-    batch_size: int = 128
+    batch_size: int = 32
     """Sequences per generation/scoring batch."""
 
 
@@ -104,18 +107,19 @@ def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
         # Same random stream for both policies (common random numbers): the SFT baseline is
         # then identical whichever policy it is compared with, for a given seed.
         torch.manual_seed(seed)
-        texts, rm_scores, lengths, kls = [], [], [], []
+        texts, raw_scores, lengths, kls = [], [], [], []
         for i in range(0, len(expanded), cfg.batch_size):
             ids, attn, resp, rmask, t = _sample(model, tokenizer, expanded[i:i + cfg.batch_size],
                                                 cfg, device)
             texts += t
-            rm_scores.append(norm.normalize(score_sequences(rm, ids, attn).float()).cpu())
+            raw_scores.append(score_sequences(rm, ids, attn).float().cpu())
             lengths.append(rmask.sum(1).cpu())
             if name == "policy":
                 lp = response_logprobs(policy, ids, attn, resp, cfg.temperature)
                 lq = response_logprobs(sft, ids, attn, resp, cfg.temperature)
                 kls.append(masked_sum(lp - lq, rmask, dim=1).cpu())
-        results[name] = {"texts": texts, "rm": torch.cat(rm_scores).view(-1, k),
+        raw = torch.cat(raw_scores)  # (N * k,)
+        results[name] = {"texts": texts, "raw": raw, "rm": norm.normalize(raw).view(-1, k),
                          "len": torch.cat(lengths).float()}
         if kls:
             results[name]["kl"] = torch.cat(kls)
@@ -130,6 +134,9 @@ def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
         "eval/win_rate": per_prompt_win_rate(pol[judged], ref[judged]),
         "eval/win_rate_rm": per_prompt_win_rate(pol["rm"], ref["rm"]),
         "eval/rm_policy": float(pol["rm"].mean()), "eval/rm_sft": float(ref["rm"].mean()),
+        # The reward model's calibrated P(policy sample preferred over the SFT sample drawn
+        # with the same random numbers), using the temperature fitted on held-out pairs.
+        "eval/rm_pref_prob": float(norm.preference_prob(pol["raw"], ref["raw"]).mean()),
         "eval/kl_policy_sft": float(pol["kl"].mean()),
         "eval/kl_policy_sft_max": float(pol["kl"].max()),
         "eval/len_policy": float(pol["len"].mean()), "eval/len_sft": float(ref["len"].mean()),

@@ -25,15 +25,17 @@ from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
 
 
 class RewardConfig(StageConfig):
-    """Reward model training, calibration and score normalisation."""
+    """Reward model training, calibration and score normalisation. Defaults: full fine-tuning
+    of a ~0.5B SFT model on one GPU."""
 
-    max_steps: int = 120
+    max_steps: int = 1000
     """Optimizer steps (each sees ``per_device_train_batch_size`` pairs)."""
-    learning_rate: float = 5e-4
-    """Peak AdamW learning rate (tiny models ~5e-4; ~1e-5 for full fine-tuning of large ones)."""
-    per_device_train_batch_size: int = 32
+    learning_rate: float = 1e-5
+    """Peak AdamW learning rate (~1e-5 for full fine-tuning of billion-parameter models, ~1e-4
+    with LoRA, ~5e-4 for tiny models like the demo's)."""
+    per_device_train_batch_size: int = 16
     """Preference pairs per step (each pair is two sequences)."""
-    max_length: int = 128
+    max_length: int = 1024
     """Pairs whose chosen or rejected sequence is longer than this many tokens are dropped."""
     warmup_ratio: float = 0.05
     """Share of steps spent warming the learning rate up linearly from zero."""
@@ -46,13 +48,13 @@ class RewardConfig(StageConfig):
     """Fit a temperature on the held-out pairs; False keeps T = 1."""
     normalize_samples: int = 256
     """SFT-policy samples on RL prompts used to estimate the reward mean/std; 0 keeps (0, 1)."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 128
     """Tokens generated per normalisation sample (set it like the RL stage's response length)."""
-    eval_batch_size: int = 64
+    eval_batch_size: int = 32
     """Sequences per forward pass when scoring held-out pairs and samples."""
     lora: LoraSettings | None = None
     """Train LoRA adapters (plus the score head) instead of all weights; merged before saving."""
-    logging_steps: int = 25
+    logging_steps: int = 10
     """Log training metrics to MLflow every this many steps."""
 
 

@@ -22,18 +22,19 @@ from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
 
 
 class SFTConfig(StageConfig):
-    """Supervised fine-tuning. Defaults train the demo in well under a minute on 2 CPU cores."""
+    """Supervised fine-tuning. Defaults: full fine-tuning of a ~0.5B hub model on one GPU
+    (TRL's SFT defaults; 32 examples of up to 1,024 tokens per step)."""
 
-    max_steps: int = 150
+    max_steps: int = 1000
     """Optimizer steps (each step sees batch size x gradient accumulation examples)."""
-    learning_rate: float = 1e-3
-    """Peak AdamW learning rate (tiny models like ~1e-3; ~1e-5 to 2e-5 for full fine-tuning of
-    billion-parameter models, ~1e-4 with LoRA)."""
-    per_device_train_batch_size: int = 32
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate (TRL's default: ~1e-5 to 2e-5 for full fine-tuning of
+    billion-parameter models, ~1e-4 with LoRA, ~1e-3 for tiny models like the demo's)."""
+    per_device_train_batch_size: int = 8
     """Examples per forward pass."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = 4
     """Forward passes accumulated per optimizer step."""
-    max_length: int = 128
+    max_length: int = 1024
     """Tokens per example; longer examples are truncated (the model's own limit applies too)."""
     warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
     """Share of steps spent warming the learning rate up linearly from zero."""
@@ -47,7 +48,7 @@ class SFTConfig(StageConfig):
     """Share of examples held out to report ``sft/eval_loss``; 0 disables it."""
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all weights; adapters are merged before saving."""
-    logging_steps: int = 25
+    logging_steps: int = 10
     """Log training metrics to MLflow every this many steps."""
 
 

@@ -29,31 +29,31 @@ TRL_TO_PPO_NAMES = {"kl": "objective/kl", "reward": "objective/scores"}
 
 
 class OnlineRLSettings(StageConfig):
-    """What GRPO and RLOO share. Defaults sample 768 episodes (a quarter of PPO's) in ~2 min on
-    2 CPU cores; on the demo both beat SFT at ~2 nats KL."""
+    """What GRPO and RLOO share. Defaults: a ~0.5B SFT model on one GPU (TRL's learning rate,
+    groups of 8, 256-token completions)."""
 
-    max_steps: int = 48
+    max_steps: int = 500
     """Optimizer steps. Episodes sampled = max_steps * per_device_train_batch_size / num_iterations."""
-    learning_rate: float = 3e-4
-    """Peak AdamW learning rate (tiny models like ~3e-4; ~1e-6 for billion-parameter models)."""
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate (~1e-6 for billion-parameter models; tiny models like ~3e-4)."""
     lr_scheduler_type: str = "linear"
     """transformers scheduler name; linear decay to 0 like PPO's default."""
-    per_device_train_batch_size: int = 32
+    per_device_train_batch_size: int = 16
     """Completions per optimizer step (a multiple of num_generations is simplest)."""
-    steps_per_generation: int = 2
+    steps_per_generation: int = 4
     """Optimizer steps per sampled batch: each generation samples
     per_device_train_batch_size * steps_per_generation completions."""
     num_generations: int = 8
     """Completions sampled per prompt: the group whose other members form the baseline."""
-    num_iterations: int = 2
+    num_iterations: int = 1
     """Passes over each sampled batch (mu in the GRPO paper); >1 makes the ratio clip matter."""
     epsilon: float = 0.2
     """Ratio clip epsilon, as PPO's clip_range."""
     beta: float = Field(default=0.05, gt=0.0)
     """KL coefficient to the frozen SFT policy (> 0: without the KL term nothing anchors the policy)."""
-    max_completion_length: int = 24
+    max_completion_length: int = 256
     """Completion length cap, as ``ppo.max_new_tokens`` for a fair comparison."""
-    max_prompt_length: int = 32
+    max_prompt_length: int = 512
     """Prompts longer than this many tokens are dropped (TRL 1.16 no longer truncates them)."""
     temperature: float = 1.0
     """Sampling temperature (no top-k / top-p, like PPO)."""
@@ -63,7 +63,7 @@ class OnlineRLSettings(StageConfig):
     """Global gradient-norm clip."""
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all weights; merged before saving."""
-    logging_steps: int = 4
+    logging_steps: int = 10
     """Log training metrics to MLflow every this many optimizer steps."""
 
 

@@ -54,6 +54,7 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
     assert len(client.get_metric_history(children["policy"].info.run_id, "ppo/objective/kl")) == 2
     ev = children["evaluate"].data.metrics
     assert 0.0 <= ev["eval/win_rate"] <= 1.0 and "eval/kl_policy_sft" in ev
+    assert 0.0 < ev["eval/rm_pref_prob"] < 1.0
     assert children["gate"].data.metrics["gate/promoted"] == 1.0
     assert parent.data.metrics["gate/promoted"] == 1.0
     assert parent.data.metrics["eval/win_rate"] == ev["eval/win_rate"]

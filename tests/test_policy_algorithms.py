@@ -21,12 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "demo" / "base_model"
 DEMO_DATA = REPO / "demo" / "data"
 
-# A few optimizer steps on a few short samples: each run takes seconds.
+# A few optimizer steps on a few short samples: each run takes seconds. Learning rates and
+# lengths for a tiny model, as in configs/demo.yaml (the defaults are for ~0.5B models).
 ONLINE_TINY = dict(max_steps=2, per_device_train_batch_size=8, steps_per_generation=1,
-                   num_generations=4, num_iterations=1, max_completion_length=8, logging_steps=1)
+                   num_generations=4, num_iterations=1, max_completion_length=8, logging_steps=1,
+                   learning_rate=3e-4, max_prompt_length=32)
 TINY = {
     "dpo": PolicyConfig(algorithm="dpo", dpo=DPOSettings(max_steps=3, per_device_train_batch_size=8,
-                                                         logging_steps=1)),
+                                                         learning_rate=1e-4, beta=0.5,
+                                                         max_length=64, logging_steps=1)),
     "grpo": PolicyConfig(algorithm="grpo", grpo=GRPOSettings(**ONLINE_TINY)),
     "rloo": PolicyConfig(algorithm="rloo", rloo=RLOOSettings(**ONLINE_TINY)),
 }

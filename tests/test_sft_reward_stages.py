@@ -41,7 +41,9 @@ def child_run(ctx: TrackingContext, run_id: str):
 @pytest.fixture(scope="module")
 def sft_result(workdir, ctx, head_file):
     data = head_file(DEMO_DATA / "sft.jsonl", workdir / "sft.jsonl", 256)
-    cfg = SFTConfig(max_steps=12, per_device_train_batch_size=8, logging_steps=4)
+    # Tiny-model settings (as configs/demo.yaml): the defaults are for ~0.5B models.
+    cfg = SFTConfig(max_steps=12, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                    learning_rate=1e-3, max_length=128, logging_steps=4)
     return run_sft(cfg, base_model=BaseModelConfig(path=str(DEMO_MODEL)), data_uri=data,
                    out_dir=str(workdir / "sft"), seed=0, ctx=ctx)
 
@@ -49,7 +51,8 @@ def sft_result(workdir, ctx, head_file):
 @pytest.fixture(scope="module")
 def rm_result(workdir, ctx, sft_result, head_file):
     cfg = RewardConfig(max_steps=12, per_device_train_batch_size=8, logging_steps=4,
-                       normalize_samples=8, max_new_tokens=8, margin=True)
+                       learning_rate=5e-4, max_length=128, normalize_samples=8, max_new_tokens=8,
+                       margin=True)
     return run_reward(
         cfg, sft_model_uri=sft_result.model_uri,
         train_uri=head_file(DEMO_DATA / "preferences.jsonl", workdir / "prefs.jsonl", 128),
@@ -117,7 +120,8 @@ def test_sft_reads_parquet(workdir, ctx):
     rows = [json.loads(line) for line in (DEMO_DATA / "sft.jsonl").read_text().splitlines()[:32]]
     pd.DataFrame([{**r, "source": "extra column, dropped"} for r in rows]).to_parquet(
         workdir / "sft.parquet")
-    result = run_sft(SFTConfig(max_steps=2, per_device_train_batch_size=4, eval_fraction=0.0),
+    result = run_sft(SFTConfig(max_steps=2, per_device_train_batch_size=4, eval_fraction=0.0,
+                               gradient_accumulation_steps=1, max_length=128),
                      base_model=BaseModelConfig(path=str(DEMO_MODEL)),
                      data_uri=str(workdir / "sft.parquet"), out_dir=str(workdir / "sft_pq"),
                      seed=0, ctx=ctx)
@@ -142,7 +146,8 @@ def test_sft_reads_conversational(workdir, ctx):
     data.write_text("".join(json.dumps({
         "prompt": [{"role": "user", "content": r["prompt"]}],
         "completion": [{"role": "assistant", "content": r["completion"]}]}) + "\n" for r in rows))
-    result = run_sft(SFTConfig(max_steps=2, per_device_train_batch_size=4, eval_fraction=0.0),
+    result = run_sft(SFTConfig(max_steps=2, per_device_train_batch_size=4, eval_fraction=0.0,
+                               gradient_accumulation_steps=1, max_length=128),
                      base_model=BaseModelConfig(path=str(model_dir)), data_uri=str(data),
                      out_dir=str(workdir / "sft_chat"), seed=0, ctx=ctx)
     saved = AutoTokenizer.from_pretrained(result.model_uri)
