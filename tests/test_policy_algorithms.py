@@ -70,7 +70,7 @@ def test_algorithm_trains_saves_and_logs(algorithm, workdir, ctx, reward_dir, st
         preferences_uri=head_file(DEMO_DATA / "preferences.jsonl", workdir / "prefs.jsonl", 32),
         out_dir=str(workdir / algorithm), seed=0, ctx=ctx)
 
-    assert result.stage == algorithm
+    assert result.stage == "policy" and result.algorithm == algorithm
     assert result.model_uri == str(workdir / algorithm / "policy")
     assert result.stop_reason is None
     assert result.steps == result.planned_steps > 0
@@ -86,7 +86,7 @@ def test_algorithm_trains_saves_and_logs(algorithm, workdir, ctx, reward_dir, st
 
     client = MlflowClient(ctx.tracking_uri)
     run = client.get_run(result.run_id)
-    assert run.info.run_name == algorithm
+    assert run.info.run_name == "policy" and run.data.tags["rlhf.algorithm"] == algorithm
     assert run.data.tags["mlflow.parentRunId"] == ctx.parent_run_id
     assert run.data.params["seed"] == "0"
     assert f"{algorithm}/steps" in run.data.metrics
