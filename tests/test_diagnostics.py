@@ -1,0 +1,224 @@
+"""Evaluation diagnostics against values computed by hand and against plain loops."""
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from demo.judge import repetition_rate as judge_repetition_rate
+from models.diagnostics import (bootstrap_ci, distinct_n, fit_logistic,
+                                length_controlled_win_rate, pearson, per_prompt_wins, rankdata,
+                                repetition_rate, slope, spearman, win_indicator)
+
+
+def test_per_prompt_wins_by_hand():
+    a = torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.0, 1.0], [4.0, 4.0]])
+    b = torch.tensor([[2.0, 2.0], [1.0, 4.0], [5.0, 5.0], [1.0, 1.0]])
+    # means a: [2, 2, 0.5, 4]; b: [2, 2.5, 5, 1] -> tie, loss, loss, win
+    assert per_prompt_wins(a, b).tolist() == [0.5, 0.0, 0.0, 1.0]
+    assert win_indicator(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 1.0])).tolist() \
+        == [1.0, 0.5, 0.0]
+
+
+def _evaluate_win_rate():
+    """``tasks.evaluate.per_prompt_win_rate`` compiled from its source: importing the module
+    pulls in Prefect (~3 s), while the function itself needs torch only."""
+    path = Path(__file__).parents[1] / "tasks" / "evaluate.py"
+    tree = ast.parse(path.read_text())
+    fn = next(n for n in tree.body
+              if isinstance(n, ast.FunctionDef) and n.name == "per_prompt_win_rate")
+    namespace = {"torch": torch}
+    exec(compile(ast.Module([fn], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["per_prompt_win_rate"]
+
+
+def test_per_prompt_wins_mean_is_evaluate_win_rate():
+    per_prompt_win_rate = _evaluate_win_rate()
+    g = torch.Generator().manual_seed(0)
+    # Integer scores make tied means frequent, so the tie rule is exercised.
+    a = torch.randint(0, 3, (64, 3), generator=g).float()
+    b = torch.randint(0, 3, (64, 3), generator=g).float()
+    wins = per_prompt_wins(a, b)
+    assert (wins == 0.5).any() and (wins == 1).any() and (wins == 0).any()
+    assert float(wins.mean()) == per_prompt_win_rate(a, b)
+
+
+def test_bootstrap_two_prompts_by_hand():
+    # Wins [0, 1]: a replicate mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4.
+    # The 2.5% and 97.5% quantiles fall inside the masses at 0 and at 1; the 30% and 70%
+    # quantiles (alpha = 0.6) both fall inside the mass at 0.5 (which spans 25%..75%).
+    wins = torch.tensor([0.0, 1.0])
+    assert bootstrap_ci(wins) == (0.5, 0.0, 1.0)
+    assert bootstrap_ci(wins, alpha=0.6) == (0.5, 0.5, 0.5)
+    assert bootstrap_ci(torch.ones(7)) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        bootstrap_ci(torch.zeros(0))
+
+
+def test_bootstrap_is_deterministic_given_seed():
+    # Continuous wins in [0, 1] (e.g. shares of samples won), so replicate means rarely tie
+    # and another seed moves the quantiles.
+    wins = torch.rand(50, generator=torch.Generator().manual_seed(1))
+    assert bootstrap_ci(wins, seed=3) == bootstrap_ci(wins, seed=3)
+    assert bootstrap_ci(wins, seed=3) != bootstrap_ci(wins, seed=4)
+
+
+def test_bootstrap_ci_contains_mean_and_narrows_with_more_prompts():
+    def alternating(n):  # 0, 1, 0, 1, ...: mean 0.5, per-prompt sd 0.5
+        return (torch.arange(n) % 2).float()
+
+    mean, lo, hi = bootstrap_ci(alternating(400))
+    assert mean == 0.5 and lo < mean < hi
+    # Normal approximation: half-width 1.96 * 0.5 / sqrt(400) = 0.049, so width ~ 0.098.
+    assert hi - lo == pytest.approx(0.098, abs=0.012)
+    _, lo_small, hi_small = bootstrap_ci(alternating(40))
+    _, lo_big, hi_big = bootstrap_ci(alternating(1000))
+    # 25x the prompts: ~5x narrower (sd / sqrt(N)).
+    assert (hi_big - lo_big) < (hi_small - lo_small) / 3
+
+
+def test_pearson_by_hand_and_constant_is_nan():
+    x, y = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 4.0])
+    # dx = [-1, 0, 1], dy = [-4/3, -1/3, 5/3]; sum dx dy = 3, sum dx^2 = 2,
+    # sum dy^2 = 42/9 -> r = 3 / sqrt(2 * 42/9) = 0.981981
+    assert pearson(x, y) == pytest.approx(3 / math.sqrt(2 * 42 / 9))
+    assert pearson(x, -2 * x + 1) == pytest.approx(-1.0)
+    assert math.isnan(pearson(x, torch.full((3,), 5.0)))
+    assert math.isnan(pearson(torch.zeros(3), y))
+    assert math.isnan(pearson(torch.tensor([1.0]), torch.tensor([2.0])))
+    with pytest.raises(ValueError):
+        pearson(x, y[:2])
+
+
+def test_rankdata_averages_ties():
+    # sorted: 1 (rank 1), 2 (rank 2), 3, 3 (ranks 3 and 4 -> 3.5 each)
+    assert rankdata(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_spearman_by_hand_with_ties():
+    x, y = torch.tensor([10.0, 20.0, 20.0, 30.0]), torch.tensor([1.0, 3.0, 2.0, 4.0])
+    # ranks x = [1, 2.5, 2.5, 4], y = [1, 3, 2, 4]; both mean 2.5
+    # dx = [-1.5, 0, 0, 1.5], dy = [-1.5, 0.5, -0.5, 1.5]
+    # sum dx dy = 4.5, sum dx^2 = 4.5, sum dy^2 = 5 -> rho = 4.5 / sqrt(22.5) = 0.948683
+    assert spearman(x, y) == pytest.approx(4.5 / math.sqrt(22.5))
+    # Monotone but not linear: rank correlation 1, Pearson below 1.
+    z = torch.arange(1.0, 9.0)
+    assert spearman(z, z**3) == pytest.approx(1.0)
+    assert pearson(z, z**3) < 0.95
+    assert math.isnan(spearman(z, torch.ones(8)))
+
+
+def spearman_loop(x, y):
+    """Average ranks by counting, then Pearson, in plain Python."""
+    def ranks(v):
+        return [sum(u < a for u in v) + (sum(u == a for u in v) + 1) / 2 for a in v]
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy)
+
+
+def test_spearman_matches_plain_loop_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randint(0, 6, (40,), generator=g).float()  # many ties
+        y = x + torch.randint(-3, 4, (40,), generator=g).float()
+        assert spearman(x, y) == pytest.approx(spearman_loop(x.tolist(), y.tolist()), abs=1e-12)
+
+
+def test_fit_logistic_by_hand():
+    # Intercept only, y = [1, 1, 1, 0], no penalty: sigmoid(theta) = 3/4 -> theta = ln 3.
+    w = fit_logistic(torch.ones(4, 1), torch.tensor([1.0, 1.0, 1.0, 0.0]), l2=0.0)
+    assert w.tolist() == pytest.approx([math.log(3)], abs=1e-8)
+    # Intercept + x in {-1, +1}: mean y is 1/2 at x=-1 and 3/4 at x=+1, so
+    # theta - phi = logit(1/2) = 0 and theta + phi = logit(3/4) = ln 3.
+    x = torch.tensor([-1.0] * 4 + [1.0] * 4)
+    y = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    w = fit_logistic(torch.stack([torch.ones(8), x], 1), y, l2=0.0)
+    assert w.tolist() == pytest.approx([math.log(3) / 2, math.log(3) / 2], abs=1e-8)
+    # Soft targets: two ties (0.5 each) and one win: mean 2/3 -> theta = ln 2.
+    w = fit_logistic(torch.ones(3, 1), torch.tensor([0.5, 0.5, 1.0]), l2=0.0)
+    assert w.tolist() == pytest.approx([math.log(2)], abs=1e-8)
+    # All wins: the penalty keeps theta finite; at the optimum M (1 - p) = l2 * theta.
+    w = fit_logistic(torch.ones(5, 1), torch.ones(5), l2=0.1)
+    theta = float(w[0])
+    p = 1 / (1 + math.exp(-theta))
+    assert math.isfinite(theta) and 5 * (1 - p) == pytest.approx(0.1 * theta)
+
+
+def _lengths(m, seed=0):
+    """a is longer than b on most prompts (mean difference 30, sd 30), with spread."""
+    g = torch.Generator().manual_seed(seed)
+    b_len = 100 + 20 * torch.randn(m, generator=g)
+    return b_len + 30 + 30 * torch.randn(m, generator=g), b_len
+
+
+def test_lc_win_rate_removes_a_win_explained_by_length():
+    a_len, b_len = _lengths(400)
+    a = (a_len > b_len).float()  # a wins exactly when it is longer
+    b = torch.full((400,), 0.5)
+    raw = float(win_indicator(a, b).mean())
+    lc = length_controlled_win_rate(a, b, a_len, b_len)
+    assert raw > 0.8  # P(N(30, 30) > 0) = 0.84
+    assert abs(lc - 0.5) < 0.1 and lc < raw - 0.2
+
+
+def test_lc_win_rate_stays_high_when_a_wins_regardless_of_length():
+    a_len, b_len = _lengths(400)
+    assert length_controlled_win_rate(torch.ones(400), torch.zeros(400), a_len, b_len) > 0.95
+    # a wins 3 of every 4 prompts at every length difference: length explains nothing,
+    # so the fit has phi = 0 and LC = raw = 3/4 (up to the small penalty).
+    x = torch.tensor([-10.0, 5.0, 20.0, 40.0, 60.0]).repeat_interleave(4)  # mostly longer
+    a = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(5)
+    lc = length_controlled_win_rate(a, torch.full((20,), 0.5), 100 + x, torch.full((20,), 100.0))
+    assert lc == pytest.approx(0.75, abs=2e-3)
+
+
+def test_lc_win_rate_equal_lengths_is_raw_rate():
+    a = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, 0.0, 4.0, 4.0, 1.0, 9.0])
+    b = torch.tensor([1.0, 2.0, 2.0, 1.0, 1.0, 1.0, 3.0, 4.0, 0.0, 8.0])
+    # wins: 1, 0, 0.5, 1, 1, 0, 1, 0.5, 1, 1 -> raw 7/10
+    lens = torch.full((10,), 50.0)
+    assert length_controlled_win_rate(a, b, lens, lens) == pytest.approx(0.7, abs=1e-3)
+    with pytest.raises(ValueError):
+        length_controlled_win_rate(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0))
+
+
+def test_distinct_n_by_hand():
+    texts = ["the cat sat", "The cat ran"]
+    # bigrams: (the cat) (cat sat) (the cat) (cat ran): 3 unique of 4 (case folded)
+    assert distinct_n(texts, n=2) == pytest.approx(3 / 4)
+    # unigrams: the cat sat the cat ran: 4 unique of 6
+    assert distinct_n(texts, n=1) == pytest.approx(4 / 6)
+    assert distinct_n(["a b c", "d e f"], n=2) == 1.0
+    assert distinct_n(["hi", ""], n=2) == 0.0  # no bigram at all
+    assert distinct_n([], n=2) == 0.0
+
+
+def test_repetition_rate_by_hand_and_same_as_demo_judge():
+    # bigrams (great great) x3: 1 unique of 3 -> 1 - 1/3
+    assert repetition_rate("great great great great") == pytest.approx(2 / 3)
+    # bigrams: (a b) (b a) (a b) (b c): 3 unique of 4 -> 1/4
+    assert repetition_rate("a b a b c") == pytest.approx(1 / 4)
+    assert repetition_rate("one") == 0.0
+    texts = ["", "x", "It is Good good GOOD good", "a b a b a b", "no repeats in here at all",
+             "the the the the the the the"]
+    for n in (1, 2, 3):
+        ours = [repetition_rate(t, n) for t in texts]
+        assert ours == [judge_repetition_rate(t, n) for t in texts]
+
+
+def test_slope_by_hand():
+    assert slope([1.0, 3.0, 5.0]) == pytest.approx(2.0)
+    # t = 0, 1, 2 (mean 1), v = 2, 0, 4 (mean 2): sum dt dv = (-1)(0) + 0 + (1)(2) = 2,
+    # sum dt^2 = 2 -> slope 1
+    assert slope(torch.tensor([2.0, 0.0, 4.0])) == pytest.approx(1.0)
+    assert slope([7.0, 7.0, 7.0, 7.0]) == 0.0
+    assert slope([-1.0, -2.0, -3.5]) == pytest.approx(-1.25)  # (-1)(1) + (1)(-1.5) over 2
+    assert math.isnan(slope([3.0]))
+    assert math.isnan(slope([]))
