@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 
+from models.diagnostics import repetition_rate
+
 
 @functools.lru_cache(maxsize=1)
 def _analyzer():
@@ -21,15 +23,6 @@ def _analyzer():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()
-
-
-def repetition_rate(text: str, n: int = 2) -> float:
-    """Share of word n-grams that repeat an earlier n-gram in the same text (0 = none)."""
-    words = text.lower().split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
 
 
 def sentiment_judge(texts: list[str], repetition_weight: float = 2.0) -> list[float]:

@@ -29,9 +29,8 @@ def win_indicator(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def per_prompt_wins(a_scores: torch.Tensor, b_scores: torch.Tensor) -> torch.Tensor:
     """w_i = 1[mean_j a_ij > mean_j b_ij] + 0.5 * 1[equal means]. (N, k), (N, k) -> (N,).
 
-    Means are taken in the inputs' dtype, exactly as ``tasks.evaluate.per_prompt_win_rate``
-    does, so ``per_prompt_wins(a, b).mean()`` is that win rate (a cast to float64 first
-    could turn a float32 tie into a win).
+    Means are taken in the inputs' dtype (a cast to float64 first could turn a float32 tie
+    into a win); ``per_prompt_wins(a, b).mean()`` is the evaluation's win rate.
     """
     return win_indicator(a_scores.mean(1), b_scores.mean(1))
 
@@ -162,7 +161,7 @@ def length_controlled_win_rate(a_scores: torch.Tensor, b_scores: torch.Tensor,
 
 
 def _word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
-    """Word n-grams of a lower-cased, whitespace-split text (as ``demo/judge.py`` splits)."""
+    """Word n-grams of a lower-cased, whitespace-split text (the demo judge's penalty uses this)."""
     words = text.lower().split()
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
@@ -182,7 +181,7 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
 def repetition_rate(text: str, n: int = 2) -> float:
     """Share of word n-grams that repeat an earlier n-gram in the same text:
     1 - |unique n-grams| / |n-grams|; 0 for none (and for a text shorter than n words).
-    The same definition as ``demo/judge.py``'s ``repetition_rate``, which can import it."""
+    The demo's gold judge (``demo/judge.py``) subtracts it from sentiment."""
     grams = _word_ngrams(text, n)
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 

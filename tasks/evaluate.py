@@ -52,13 +52,6 @@ def load_judge(spec: str) -> Callable[[list[str]], list[float]]:
     return getattr(importlib.import_module(module), name)
 
 
-def per_prompt_win_rate(policy_scores: torch.Tensor, sft_scores: torch.Tensor) -> float:
-    """(N, k) scores per prompt and sample -> share of prompts where the policy's mean is
-    higher; ties count half."""
-    p, s = policy_scores.mean(1), sft_scores.mean(1)
-    return float(((p > s).float() + 0.5 * (p == s).float()).mean())
-
-
 @torch.no_grad()
 def _sample(model, tokenizer, prompts, cfg: EvaluateConfig, device):
     """-> ids (N, P+T), attention mask, response ids (N, T), response mask (N, T), texts."""
@@ -82,6 +75,7 @@ def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
     from transformers import set_seed
 
     from models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
+    from models.diagnostics import per_prompt_wins
     from models.ppo import masked_sum
     from models.reward import RewardNorm, score_sequences
     from models.rollout import response_logprobs
@@ -131,8 +125,8 @@ def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
     pol, ref = results["policy"], results["sft"]
     judged = "gold" if cfg.gold_judge else "rm"
     metrics = {
-        "eval/win_rate": per_prompt_win_rate(pol[judged], ref[judged]),
-        "eval/win_rate_rm": per_prompt_win_rate(pol["rm"], ref["rm"]),
+        "eval/win_rate": float(per_prompt_wins(pol[judged], ref[judged]).mean()),
+        "eval/win_rate_rm": float(per_prompt_wins(pol["rm"], ref["rm"]).mean()),
         "eval/rm_policy": float(pol["rm"].mean()), "eval/rm_sft": float(ref["rm"].mean()),
         # The reward model's calibrated P(policy sample preferred over the SFT sample drawn
         # with the same random numbers), using the temperature fitted on held-out pairs.
