@@ -55,7 +55,8 @@ def run_seed(seed: int, algorithms: list[str], overrides: list[str], out: Path) 
                          out_dir=str(root / algo), seed=seed, ctx=ctx)
         seconds = time.perf_counter() - t0
         ev = run_evaluate(cfg.evaluate, policy_uri=pol.model_uri, sft_model_uri=sft.model_uri,
-                          reward_model_uri=rm.model_uri, eval_prompts_uri=d.eval_prompts,
+                          reward_model_uri=rm.model_uri, heldout_reward_uri=None,
+                          heldout_sft_uri=sft.heldout_uri, eval_prompts_uri=d.eval_prompts,
                           seed=seed, ctx=ctx)
         m = ev.metrics
         rows.append({"seed": seed, "algorithm": algo, "policy_seconds": seconds,

@@ -9,6 +9,7 @@ only by default; TRL appends EOS to every completion, so the policy learns where
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -52,8 +53,14 @@ class SFTConfig(StageConfig):
     """Log training metrics to MLflow every this many steps."""
 
 
+HELDOUT_FILE = "heldout.jsonl"
+
+
 class SFTResult(ModelResult):
     num_train_examples: int
+    heldout_uri: str | None = None
+    """The demonstrations held out of training (``eval_fraction``), as JSONL: the evaluation
+    measures the policy's perplexity on them (does RL cost the model what SFT taught it?)."""
 
 
 def sft_rows(records: list[dict[str, Any]], uri: str) -> list[dict[str, Any]]:
@@ -122,10 +129,14 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
             model = model.merge_and_unload()
         model.save_pretrained(out_dir)  # safetensors by default
         tokenizer.save_pretrained(out_dir)
+        heldout_uri = None
+        if eval_data is not None:
+            heldout_uri = str(Path(out_dir) / HELDOUT_FILE)
+            eval_data.to_json(heldout_uri, lines=True, force_ascii=False)
         log_metrics(metrics, step=cfg.max_steps)
         log_model_dir(out_dir, "model")
         return SFTResult(stage="sft", run_id=run.info.run_id, model_uri=out_dir,
-                         metrics=metrics, num_train_examples=len(data))
+                         metrics=metrics, num_train_examples=len(data), heldout_uri=heldout_uri)
 
 
 sft_task = task(name="sft")(run_sft)
