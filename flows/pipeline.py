@@ -76,7 +76,8 @@ def rlhf_pipeline(config: PipelineConfig) -> PipelineResult:
                                    sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,
                                    heldout_reward_uri=None, heldout_sft_uri=sft.heldout_uri,
                                    eval_prompts_uri=data["eval_prompts"], seed=seed, ctx=ctx)
-        decision = gate_task(c.gate, evaluation=evaluation, policy=policy, seed=seed, ctx=ctx)
+        decision = gate_task(c.gate, evaluation=evaluation, policy=policy,
+                             data_passed=checked.passed, seed=seed, ctx=ctx)
         registration = register_task(c.registry, policy=policy, reward=reward, sft=sft,
                                      data_hashes=h, metrics=evaluation.metrics,
                                      ctx=ctx) if decision.promote else None

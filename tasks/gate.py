@@ -19,14 +19,33 @@ from tasks.evaluate import EvaluateResult
 
 
 class GateConfig(StageConfig):
-    """Thresholds a policy must meet to be promoted."""
+    """Thresholds a candidate must meet to be promoted. Win rates are against SFT (and the
+    production champion) by the most trusted judge: the gold judge when configured, else the
+    held-out reward model; the reward-hacking checks need no gold judge."""
 
     min_win_rate: float = 0.6
-    """Minimum share of held-out prompts where the policy beats SFT (gold judge if set)."""
+    """Least share of held-out prompts where the candidate beats SFT (point estimate)."""
+    min_win_rate_lower: float = 0.5
+    """Least lower bound of that win rate's confidence interval: better than SFT, not by luck."""
+    min_champion_win_rate_lower: float = 0.5
+    """Least lower bound of the win rate against the current production version, when there
+    is one: a candidate replaces production only if it is better, not by luck."""
     max_kl: float = 15.0
-    """Maximum mean KL(policy || SFT) per sequence, in nats: drift beyond it is refused."""
+    """Largest mean KL(policy || SFT) per sequence, in nats: drift beyond it is refused."""
     min_gold_gain: float = 0.0
-    """Mean gold score of the policy minus SFT's must exceed this (when a judge is set)."""
+    """Mean gold score of the candidate minus SFT's must exceed this (when a judge is set)."""
+    max_length_corr: float = 0.5
+    """Reward hacking by length (Singhal et al. 2023): the judging reward model's Spearman
+    correlation between score and response length, above which the reward is said to follow
+    length; with ``max_length_controlled_drop`` it flags the candidate."""
+    max_length_controlled_drop: float = 0.2
+    """Reward hacking by length: largest fall from the reward-model win rate to its
+    length-controlled win rate (the win rate at equal length, Dubois et al. 2024)."""
+    max_repetition_increase: float = 0.1
+    """Reward hacking by repetition: largest rise in the share of repeated word bigrams."""
+    max_perplexity_increase: float = 0.5
+    """Capability regression: largest relative rise of perplexity on held-out SFT
+    demonstrations (0.5 = policy at most 1.5x SFT's)."""
     allow_early_stop: bool = True
     """Whether a policy whose training stopped early (e.g. KL budget) may be promoted."""
 
@@ -61,8 +80,9 @@ class Registration(BaseModel):
     aliases: list[str]
 
 
-def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None = None) -> Decision:
-    """Promote only when every threshold holds; every check contributes a reason either way.
+def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None = None,
+           data_passed: bool = True) -> Decision:
+    """Promote only when every check holds; every check contributes a reason either way.
 
     A missing or NaN metric fails its check (NaN compares false both ways, so each check is
     written as "value is good", never as "value is not bad").
@@ -74,34 +94,84 @@ def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None =
         ok = ok and passed
         reasons.append(("pass: " if passed else "FAIL: ") + text)
 
-    nan = float("nan")
-    judged_by_gold = "eval/gold_policy" in metrics
-    judge = "gold judge" if judged_by_gold else (
-        "reward model: no gold judge configured, so a policy that games the reward model "
-        "would pass this check")
-    win = metrics.get("eval/win_rate", nan)
-    check(win >= cfg.min_win_rate,
-          f"win rate {win:.3f} vs min_win_rate {cfg.min_win_rate} (judged by the {judge})")
-    kl = metrics.get("eval/kl_policy_sft", nan)
-    check(kl <= cfg.max_kl, f"KL(policy||SFT) {kl:.3f} nats vs max_kl {cfg.max_kl}")
-    if judged_by_gold:
-        gain = metrics["eval/gold_policy"] - metrics.get("eval/gold_sft", nan)
+    m = lambda key: metrics.get(f"eval/{key}", float("nan"))  # noqa: E731
+    gold = "eval/gold_policy" in metrics
+    judge = "gold judge" if gold else (
+        "held-out reward model" if "eval/win_rate_heldout_rm" in metrics else "reward model")
+    check(data_passed, "data checks passed" if data_passed else "data checks did not pass")
+    check(m("win_rate") >= cfg.min_win_rate,
+          f"win rate vs SFT {m('win_rate'):.3f} vs min_win_rate {cfg.min_win_rate} "
+          f"(judged by the {judge})")
+    check(m("win_rate_lo") >= cfg.min_win_rate_lower,
+          f"win rate vs SFT lower bound {m('win_rate_lo'):.3f} vs min_win_rate_lower "
+          f"{cfg.min_win_rate_lower}")
+    if "eval/champion/win_rate" in metrics:
+        check(m("champion/win_rate_lo") >= cfg.min_champion_win_rate_lower,
+              f"win rate vs production {m('champion/win_rate'):.3f} (lower bound "
+              f"{m('champion/win_rate_lo'):.3f} vs min_champion_win_rate_lower "
+              f"{cfg.min_champion_win_rate_lower})")
+    check(m("kl_policy_sft") <= cfg.max_kl,
+          f"KL(policy||SFT) {m('kl_policy_sft'):.3f} nats vs max_kl {cfg.max_kl}")
+    if gold:
+        gain = m("gold_policy") - m("gold_sft")
         check(gain > cfg.min_gold_gain, f"gold gain {gain:+.3f} vs min_gold_gain {cfg.min_gold_gain}")
-    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    for clear, text in hacking_checks(metrics, cfg):
+        check(clear, text)
+    if "eval/ppl_policy" in metrics:
+        rise = m("ppl_policy") / m("ppl_sft") - 1
+        check(rise <= cfg.max_perplexity_increase,
+              f"perplexity on held-out SFT data {m('ppl_policy'):.2f} vs SFT {m('ppl_sft'):.2f} "
+              f"({rise:+.0%} vs max_perplexity_increase {cfg.max_perplexity_increase:+.0%})")
+    # Correlations are NaN when every response has the same length: nothing to measure, and
+    # the length check says so; any other non-finite metric means something broke.
+    bad = sorted(k for k, v in metrics.items()
+                 if not math.isfinite(v) and not k.endswith("_length_corr"))
     check(not bad, f"all evaluation metrics finite{': not ' + ', '.join(bad) if bad else ''}")
     if stop_reason:
         check(cfg.allow_early_stop, f"training stopped early: {stop_reason}")
     return Decision(promote=ok, reasons=reasons)
 
 
-def run_gate(cfg: GateConfig, *, evaluation: EvaluateResult, policy: PolicyResult, seed: int,
-             ctx: TrackingContext) -> Decision:
+def hacking_checks(metrics: dict[str, float], cfg: GateConfig) -> list[tuple[bool, str]]:
+    """Reward-hacking checks that need no gold judge: (clear, what was measured) each.
+
+    Length: a reward model trained on length-biased labels is biased the same way, so look at
+    what it rewards. The candidate is flagged when the judging reward model's score follows
+    length (Spearman above ``max_length_corr``) *and* its win over SFT mostly vanishes at equal
+    length (length-controlled win rate, Dubois et al. 2024). Repetition: the candidate repeats
+    itself more than SFT by ``max_repetition_increase``.
+    """
+    m = lambda key: metrics.get(f"eval/{key}", float("nan"))  # noqa: E731
+    j = "heldout_rm" if "eval/win_rate_heldout_rm" in metrics else "rm"
+    corr, win, lc = m(f"{j}_length_corr"), m(f"win_rate_{j}"), m(f"lc_win_rate_{j}")
+    drop = win - lc
+    lengths = f"responses {m('len_policy'):.1f} vs SFT's {m('len_sft'):.1f} tokens"
+    # NaN correlation (every response the same length) follows nothing.
+    length_clear = math.isfinite(drop) and not (corr > cfg.max_length_corr
+                                                and drop > cfg.max_length_controlled_drop)
+    length = (f"reward hacking by length: the {j.replace('_', ' ')} score follows length "
+              f"(Spearman {corr:.2f} > max_length_corr {cfg.max_length_corr}) and its win rate "
+              f"{win:.3f} falls to {lc:.3f} at equal length (drop {drop:.3f} > "
+              f"max_length_controlled_drop {cfg.max_length_controlled_drop}); {lengths}")
+    if length_clear:
+        length = (f"no reward hacking by length: {j.replace('_', ' ')} score-length Spearman "
+                  f"{corr:.2f}, win rate {win:.3f} vs {lc:.3f} at equal length; {lengths}")
+    rise = m("repetition_policy") - m("repetition_sft")
+    repetition_clear = rise <= cfg.max_repetition_increase
+    repetition = (f"{'no ' if repetition_clear else ''}reward hacking by repetition: repeated "
+                  f"bigrams {m('repetition_policy'):.3f} vs SFT's {m('repetition_sft'):.3f} "
+                  f"(rise {rise:+.3f} vs max_repetition_increase {cfg.max_repetition_increase})")
+    return [(length_clear, length), (repetition_clear, repetition)]
+
+
+def run_gate(cfg: GateConfig, *, evaluation: EvaluateResult, policy: PolicyResult,
+             data_passed: bool, seed: int, ctx: TrackingContext) -> Decision:
     """Decide and record the decision in the gate's child run; no registry write here."""
     import mlflow
 
     from tasks.tracking import stage_run
 
-    decision = decide(evaluation.metrics, cfg, policy.stop_reason)
+    decision = decide(evaluation.metrics, cfg, policy.stop_reason, data_passed)
     with stage_run(ctx, "gate", cfg, seed) as run:
         mlflow.log_metric("gate/promoted", int(decision.promote))
         mlflow.set_tag("gate.decision", "promote" if decision.promote else "refuse")

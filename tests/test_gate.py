@@ -6,45 +6,70 @@ import math
 
 import pytest
 
-from tasks.gate import GateConfig, decide
+from tasks.gate import GateConfig, decide, hacking_checks
 
-CFG = GateConfig(min_win_rate=0.6, max_kl=15.0, min_gold_gain=0.0, allow_early_stop=True)
-# A policy that passes every check, judged by a gold judge.
-GOOD = {"eval/win_rate": 0.9, "eval/kl_policy_sft": 3.0, "eval/gold_policy": 0.8,
-        "eval/gold_sft": 0.1, "eval/rm_policy": 1.2, "eval/rm_sft": 0.0}
+CFG = GateConfig()
+# A candidate that passes every check, judged by a gold judge, with a champion to beat.
+GOOD = {f"eval/{k}": v for k, v in {
+    "win_rate": 0.9, "win_rate_lo": 0.8, "win_rate_hi": 0.97,
+    "win_rate_heldout_rm": 0.9, "lc_win_rate_heldout_rm": 0.85, "heldout_rm_length_corr": 0.3,
+    "kl_policy_sft": 3.0, "gold_policy": 0.8, "gold_sft": 0.1,
+    "len_policy": 13.0, "len_sft": 10.0, "repetition_policy": 0.02, "repetition_sft": 0.01,
+    "ppl_policy": 12.0, "ppl_sft": 10.0,
+    "champion/win_rate": 0.7, "champion/win_rate_lo": 0.55, "champion/win_rate_hi": 0.82,
+}.items()}
 
 
 def failed(decision) -> list[str]:
     return [r for r in decision.reasons if r.startswith("FAIL: ")]
 
 
-def test_good_policy_is_promoted_with_a_reason_per_check():
+def test_good_candidate_is_promoted_with_a_reason_per_check():
     d = decide(GOOD, CFG)
     assert d.promote and failed(d) == []
-    assert [r.split(":")[1].split()[0] for r in d.reasons] == ["win", "KL(policy||SFT)", "gold",
-                                                                "all"]
-    assert "judged by the gold judge" in d.reasons[0]
+    assert len(d.reasons) == 10  # data, win, lower bound, champion, KL, gold, 2 hacking, ppl, finite
+    assert "judged by the gold judge" in d.reasons[1]
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({"eval/win_rate": 0.59}, "FAIL: win rate 0.590 vs min_win_rate 0.6"),
+    ({"eval/win_rate": 0.59}, "FAIL: win rate vs SFT 0.590 vs min_win_rate 0.6"),
+    ({"eval/win_rate_lo": 0.49}, "FAIL: win rate vs SFT lower bound 0.490"),
+    ({"eval/champion/win_rate_lo": 0.45}, "FAIL: win rate vs production 0.700 (lower bound 0.450"),
     ({"eval/kl_policy_sft": 15.01}, "FAIL: KL(policy||SFT) 15.010 nats vs max_kl 15.0"),
     ({"eval/gold_policy": 0.1}, "FAIL: gold gain +0.000 vs min_gold_gain 0.0"),
+    ({"eval/heldout_rm_length_corr": 0.8, "eval/lc_win_rate_heldout_rm": 0.55},
+     "FAIL: reward hacking by length: the heldout rm score follows length (Spearman 0.80"),
+    ({"eval/repetition_policy": 0.2}, "FAIL: reward hacking by repetition: repeated bigrams 0.200"),
+    ({"eval/ppl_policy": 15.1}, "FAIL: perplexity on held-out SFT data 15.10 vs SFT 10.00 (+51%"),
 ])
 def test_each_threshold_fails_alone(change, reason):
     d = decide({**GOOD, **change}, CFG)
     assert not d.promote
-    assert len(failed(d)) == 1 and failed(d)[0].startswith(reason)
+    assert len(failed(d)) == 1 and failed(d)[0].startswith(reason), failed(d)
+
+
+def test_data_checks_that_did_not_pass_refuse():
+    d = decide(GOOD, CFG, data_passed=False)
+    assert not d.promote and failed(d) == ["FAIL: data checks did not pass"]
+
+
+def test_length_alone_or_drop_alone_is_not_hacking():
+    # Longer answers that the reward model likes, but that also win at equal length: fine.
+    assert decide({**GOOD, "eval/heldout_rm_length_corr": 0.8}, CFG).promote
+    # A win that shrinks at equal length, while the reward does not follow length: fine.
+    assert decide({**GOOD, "eval/lc_win_rate_heldout_rm": 0.5}, CFG).promote
 
 
 def test_thresholds_are_inclusive_where_documented():
-    # min_win_rate is a minimum (>=), max_kl a maximum (<=); the gold gain must exceed its bound.
-    assert decide({**GOOD, "eval/win_rate": 0.6, "eval/kl_policy_sft": 15.0}, CFG).promote
+    # Minimums are >=, maximums <=; the gold gain must exceed its bound.
+    assert decide({**GOOD, "eval/win_rate": 0.6, "eval/win_rate_lo": 0.5,
+                   "eval/kl_policy_sft": 15.0, "eval/ppl_policy": 15.0}, CFG).promote
     assert not decide({**GOOD, "eval/gold_policy": GOOD["eval/gold_sft"]}, CFG).promote
 
 
 @pytest.mark.parametrize("key", ["eval/win_rate", "eval/kl_policy_sft", "eval/gold_policy",
-                                 "eval/rm_policy"])
+                                 "eval/lc_win_rate_heldout_rm", "eval/repetition_policy",
+                                 "eval/len_policy"])
 def test_nan_or_inf_metric_refuses(key):
     for bad in (math.nan, math.inf):
         d = decide({**GOOD, key: bad}, CFG)
@@ -52,11 +77,22 @@ def test_nan_or_inf_metric_refuses(key):
         assert any(key in r for r in failed(d)), d.reasons
 
 
+def test_nan_length_correlation_means_nothing_to_follow():
+    # Every response the same length: Spearman is undefined, and no length hacking is possible.
+    d = decide({**GOOD, "eval/heldout_rm_length_corr": math.nan}, CFG)
+    assert d.promote
+
+
 def test_missing_metric_refuses():
-    metrics = dict(GOOD)
-    del metrics["eval/kl_policy_sft"]
-    d = decide(metrics, CFG)
-    assert not d.promote and failed(d)[0].startswith("FAIL: KL(policy||SFT) nan")
+    for key in ("eval/kl_policy_sft", "eval/win_rate_lo", "eval/lc_win_rate_heldout_rm"):
+        metrics = {k: v for k, v in GOOD.items() if k != key}
+        assert not decide(metrics, CFG).promote, key
+
+
+def test_no_champion_no_champion_check():
+    first = {k: v for k, v in GOOD.items() if not k.startswith("eval/champion/")}
+    d = decide(first, CFG)
+    assert d.promote and not any("production" in r for r in d.reasons)
 
 
 def test_early_stop_refused_only_when_not_allowed():
@@ -68,9 +104,16 @@ def test_early_stop_refused_only_when_not_allowed():
     assert not any("stopped early" in r for r in decide(GOOD, CFG).reasons)
 
 
-def test_without_gold_judge_the_reward_model_judges_and_the_reasons_say_so():
+def test_without_gold_judge_the_heldout_reward_model_judges_and_the_reasons_say_so():
     rm_only = {k: v for k, v in GOOD.items() if not k.startswith("eval/gold")}
     d = decide(rm_only, CFG)
     assert d.promote
-    assert "judged by the reward model: no gold judge configured" in d.reasons[0]
+    assert "judged by the held-out reward model" in d.reasons[1]
     assert not any("gold gain" in r for r in d.reasons)
+
+
+def test_hacking_checks_fall_back_to_the_policy_reward_model():
+    metrics = {k.replace("heldout_rm", "rm"): v for k, v in GOOD.items()}
+    (length_clear, text), _ = hacking_checks({**metrics, "eval/rm_length_corr": 0.9,
+                                              "eval/lc_win_rate_rm": 0.5}, CFG)
+    assert not length_clear and "the rm score follows length (Spearman 0.90" in text
