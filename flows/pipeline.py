@@ -24,6 +24,7 @@ from tasks.base import stage_dir
 from tasks.evaluate import evaluate_task
 from tasks.gate import Decision, Registration, gate_task, register_task
 from tasks.policy import policy_task
+from tasks.report import report_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
 from tasks.tracking import pipeline_run
@@ -40,6 +41,14 @@ class PipelineResult(BaseModel):
     metrics: dict[str, float]
     policy_uri: str
     registration: Registration | None = None
+
+
+def next_step(registration: Registration | None) -> str:
+    if registration is None:
+        return ("Not promoted: a human-feedback round is needed; the failed checks above say "
+                "what the next labels should target.")
+    return (f"Registered as {registration.policy_name} version {registration.policy_version} "
+            f"with aliases {', '.join(registration.aliases)}.")
 
 
 # No log_prints: it would turn the bytecode listings that `datasets` prints into its own
@@ -83,6 +92,9 @@ def rlhf_pipeline(config: PipelineConfig) -> PipelineResult:
                                      ctx=ctx) if decision.promote else None
         # The next issue turns a refusal into a human-feedback round.
         result = "promoted" if decision.promote else "feedback_round_needed"
+        report_task(name=c.name, result=result, decision=decision, evaluation=evaluation,
+                    policy=policy, next_step=next_step(registration), ctx=ctx,
+                    stage_metrics={s.stage: s.metrics for s in (checked, sft, reward, policy)})
         run.record(result, {**evaluation.metrics, "gate/promoted": int(decision.promote)})
     log = get_run_logger()
     for reason in decision.reasons:

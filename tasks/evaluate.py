@@ -281,7 +281,9 @@ def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
             table[name] = s.texts
             table.update({f"{j}_{name}": v.tolist() for j, v in s.scores.items()})
         mlflow.log_table(table, "eval_samples.json")
-        mlflow.log_figure(score_histograms(samples), "eval_scores.png")
+        fig = score_histograms(samples)
+        mlflow.log_figure(fig, "eval_scores.png")
+        fig.clf()
         return EvaluateResult(stage="evaluate", run_id=run.info.run_id, metrics=metrics,
                               judge=cfg.gold_judge or judge, champion_version=champion_version)
 
