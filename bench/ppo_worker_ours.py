@@ -33,7 +33,7 @@ def main(settings_path: str, result_path: str) -> None:
         mini_batch_size=s["batch_size"] // s["mini_batches"], gradient_accumulation_steps=1,
         ppo_epochs=s["ppo_epochs"], learning_rate=s["learning_rate"], lr_schedule="linear",
         max_prompt_length=s["max_prompt_length"], max_new_tokens=s["response_length"],
-        temperature=s["temperature"], kl_coef=s["kl_coef"], adaptive_kl=False,
+        temperature=s["temperature"], init_kl_coef=s["kl_coef"], adaptive_kl=False,
         kl_estimator="k1", kl_in_reward=True, gamma=s["gamma"], lam=s["lam"],
         clip_range=s["cliprange"], clip_range_value=s["cliprange_value"], vf_coef=s["vf_coef"],
         ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,

@@ -52,8 +52,8 @@ class PPOConfig(StageConfig):
     """Response length cap; responses that hit it without EOS are truncated."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are computed at the same temperature."""
-    kl_coef: float = 0.05
-    """Initial KL coefficient beta."""
+    init_kl_coef: float = 0.05
+    """Initial KL coefficient beta (TRL's old name); with ``adaptive_kl`` the controller moves it."""
     adaptive_kl: bool = True
     """Adapt beta towards ``kl_target`` (Ziegler et al. 2019); False keeps beta fixed."""
     kl_target: float = 4.0
@@ -177,7 +177,7 @@ def _disabled_adapters(model):
 
 @torch.no_grad()
 def make_rollout(cfg: PPOConfig, policy, ref_policy, critic, reward_model, reward_norm,
-                 tokenizer, prompts: list[list[int]], kl_coef: float, device) -> Rollout:
+                 tokenizer, prompts: list[list[int]], beta: float, device) -> Rollout:
     """Sample responses, then score them: log-probs, reference log-probs, values, rewards."""
     from models.reward import score_sequences
 
@@ -199,8 +199,8 @@ def make_rollout(cfg: PPOConfig, policy, ref_policy, critic, reward_model, rewar
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * (~ended).float()
     ro = Rollout(query_ids, query_mask, response, rmask, ended, logp, ref_logp, values, scores)
-    beta = kl_coef if cfg.kl_in_reward else 0.0
-    ro.rewards, ro.kl = compute_rewards(scores, logp, ref_logp, rmask, beta, cfg.kl_estimator)
+    ro.rewards, ro.kl = compute_rewards(scores, logp, ref_logp, rmask,
+                                        beta if cfg.kl_in_reward else 0.0, cfg.kl_estimator)
     if not cfg.kl_in_reward:  # KL still reported as k1, the unbiased estimate
         ro.kl = kl_estimate(logp, ref_logp, "k1") * rmask
     rewards = masked_whiten(ro.rewards, rmask, shift_mean=False) if cfg.whiten_rewards else ro.rewards
@@ -220,7 +220,7 @@ def trainable_params(policy, critic) -> list[torch.nn.Parameter]:
     return out
 
 
-def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: float,
+def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, beta: float,
                gen: torch.Generator, scaler: torch.amp.GradScaler | None = None
                ) -> dict[str, float]:
     """ppo_epochs passes of minibatch SGD on one rollout batch; returns averaged stats."""
@@ -248,7 +248,7 @@ def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, kl_coef: 
                 if not cfg.kl_in_reward:  # KL as a loss term (k3 by default, GRPO style)
                     kl_term = masked_mean(kl_estimate(logp, mb.ref_logprobs, cfg.kl_estimator),
                                           mb.response_mask)
-                    loss = loss + kl_coef * kl_term
+                    loss = loss + beta * kl_term
                 scaled = loss / cfg.gradient_accumulation_steps
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 for k, v in {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
@@ -309,8 +309,8 @@ def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, rewar
                                   eps=1e-5, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda u: 1 - u / n_updates) if cfg.lr_schedule == "linear" else (lambda u: 1.0))
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-              if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
+    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.adaptive_kl else FixedKLController(cfg.init_kl_coef))
     scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
               and cfg.mixed_precision == "fp16" else None)
     sampler = PromptSampler(prompts, seed)

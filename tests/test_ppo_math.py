@@ -66,7 +66,7 @@ def test_compute_rewards_puts_score_on_last_real_token():
     logp = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
     ref = torch.tensor([[-1.5, -1.0, -2.0], [-2.0, -1.0, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    rewards, kl = compute_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    rewards, kl = compute_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, beta=0.1)
     # k1 per token = logp - ref: row0 [0.5, 0, 1.0]; row1 [1.0, 0, (masked)]
     assert torch.allclose(kl, torch.tensor([[0.5, 0.0, 1.0], [1.0, 0.0, 0.0]]))
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, -0.1 + 2.0], [-0.1, -1.0, 0.0]]))

@@ -42,7 +42,7 @@ def rollout(cfg, rm_dir, tok, prompts, seed=0):
     torch.manual_seed(seed)
     policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
     return make_rollout(cfg, policy, ref, critic, rm, RewardNorm.load(rm_dir), tok, prompts[:8],
-                        cfg.kl_coef, torch.device("cpu"))
+                        cfg.init_kl_coef, torch.device("cpu"))
 
 
 def test_default_run_logs_kl_drift_metrics(rm_dir, tok, prompts):
@@ -56,9 +56,9 @@ def test_default_run_logs_kl_drift_metrics(rm_dir, tok, prompts):
 
 
 def test_adaptive_vs_fixed_kl_coef(rm_dir, tok, prompts):
-    _, logs, _ = run(PPOConfig(**SMALL, adaptive_kl=False, kl_coef=0.3), rm_dir, tok, prompts)
+    _, logs, _ = run(PPOConfig(**SMALL, adaptive_kl=False, init_kl_coef=0.3), rm_dir, tok, prompts)
     assert [m["ppo/objective/kl_coef"] for m in logs] == [0.3, 0.3]
-    _, logs, _ = run(PPOConfig(**SMALL, kl_coef=0.3, kl_target=1e-6, kl_horizon=100),
+    _, logs, _ = run(PPOConfig(**SMALL, init_kl_coef=0.3, kl_target=1e-6, kl_horizon=100),
                      rm_dir, tok, prompts)
     # The first batch is sampled before any update: KL 0, below target, so beta shrinks by
     # the clipped error: beta * (1 - 0.2 * 8 / 100) is what the second update uses.
@@ -67,10 +67,10 @@ def test_adaptive_vs_fixed_kl_coef(rm_dir, tok, prompts):
 
 
 def test_kl_in_reward_vs_kl_as_loss(rm_dir, tok, prompts):
-    in_reward = rollout(PPOConfig(**SMALL, kl_coef=1.0), rm_dir, tok, prompts)
+    in_reward = rollout(PPOConfig(**SMALL, init_kl_coef=1.0), rm_dir, tok, prompts)
     # rewards sum to score - beta * sum(kl)
     assert torch.allclose(in_reward.rewards.sum(1), in_reward.scores - in_reward.kl.sum(1), atol=1e-5)
-    as_loss = rollout(PPOConfig(**SMALL, kl_coef=1.0, kl_in_reward=False, kl_estimator="k3"),
+    as_loss = rollout(PPOConfig(**SMALL, init_kl_coef=1.0, kl_in_reward=False, kl_estimator="k3"),
                       rm_dir, tok, prompts)
     assert torch.allclose(as_loss.rewards.sum(1), as_loss.scores, atol=1e-5)
 
