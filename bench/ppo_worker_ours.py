@@ -1,4 +1,4 @@
-"""Benchmark worker: our PPO (``tasks/ppo.py``) on the driver's matched settings.
+"""Benchmark worker: our PPO (``tasks/ppo_trainer.py``) on the driver's matched settings.
 
     .venv/bin/python bench/ppo_worker_ours.py SETTINGS.json RESULT.json
 
@@ -25,6 +25,7 @@ def main(settings_path: str, result_path: str) -> None:
     import trl
 
     import tasks.ppo as ppo
+    import tasks.ppo_trainer as trainer
     from models.loading import load_tokenizer
     from models.reward import RewardNorm
 
@@ -48,8 +49,8 @@ def main(settings_path: str, result_path: str) -> None:
 
     clock = common.Clock()
     # Count sampled tokens at the source, as the trl side does: wrap the generate that
-    # tasks.ppo calls (it imported the name, so patch it there). Costs one cumsum per batch.
-    inner_generate = ppo.generate
+    # tasks.ppo_trainer calls (it imported the name, so patch it there). One cumsum per batch.
+    inner_generate = trainer.generate
 
     def counting_generate(*args, **kwargs):
         out = inner_generate(*args, **kwargs)
@@ -58,13 +59,13 @@ def main(settings_path: str, result_path: str) -> None:
         clock.updates_tokens.append(n)
         return out
 
-    ppo.generate = counting_generate
+    trainer.generate = counting_generate
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     clock.start()
-    summary = ppo.train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
-                            reward_norm=norm, tokenizer=tok, prompts=prompts, seed=s["seed"],
+    summary = trainer.train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
+                                reward_norm=norm, tokenizer=tok, prompts=prompts, seed=s["seed"],
                             checkpoint=None, log_fn=lambda metrics, step: clock.stamp())
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -11,7 +11,8 @@ import torch
 
 from models.loading import load_tokenizer
 from models.reward import RewardNorm
-from tasks.ppo import PPOConfig, _load_prompts, build_models, train_ppo
+from tasks.ppo import PPOConfig, _load_prompts, build_models
+from tasks.ppo_trainer import train_ppo
 
 CFG = PPOConfig(total_episodes=48, batch_size=8, mini_batch_size=4, ppo_epochs=1,
                 max_new_tokens=8, checkpoint_every=1)

@@ -7,7 +7,8 @@ import torch
 
 from models.loading import load_sequence_scorer, load_tokenizer, transformer_blocks
 from models.reward import RewardNorm
-from tasks.ppo import PPOConfig, _load_prompts, build_models, make_rollout, train_ppo
+from tasks.ppo import PPOConfig, _load_prompts, build_models
+from tasks.ppo_trainer import make_rollout, train_ppo
 from tasks.base import LoraSettings
 
 BASE = "demo/base_model"
@@ -206,7 +207,7 @@ def test_mixed_precision_is_a_no_op_on_cpu(rm_dir, tok, prompts):
 
 
 def test_value_head_on_the_policy_shares_its_trunk(rm_dir, tok, prompts):
-    from tasks.ppo import trainable_params
+    from tasks.ppo_trainer import trainable_params
 
     cfg = PPOConfig(**SMALL, critic_init="policy")
     policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
@@ -224,7 +225,7 @@ def test_generation_logprobs_match_a_full_forward(tok, prompts):
     """Rollout log-probs come from generate's own logits; they must equal a fresh forward."""
     from models.loading import load_causal_lm
     from models.rollout import generate, response_logprobs
-    from tasks.ppo import _left_pad
+    from tasks.ppo_trainer import _left_pad
 
     policy = load_causal_lm(BASE).eval()
     q, qm = _left_pad(prompts[:8], tok.pad_token_id)
