@@ -26,8 +26,6 @@ def main(settings_path: str, result_path: str) -> None:
 
     import tasks.ppo as ppo
     import tasks.ppo_trainer as trainer
-    from models.loading import load_tokenizer
-    from models.reward import RewardNorm
 
     cfg = ppo.PPOConfig(
         total_episodes=s["total_episodes"], batch_size=s["batch_size"],
@@ -40,11 +38,9 @@ def main(settings_path: str, result_path: str) -> None:
         ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
         missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
         checkpoint_every=10**9, log_every=1)
-    tok = load_tokenizer(s["policy_dir"])
-    policy, ref, critic, rm = ppo.build_models(cfg, s["policy_dir"], s["rm_dir"],
-                                               tok.pad_token_id, device)
+    models = ppo.build_models(cfg, s["policy_dir"], s["rm_dir"], device)
+    tok = models.tokenizer
     prompts = ppo._load_prompts(s["prompts_path"], tok, cfg.max_prompt_length)
-    norm = RewardNorm.load(s["rm_dir"])
     rss_after_load = common.rss_mb()
 
     clock = common.Clock()
@@ -64,9 +60,8 @@ def main(settings_path: str, result_path: str) -> None:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     clock.start()
-    summary = trainer.train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
-                                reward_norm=norm, tokenizer=tok, prompts=prompts, seed=s["seed"],
-                            checkpoint=None, log_fn=lambda metrics, step: clock.stamp())
+    summary = trainer.train_ppo(cfg, models, prompts=prompts, seed=s["seed"], checkpoint=None,
+                                log_fn=lambda metrics, step: clock.stamp())
     if device.type == "cuda":
         torch.cuda.synchronize()
     clock.stop()

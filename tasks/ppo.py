@@ -17,7 +17,7 @@ import torch
 
 from models.rollout import SharedTrunkCritic
 from tasks.base import LoraSettings, PolicyResult, StageConfig, TrackingContext, peft_config
-from tasks.ppo_trainer import train_ppo
+from tasks.ppo_trainer import PPOModels, train_ppo
 
 
 class PPOConfig(StageConfig):
@@ -110,13 +110,17 @@ def _load_prompts(uri: str, tokenizer, max_len: int) -> list[list[int]]:
     return [p for p in prompts if p]
 
 
-def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str, pad_token_id: int,
-                 device: torch.device):
-    """-> policy, reference (None: policy with adapters off), critic, reward model (None:
-    critic with adapters off). Without LoRA, reference and reward model are frozen copies."""
+def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
+                 device: torch.device) -> PPOModels:
+    """Policy and critic to train, reference and reward model frozen, with the SFT tokenizer
+    and the reward stage's score normalisation. With LoRA the reference (and, with
+    ``critic_init: reward``, the reward model) is None: the trained model's adapters off."""
     from models.loading import (disable_dropout, freeze_bottom_layers, load_causal_lm,
-                                load_sequence_scorer)
+                                load_sequence_scorer, load_tokenizer)
+    from models.reward import RewardNorm
 
+    tokenizer = load_tokenizer(sft_model_uri)
+    pad_token_id = tokenizer.pad_token_id
     policy = load_causal_lm(sft_model_uri)
     policy.config.pad_token_id = pad_token_id
     freeze_bottom_layers(policy, cfg.freeze_layers)
@@ -126,9 +130,9 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str, pad_
                                       else sft_model_uri)
         critic.config.pad_token_id = pad_token_id
         freeze_bottom_layers(critic, cfg.freeze_layers)
-    ref_policy = reward_model = None
+    reference = reward_model = None
     if cfg.lora is None:
-        ref_policy = load_causal_lm(sft_model_uri)
+        reference = load_causal_lm(sft_model_uri)
     else:
         from peft import get_peft_model
 
@@ -141,14 +145,16 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str, pad_
         critic = SharedTrunkCritic(policy)
     if cfg.lora is None or cfg.critic_init != "reward":
         reward_model = load_sequence_scorer(reward_model_uri)
-    for m in (ref_policy, reward_model):
+    for m in (reference, reward_model):
         if m is not None:
             m.config.pad_token_id = pad_token_id
             m.eval().requires_grad_(False)
     for m in (policy, critic):
         disable_dropout(m)
-    return tuple(m.to(device) if m is not None else None
-                 for m in (policy, ref_policy, critic, reward_model))
+    policy, reference, critic, reward_model = (m if m is None else m.to(device) for m in
+                                               (policy, reference, critic, reward_model))
+    return PPOModels(policy=policy, reference=reference, critic=critic, reward_model=reward_model,
+                     reward_norm=RewardNorm.load(reward_model_uri), tokenizer=tokenizer)
 
 
 def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompts_uri: str,
@@ -157,27 +163,20 @@ def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompt
     import mlflow
     from transformers import set_seed
 
-    from models.loading import load_tokenizer
-    from models.reward import RewardNorm
     from tasks.tracking import log_metrics, save_policy, stage_run
 
     set_seed(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(sft_model_uri)
-    policy, ref_policy, critic, reward_model = build_models(cfg, sft_model_uri, reward_model_uri,
-                                                            tokenizer.pad_token_id, device)
-    reward_norm = RewardNorm.load(reward_model_uri)
-    prompts = _load_prompts(prompts_uri, tokenizer, cfg.max_prompt_length)
+    models = build_models(cfg, sft_model_uri, reward_model_uri, device)
+    prompts = _load_prompts(prompts_uri, models.tokenizer, cfg.max_prompt_length)
 
     with stage_run(ctx, "policy", cfg, seed, algorithm="ppo") as run:
-        summary = train_ppo(cfg, policy=policy, ref_policy=ref_policy, critic=critic,
-                            reward_model=reward_model, reward_norm=reward_norm,
-                            tokenizer=tokenizer, prompts=prompts, seed=seed,
+        summary = train_ppo(cfg, models, prompts=prompts, seed=seed,
                             checkpoint=out / "checkpoint.pt", log_fn=log_metrics)
-        policy_dir = save_policy(policy, tokenizer, out, {"sft_model": sft_model_uri,
-                                                          "reward_model": reward_model_uri},
+        policy_dir = save_policy(models.policy, models.tokenizer, out,
+                                 {"sft_model": sft_model_uri, "reward_model": reward_model_uri},
                                  merge_lora=cfg.lora is not None)
         mlflow.log_dict({k: v for k, v in summary.items() if k != "final"}, "ppo_summary.json")
         final = summary["final"]

@@ -10,18 +10,82 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, compute_rewards,
                         explained_variance, kl_estimate, masked_mean, masked_whiten,
                         policy_loss, value_loss)
+from models.reward import RewardNorm, score_sequences
 from models.rollout import Rollout, generate, response_logprobs, response_values
 
 if TYPE_CHECKING:  # tasks.ppo imports this module for run_ppo; the config is only a type here
+    from transformers import PreTrainedTokenizerBase
+
     from tasks.ppo import PPOConfig
+
+
+# --- the models of a run -------------------------------------------------------------------
+
+
+@dataclass
+class PPOModels:
+    """The models of one PPO run, by RL role (OpenRLHF's actor, reference, critic, reward).
+
+    With LoRA, the frozen roles are no second copy of their weights: the reference is the
+    policy with its adapters disabled, and (``critic_init: reward``) the reward model is the
+    critic with its adapters disabled. Read them through ``reference_view`` and
+    ``reward_model_view``, which hide which of the two a run has.
+    """
+
+    policy: torch.nn.Module               # actor, initialised from SFT; trained
+    reference: torch.nn.Module | None     # frozen SFT policy; None: policy with adapters off
+    critic: torch.nn.Module               # value model (own weights or a SharedTrunkCritic); trained
+    reward_model: torch.nn.Module | None  # frozen; None: critic with adapters off
+    reward_norm: RewardNorm               # the reward stage's mean/std: scores enter PPO normalised
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def reference_view(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """``with models.reference_view() as ref:`` the frozen SFT policy."""
+        return _frozen_view(self.policy, self.reference)
+
+    def reward_model_view(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """``with models.reward_model_view() as rm:`` the frozen reward model."""
+        return _frozen_view(self.critic, self.reward_model)
+
+    def train(self, mode: bool = True) -> None:
+        """Policy and critic to train (or eval) mode; the frozen models stay in eval mode."""
+        self.policy.train(mode), self.critic.train(mode)
+
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        """Policy and critic parameters, each once (a shared-trunk critic repeats the policy's)."""
+        seen, out = set(), []
+        for p in list(self.policy.parameters()) + list(self.critic.parameters()):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+
+@contextlib.contextmanager
+def _frozen_view(trained: torch.nn.Module, frozen: torch.nn.Module | None
+                 ) -> Iterator[torch.nn.Module]:
+    """``frozen`` itself, or (when None) ``trained`` with its LoRA adapters disabled."""
+    if frozen is not None:
+        yield frozen
+    else:
+        with trained.disable_adapter():
+            yield trained
+
+
+# --- sampling and one update ---------------------------------------------------------------
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +124,6 @@ class PromptSampler:
         self.order, self.pos = s["order"], s["pos"]
 
 
-# --- one update -----------------------------------------------------------------------------
-
-
 def autocast(cfg: PPOConfig, device: torch.device):
     """bf16/fp16 autocast on CUDA when configured; a no-op elsewhere."""
     if device.type != "cuda" or cfg.mixed_precision == "no":
@@ -71,38 +132,23 @@ def autocast(cfg: PPOConfig, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def frozen_view(model, frozen):
-    """``frozen`` itself, or (when None) ``model`` with its LoRA adapters disabled."""
-    if frozen is not None:
-        return contextlib.nullcontext(frozen)
-    return _disabled_adapters(model)
-
-
-@contextlib.contextmanager
-def _disabled_adapters(model):
-    with model.disable_adapter():
-        yield model
-
-
 @torch.no_grad()
-def make_rollout(cfg: PPOConfig, policy, ref_policy, critic, reward_model, reward_norm,
-                 tokenizer, prompts: list[list[int]], beta: float, device) -> Rollout:
+def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
+                 beta: float) -> Rollout:
     """Sample responses, then score them: log-probs, reference log-probs, values, rewards."""
-    from models.reward import score_sequences
-
-    query_ids, query_mask = (t.to(device) for t in _left_pad(prompts, tokenizer.pad_token_id))
-    response, rmask, ended, logp = generate(
-        policy, query_ids, query_mask, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, with_logprobs=True)
-    ids = torch.cat([query_ids, response], 1)
+    tok = models.tokenizer
+    query_ids, query_mask = (t.to(models.device) for t in _left_pad(prompts, tok.pad_token_id))
+    response, rmask, ended, logp = generate(  # (B, T) each, ended (B,)
+        models.policy, query_ids, query_mask, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, with_logprobs=True)
+    ids = torch.cat([query_ids, response], 1)  # (B, P+T)
     attn = torch.cat([query_mask, rmask.long()], 1)
-    T = response.shape[1]
-    with frozen_view(policy, ref_policy) as ref:
-        ref_logp = response_logprobs(ref, ids, attn, response, cfg.temperature)
-    values = response_values(critic, ids, attn, T).float()
-    with frozen_view(critic, reward_model) as rm:
-        scores = reward_norm.normalize(score_sequences(rm, ids, attn).float())
+    with models.reference_view() as ref:
+        ref_logp = response_logprobs(ref, ids, attn, response, cfg.temperature)  # (B, T)
+    values = response_values(models.critic, ids, attn, response.shape[1]).float()  # (B, T)
+    with models.reward_model_view() as rm:
+        scores = models.reward_norm.normalize(score_sequences(rm, ids, attn).float())  # (B,)
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     if cfg.missing_eos_penalty is not None:
@@ -119,24 +165,14 @@ def make_rollout(cfg: PPOConfig, policy, ref_policy, critic, reward_model, rewar
     return ro
 
 
-def trainable_params(policy, critic) -> list[torch.nn.Parameter]:
-    """Policy and critic parameters, each once (a shared-trunk critic repeats the policy's)."""
-    seen, out = set(), []
-    for p in list(policy.parameters()) + list(critic.parameters()):
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
-def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, beta: float,
-               gen: torch.Generator, scaler: torch.amp.GradScaler | None = None
-               ) -> dict[str, float]:
+def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
+               optimizer: torch.optim.Optimizer, gen: torch.Generator,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """ppo_epochs passes of minibatch SGD on one rollout batch; returns averaged stats."""
     stats: dict[str, list[float]] = {}
     B = ro.response_ids.shape[0]
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
-    params = trainable_params(policy, critic)
+    params = models.trainable_params()
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
         for start in range(0, B, cfg.mini_batch_size):
@@ -145,10 +181,11 @@ def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, beta: flo
                 mb = ro.select(perm[m:m + micro].to(ro.response_ids.device))
                 ids, attn = mb.input_ids, mb.attention_mask
                 with autocast(cfg, ids.device):
-                    logp, ent = response_logprobs(policy, ids, attn, mb.response_ids,
+                    logp, ent = response_logprobs(models.policy, ids, attn, mb.response_ids,
                                                   cfg.temperature, with_entropy=True,
                                                   entropy_grad=cfg.ent_coef != 0)
-                    vpred = response_values(critic, ids, attn, mb.response_ids.shape[1]).float()
+                    vpred = response_values(models.critic, ids, attn,
+                                            mb.response_ids.shape[1]).float()
                 pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
                 vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask,
                                        cfg.clip_range_value)
@@ -179,12 +216,12 @@ def ppo_update(cfg: PPOConfig, policy, critic, optimizer, ro: Rollout, beta: flo
 # --- the loop, checkpoints, the stage ---------------------------------------------------------
 
 
-def _save_checkpoint(path: Path, step: int, policy, critic, optimizer, scheduler, kl_ctl,
+def _save_checkpoint(path: Path, step: int, models: PPOModels, optimizer, scheduler, kl_ctl,
                      sampler: PromptSampler, gen: torch.Generator, history: list,
                      stats: dict, stop_reason: str | None) -> None:
     """Everything resume needs; written to a temp file and renamed so a kill mid-write is safe."""
     state = {
-        "step": step, "policy": policy.state_dict(), "critic": critic.state_dict(),
+        "step": step, "policy": models.policy.state_dict(), "critic": models.critic.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "kl_ctl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
         "torch_rng": torch.get_rng_state(), "gen": gen.get_state(), "history": history,
@@ -197,8 +234,8 @@ def _save_checkpoint(path: Path, step: int, policy, critic, optimizer, scheduler
     tmp.replace(path)
 
 
-def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, reward_norm, tokenizer,
-              prompts: list[list[int]], seed: int, checkpoint: Path | None = None,
+def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], seed: int,
+              checkpoint: Path | None = None,
               log_fn: Callable[[dict[str, float], int], None] | None = None) -> dict:
     """Run PPO to ``total_episodes``; resume from ``checkpoint`` when it exists.
 
@@ -209,9 +246,9 @@ def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, rewar
     if cfg.mini_batch_size % cfg.gradient_accumulation_steps or cfg.batch_size % cfg.mini_batch_size:
         raise ValueError("ppo: batch_size must be a multiple of mini_batch_size, and "
                          "mini_batch_size of gradient_accumulation_steps")
-    device = next(policy.parameters()).device
+    device = models.device
     n_updates = max(1, cfg.total_episodes // cfg.batch_size)
-    params = trainable_params(policy, critic)
+    params = models.trainable_params()
     # eps 1e-5: CleanRL / Huang et al. detail. fused: one kernel for all tensors, not one
     # per tensor (transformers' and TRL's default too).
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -228,8 +265,8 @@ def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, rewar
     start, history, stats, stop_reason = 0, [], {}, None
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
-        policy.load_state_dict(state["policy"])
-        critic.load_state_dict(state["critic"])
+        models.policy.load_state_dict(state["policy"])
+        models.critic.load_state_dict(state["critic"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         kl_ctl.load_state_dict(state["kl_ctl"])
@@ -244,13 +281,13 @@ def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, rewar
     bar = tqdm(range(start if stop_reason is None else n_updates, n_updates), desc="ppo", initial=start, total=n_updates)
     for update in bar:
         t0 = time.perf_counter()
-        policy.eval(), critic.eval()  # no dropout while sampling and scoring (Huang et al.)
+        models.train(False)  # no dropout while sampling and scoring (Huang et al.)
         with autocast(cfg, device):
-            ro = make_rollout(cfg, policy, ref_policy, critic, reward_model, reward_norm,
-                              tokenizer, sampler.next_batch(cfg.batch_size), kl_ctl.value, device)
+            ro = make_rollout(cfg, models, sampler.next_batch(cfg.batch_size), beta=kl_ctl.value)
         t_gen = time.perf_counter() - t0
-        policy.train(), critic.train()
-        stats = ppo_update(cfg, policy, critic, optimizer, ro, kl_ctl.value, gen, scaler)
+        models.train()
+        stats = ppo_update(cfg, models, ro, beta=kl_ctl.value, optimizer=optimizer, gen=gen,
+                           scaler=scaler)
         scheduler.step()
         seq_kl = ro.kl.sum(1)  # (B,) KL to the reference per sequence
         mean_kl = float(seq_kl.mean())
@@ -279,7 +316,7 @@ def train_ppo(cfg: PPOConfig, *, policy, ref_policy, critic, reward_model, rewar
             stop_reason = f"KL {mean_kl:.2f} nats exceeded kl_budget {cfg.kl_budget} at step {step}"
         if checkpoint is not None and (step % cfg.checkpoint_every == 0 or step == n_updates
                                        or stop_reason):
-            _save_checkpoint(checkpoint, step, policy, critic, optimizer, scheduler, kl_ctl,
+            _save_checkpoint(checkpoint, step, models, optimizer, scheduler, kl_ctl,
                              sampler, gen, history, stats, stop_reason)
         if stop_reason:
             break
