@@ -1,8 +1,9 @@
-"""The PPO loop: sample a batch, score it, update policy and critic, checkpoint; repeat.
+"""The PPO loop, read top to bottom as in CleanRL's ppo.py: sample a batch of responses, score
+it, run ``ppo_epochs`` of minibatch updates on policy and critic, adapt beta, checkpoint; repeat.
 
-Imports torch and the math in ``models/`` only (no Prefect, no MLflow), so it runs on a GPU
-machine that has torch, transformers and pydantic and nothing else. The stage around it
-(config, model loading, MLflow) is ``tasks/ppo.py``.
+Imports torch and ``models/`` only (no Prefect, no MLflow), so it runs on a GPU machine that
+has torch, transformers and pydantic and nothing else. The stage around it (config, model
+loading, MLflow) is ``tasks/ppo.py``; the math is ``models/ppo.py``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -43,7 +44,7 @@ class PPOModels:
 
     policy: torch.nn.Module               # actor, initialised from SFT; trained
     reference: torch.nn.Module | None     # frozen SFT policy; None: policy with adapters off
-    critic: torch.nn.Module               # value model (own weights or a SharedTrunkCritic); trained
+    critic: torch.nn.Module               # value model, own weights or a SharedTrunkCritic; trained
     reward_model: torch.nn.Module | None  # frozen; None: critic with adapters off
     reward_norm: RewardNorm               # the reward stage's mean/std: scores enter PPO normalised
     tokenizer: PreTrainedTokenizerBase
@@ -85,17 +86,7 @@ def _frozen_view(trained: torch.nn.Module, frozen: torch.nn.Module | None
             yield trained
 
 
-# --- sampling and one update ---------------------------------------------------------------
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
+# --- the state of a run, and its checkpoints ------------------------------------------------
 
 
 class PromptSampler:
@@ -124,12 +115,99 @@ class PromptSampler:
         self.order, self.pos = s["order"], s["pos"]
 
 
+@dataclass
+class TrainState:
+    """Everything besides the weights that decides the next update: a checkpoint saves it with
+    the weights and the RNGs, so a resumed run repeats the uninterrupted one."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    kl_ctl: FixedKLController     # beta = kl_ctl.value; AdaptiveKLController moves it
+    sampler: PromptSampler        # which prompts come next
+    gen: torch.Generator          # minibatch permutations
+    step: int = 0                 # updates done
+    history: list[dict] = field(default_factory=list)     # {"step", "kl", "score"} per update
+    stats: dict[str, float] = field(default_factory=dict)  # the last update's metrics
+    stop_reason: str | None = None  # why the run stopped before total_episodes (KL budget)
+
+
+def init_train_state(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], seed: int,
+                     n_updates: int) -> TrainState:
+    """Step 0: a fresh optimizer over policy and critic, lr schedule, KL controller and sampler."""
+    # eps 1e-5: CleanRL / Huang et al. detail. fused: one kernel for all tensors, not one
+    # per tensor (transformers' and TRL's default too).
+    optimizer = torch.optim.AdamW(models.trainable_params(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, eps=1e-5, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda u: 1 - u / n_updates) if cfg.lr_schedule == "linear" else (lambda u: 1.0))
+    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.adaptive_kl else FixedKLController(cfg.init_kl_coef))
+    return TrainState(optimizer, scheduler, kl_ctl, PromptSampler(prompts, seed),
+                      torch.Generator().manual_seed(seed))
+
+
+def save_checkpoint(path: Path, models: PPOModels, state: TrainState) -> None:
+    """Weights, ``state`` and the RNGs, written to a temp file and renamed: a kill mid-write
+    leaves the previous checkpoint whole."""
+    ckpt = {
+        "step": state.step, "policy": models.policy.state_dict(),
+        "critic": models.critic.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(), "kl_ctl": state.kl_ctl.state_dict(),
+        "sampler": state.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+        "gen": state.gen.get_state(), "history": state.history, "stats": state.stats,
+        "stop_reason": state.stop_reason,
+    }
+    if torch.cuda.is_available():
+        ckpt["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def restore_checkpoint(path: Path, models: PPOModels, state: TrainState) -> None:
+    """Load what ``save_checkpoint`` wrote back into ``models`` and ``state``, RNGs included."""
+    ckpt = torch.load(path, weights_only=False)
+    models.policy.load_state_dict(ckpt["policy"])
+    models.critic.load_state_dict(ckpt["critic"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.kl_ctl.load_state_dict(ckpt["kl_ctl"])
+    state.sampler.load_state_dict(ckpt["sampler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    state.gen.set_state(ckpt["gen"])
+    if "cuda_rng" in ckpt and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    state.step, state.history = ckpt["step"], ckpt["history"]
+    state.stats, state.stop_reason = ckpt["stats"], ckpt["stop_reason"]
+
+
+# --- sampling and one update ---------------------------------------------------------------
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
 def autocast(cfg: PPOConfig, device: torch.device):
     """bf16/fp16 autocast on CUDA when configured; a no-op elsewhere."""
     if device.type != "cuda" or cfg.mixed_precision == "no":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def grad_scaler(cfg: PPOConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """Loss scaling for fp16 on CUDA: fp16's narrow range underflows small gradients (bf16
+    has fp32's range and needs none)."""
+    if device.type == "cuda" and cfg.mixed_precision == "fp16":
+        return torch.amp.GradScaler("cuda")
+    return None
 
 
 @torch.no_grad()
@@ -213,25 +291,22 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-# --- the loop, checkpoints, the stage ---------------------------------------------------------
-
-
-def _save_checkpoint(path: Path, step: int, models: PPOModels, optimizer, scheduler, kl_ctl,
-                     sampler: PromptSampler, gen: torch.Generator, history: list,
-                     stats: dict, stop_reason: str | None) -> None:
-    """Everything resume needs; written to a temp file and renamed so a kill mid-write is safe."""
-    state = {
-        "step": step, "policy": models.policy.state_dict(), "critic": models.critic.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "kl_ctl": kl_ctl.state_dict(), "sampler": sampler.state_dict(),
-        "torch_rng": torch.get_rng_state(), "gen": gen.get_state(), "history": history,
-        "stats": stats, "stop_reason": stop_reason,
+def rollout_metrics(ro: Rollout, beta: float) -> dict[str, float]:
+    """What one batch says about the policy: KL drift, scores, critic fit, response lengths."""
+    seq_kl = ro.kl.sum(1)  # (B,) KL to the reference per sequence
+    return {
+        "objective/kl": float(seq_kl.mean()), "objective/kl_max_seq": float(seq_kl.max()),
+        "objective/kl_coef": beta, "objective/scores": float(ro.scores.mean()),
+        "objective/rlhf_reward": float((ro.scores - beta * seq_kl).mean()),
+        "objective/non_score_reward": float((-beta * seq_kl).mean()),
+        "val/explained_variance": explained_variance(ro.values, ro.returns, ro.response_mask),
+        "val/mean": float(masked_mean(ro.values, ro.response_mask)),
+        "episode/length": float(ro.response_mask.sum(1).mean()),
+        "episode/eos_rate": float(ro.ended_with_eos.float().mean()),
     }
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+
+
+# --- the loop ------------------------------------------------------------------------------
 
 
 def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], seed: int,
@@ -248,81 +323,48 @@ def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], se
                          "mini_batch_size of gradient_accumulation_steps")
     device = models.device
     n_updates = max(1, cfg.total_episodes // cfg.batch_size)
-    params = models.trainable_params()
-    # eps 1e-5: CleanRL / Huang et al. detail. fused: one kernel for all tensors, not one
-    # per tensor (transformers' and TRL's default too).
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  eps=1e-5, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, (lambda u: 1 - u / n_updates) if cfg.lr_schedule == "linear" else (lambda u: 1.0))
-    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
-              if cfg.adaptive_kl else FixedKLController(cfg.init_kl_coef))
-    scaler = (torch.amp.GradScaler("cuda") if device.type == "cuda"
-              and cfg.mixed_precision == "fp16" else None)
-    sampler = PromptSampler(prompts, seed)
-    gen = torch.Generator().manual_seed(seed)
+    state = init_train_state(cfg, models, prompts, seed, n_updates)
+    scaler = grad_scaler(cfg, device)
     torch.manual_seed(seed)
-    start, history, stats, stop_reason = 0, [], {}, None
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        models.policy.load_state_dict(state["policy"])
-        models.critic.load_state_dict(state["critic"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        gen.set_state(state["gen"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start, history = state["step"], state["history"]
-        stats, stop_reason = state["stats"], state["stop_reason"]
+        restore_checkpoint(checkpoint, models, state)
 
-    bar = tqdm(range(start if stop_reason is None else n_updates, n_updates), desc="ppo", initial=start, total=n_updates)
+    first = state.step if state.stop_reason is None else n_updates  # a stopped run stays stopped
+    bar = tqdm(range(first, n_updates), desc="ppo", initial=state.step, total=n_updates)
     for update in bar:
         t0 = time.perf_counter()
+        beta = state.kl_ctl.value
         models.train(False)  # no dropout while sampling and scoring (Huang et al.)
         with autocast(cfg, device):
-            ro = make_rollout(cfg, models, sampler.next_batch(cfg.batch_size), beta=kl_ctl.value)
+            ro = make_rollout(cfg, models, state.sampler.next_batch(cfg.batch_size), beta=beta)
         t_gen = time.perf_counter() - t0
         models.train()
-        stats = ppo_update(cfg, models, ro, beta=kl_ctl.value, optimizer=optimizer, gen=gen,
+        stats = ppo_update(cfg, models, ro, beta=beta, optimizer=state.optimizer, gen=state.gen,
                            scaler=scaler)
-        scheduler.step()
-        seq_kl = ro.kl.sum(1)  # (B,) KL to the reference per sequence
-        mean_kl = float(seq_kl.mean())
-        n_tokens = float(ro.response_mask.sum())
+        state.scheduler.step()
+        stats.update(rollout_metrics(ro, beta))
         elapsed = time.perf_counter() - t0
-        stats.update({
-            "objective/kl": mean_kl, "objective/kl_max_seq": float(seq_kl.max()),
-            "objective/kl_coef": kl_ctl.value, "objective/scores": float(ro.scores.mean()),
-            "objective/rlhf_reward": float((ro.scores - kl_ctl.value * seq_kl).mean()),
-            "objective/non_score_reward": float((-kl_ctl.value * seq_kl).mean()),
-            "val/explained_variance": explained_variance(ro.values, ro.returns, ro.response_mask),
-            "val/mean": float(masked_mean(ro.values, ro.response_mask)),
-            "episode/length": float(ro.response_mask.sum(1).mean()),
-            "episode/eos_rate": float(ro.ended_with_eos.float().mean()),
-            "perf/episodes_per_s": cfg.batch_size / elapsed,
-            "perf/tokens_per_s": n_tokens / elapsed, "perf/generation_share": t_gen / elapsed,
-            "lr": scheduler.get_last_lr()[0],
-        })
-        kl_ctl.update(mean_kl, cfg.batch_size)
-        step = update + 1
-        history.append({"step": step, "kl": mean_kl, "score": stats["objective/scores"]})
-        bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{stats['objective/scores']:.2f}")
-        if log_fn is not None and (step % cfg.log_every == 0 or step == n_updates):
-            log_fn({f"ppo/{k}": v for k, v in stats.items()}, step)
+        stats.update({"perf/episodes_per_s": cfg.batch_size / elapsed,
+                      "perf/tokens_per_s": float(ro.response_mask.sum()) / elapsed,
+                      "perf/generation_share": t_gen / elapsed,
+                      "lr": state.scheduler.get_last_lr()[0]})
+        mean_kl, score = stats["objective/kl"], stats["objective/scores"]
+        state.kl_ctl.update(mean_kl, cfg.batch_size)
+        state.step, state.stats = update + 1, stats
+        state.history.append({"step": state.step, "kl": mean_kl, "score": score})
+        bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{score:.2f}")
+        if log_fn is not None and (state.step % cfg.log_every == 0 or state.step == n_updates):
+            log_fn({f"ppo/{k}": v for k, v in stats.items()}, state.step)
         if cfg.kl_budget is not None and mean_kl > cfg.kl_budget:
-            stop_reason = f"KL {mean_kl:.2f} nats exceeded kl_budget {cfg.kl_budget} at step {step}"
-        if checkpoint is not None and (step % cfg.checkpoint_every == 0 or step == n_updates
-                                       or stop_reason):
-            _save_checkpoint(checkpoint, step, models, optimizer, scheduler, kl_ctl,
-                             sampler, gen, history, stats, stop_reason)
-        if stop_reason:
+            state.stop_reason = (f"KL {mean_kl:.2f} nats exceeded kl_budget {cfg.kl_budget} "
+                                 f"at step {state.step}")
+        if checkpoint is not None and (state.step % cfg.checkpoint_every == 0
+                                       or state.step == n_updates or state.stop_reason):
+            save_checkpoint(checkpoint, models, state)
+        if state.stop_reason:
             break
     bar.close()
-    steps_done = history[-1]["step"] if history else 0
-    if stop_reason is None and steps_done != n_updates:  # never report skipped steps as done
-        raise RuntimeError(f"ppo: {steps_done} of {n_updates} updates done, without a stop reason")
-    return {"steps": steps_done, "planned_steps": n_updates, "stop_reason": stop_reason,
-            "final": stats, "history": history}
+    if state.stop_reason is None and state.step != n_updates:  # never report skipped steps as done
+        raise RuntimeError(f"ppo: {state.step} of {n_updates} updates done, without a stop reason")
+    return {"steps": state.step, "planned_steps": n_updates, "stop_reason": state.stop_reason,
+            "final": state.stats, "history": state.history}
