@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
 from models.loading import load_sequence_scorer, load_tokenizer, transformer_blocks
 from models.reward import RewardNorm
 from tasks.ppo import PPOConfig, _load_prompts, build_models
-from tasks.ppo_trainer import make_rollout, train_ppo
+from tasks.ppo_trainer import autocast, grad_scaler, make_rollout, train_ppo
 from tasks.base import LoraSettings
 
 BASE = "demo/base_model"
@@ -108,9 +114,15 @@ def test_reward_whitening_keeps_scores_finite(rm_dir, prompts):
                                          for m in logs)
 
 
-def test_value_clipping_toggle(rm_dir, prompts):
-    _, logs, _ = run(PPOConfig(**SMALL, clip_range_value=None), rm_dir, prompts)
-    assert all(m["ppo/val/clipfrac"] == 0.0 for m in logs)
+def test_value_clipping_bites_in_a_run(rm_dir, prompts):
+    """A tight value clip holds the critic back once it has moved (from the second minibatch
+    on); without one nothing is clipped. The hand-checked loss is in test_ppo_math.py."""
+    _, logs_on, on = run(PPOConfig(**SMALL, clip_range_value=1e-4), rm_dir, prompts)
+    _, logs_off, off = run(PPOConfig(**SMALL, clip_range_value=None), rm_dir, prompts)
+    assert max(m["ppo/val/clipfrac"] for m in logs_on) > 0.1
+    assert all(m["ppo/val/clipfrac"] == 0.0 for m in logs_off)
+    w = "score.weight"
+    assert not torch.allclose(on.critic.state_dict()[w], off.critic.state_dict()[w])
 
 
 def test_critic_initialisation(rm_dir, prompts):
@@ -199,9 +211,30 @@ def test_kl_budget_stops_early_with_reason(rm_dir, prompts, tmp_path):
     assert again["steps"] == 1 and again["stop_reason"] == summary["stop_reason"]
 
 
-def test_mixed_precision_is_a_no_op_on_cpu(rm_dir, prompts):
-    summary, _, _ = run(PPOConfig(**SMALL, mixed_precision="bf16"), rm_dir, prompts)
-    assert summary["steps"] == 2
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16"])
+def test_mixed_precision_is_fp32_on_cpu(mixed_precision):
+    """On CPU every setting means fp32: no autocast, no loss scaling."""
+    cfg, cpu = PPOConfig(mixed_precision=mixed_precision), torch.device("cpu")
+    assert isinstance(autocast(cfg, cpu), contextlib.nullcontext)
+    assert grad_scaler(cfg, cpu) is None
+    with autocast(cfg, cpu):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("mixed_precision, dtype, scaled", [
+    ("no", None, False), ("bf16", torch.bfloat16, False), ("fp16", torch.float16, True)])
+def test_mixed_precision_on_cuda_picks_its_dtype(mixed_precision, dtype, scaled):
+    """The CUDA choice, checked without a GPU: torch.autocast("cuda") and GradScaler("cuda")
+    can be built anywhere (without CUDA they warn and disable themselves)."""
+    cfg, cuda = PPOConfig(mixed_precision=mixed_precision), torch.device("cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ctx, scaler = autocast(cfg, cuda), grad_scaler(cfg, cuda)
+    if dtype is None:
+        assert isinstance(ctx, contextlib.nullcontext)
+    else:
+        assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == dtype
+    assert isinstance(scaler, torch.amp.GradScaler) == scaled  # fp16 only: bf16 has fp32's range
 
 
 def test_value_head_on_the_policy_shares_its_trunk(rm_dir, prompts):
@@ -214,7 +247,6 @@ def test_value_head_on_the_policy_shares_its_trunk(rm_dir, prompts):
     assert len(models.trainable_params()) == n_policy + 1  # the trunk counted once
     summary = train_ppo(cfg, models, prompts=prompts, seed=0)
     assert summary["steps"] == 2 and critic.score.weight.any()
-
 
 
 def test_generation_logprobs_match_a_full_forward(tok, prompts):
@@ -233,3 +265,13 @@ def test_generation_logprobs_match_a_full_forward(tok, prompts):
     with torch.no_grad():
         full = response_logprobs(policy, ids, attn, resp, temperature=0.7) * mask
     assert torch.allclose(logp, full, atol=1e-4)
+
+
+def test_trainer_imports_without_prefect_or_mlflow():
+    """A GPU box may have torch, transformers and pydantic only: the trainer and the stage
+    module must import without Prefect or MLflow (mlflow is imported inside run_ppo)."""
+    code = ("import sys, tasks.ppo_trainer, tasks.ppo; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
