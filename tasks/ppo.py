@@ -157,6 +157,9 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
                      reward_norm=RewardNorm.load(reward_model_uri), tokenizer=tokenizer)
 
 
+# --- the stage ---------------------------------------------------------------------------
+
+
 def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompts_uri: str,
             out_dir: str, seed: int, ctx: TrackingContext) -> PolicyResult:
     """Load actor/reference/critic/reward model, train, save the policy, log it all."""
