@@ -1,4 +1,4 @@
-"""Benchmark worker: our PPO (``tasks/ppo.py``) on the driver's matched settings.
+"""Benchmark worker: our PPO (``tasks/ppo_trainer.py``) on the driver's matched settings.
 
     .venv/bin/python bench/ppo_worker_ours.py SETTINGS.json RESULT.json
 
@@ -25,31 +25,28 @@ def main(settings_path: str, result_path: str) -> None:
     import trl
 
     import tasks.ppo as ppo
-    from models.loading import load_tokenizer
-    from models.reward import RewardNorm
+    import tasks.ppo_trainer as trainer
 
     cfg = ppo.PPOConfig(
         total_episodes=s["total_episodes"], batch_size=s["batch_size"],
         mini_batch_size=s["batch_size"] // s["mini_batches"], gradient_accumulation_steps=1,
         ppo_epochs=s["ppo_epochs"], learning_rate=s["learning_rate"], lr_schedule="linear",
         max_prompt_length=s["max_prompt_length"], max_new_tokens=s["response_length"],
-        temperature=s["temperature"], kl_coef=s["kl_coef"], adaptive_kl=False,
+        temperature=s["temperature"], init_kl_coef=s["kl_coef"], adaptive_kl=False,
         kl_estimator="k1", kl_in_reward=True, gamma=s["gamma"], lam=s["lam"],
         clip_range=s["cliprange"], clip_range_value=s["cliprange_value"], vf_coef=s["vf_coef"],
         ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
         missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
         checkpoint_every=10**9, log_every=1)
-    tok = load_tokenizer(s["policy_dir"])
-    policy, ref, critic, rm = ppo.build_models(cfg, s["policy_dir"], s["rm_dir"],
-                                               tok.pad_token_id, device)
+    models = ppo.build_models(cfg, s["policy_dir"], s["rm_dir"], device)
+    tok = models.tokenizer
     prompts = ppo._load_prompts(s["prompts_path"], tok, cfg.max_prompt_length)
-    norm = RewardNorm.load(s["rm_dir"])
     rss_after_load = common.rss_mb()
 
     clock = common.Clock()
     # Count sampled tokens at the source, as the trl side does: wrap the generate that
-    # tasks.ppo calls (it imported the name, so patch it there). Costs one cumsum per batch.
-    inner_generate = ppo.generate
+    # tasks.ppo_trainer calls (it imported the name, so patch it there). One cumsum per batch.
+    inner_generate = trainer.generate
 
     def counting_generate(*args, **kwargs):
         out = inner_generate(*args, **kwargs)
@@ -58,14 +55,13 @@ def main(settings_path: str, result_path: str) -> None:
         clock.updates_tokens.append(n)
         return out
 
-    ppo.generate = counting_generate
+    trainer.generate = counting_generate
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     clock.start()
-    summary = ppo.train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
-                            reward_norm=norm, tokenizer=tok, prompts=prompts, seed=s["seed"],
-                            checkpoint=None, log_fn=lambda metrics, step: clock.stamp())
+    summary = trainer.train_ppo(cfg, models, prompts=prompts, seed=s["seed"], checkpoint=None,
+                                log_fn=lambda metrics, step: clock.stamp())
     if device.type == "cuda":
         torch.cuda.synchronize()
     clock.stop()

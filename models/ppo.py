@@ -92,14 +92,14 @@ def sequence_end_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def compute_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor,
-                    mask: torch.Tensor, kl_coef: float, estimator: str = "k1"
+                    mask: torch.Tensor, beta: float, estimator: str = "k1"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token reward: -kl_coef * KL_t everywhere, plus the sequence score on its last token.
+    """Per-token reward: -beta * KL_t everywhere, plus the sequence score on its last token.
 
     scores (B,), logp/ref_logp/mask (B, T) -> rewards (B, T), kl (B, T). Ziegler et al. 2019 eq. 2.
     """
     kl = kl_estimate(logp, ref_logp, estimator) * mask
-    rewards = -kl_coef * kl
+    rewards = -beta * kl
     end = sequence_end_index(mask)
     rewards = rewards.scatter_add(1, end.unsqueeze(1), scores.unsqueeze(1).to(rewards.dtype))
     return rewards * mask, kl

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from models.loading import load_tokenizer
-from models.reward import RewardNorm
-from tasks.ppo import PPOConfig, _load_prompts, build_models, train_ppo
+from tasks.ppo import PPOConfig, _load_prompts, build_models
+from tasks.ppo_trainer import train_ppo
 
 CFG = PPOConfig(total_episodes=48, batch_size=8, mini_batch_size=4, ppo_epochs=1,
                 max_new_tokens=8, checkpoint_every=1)
@@ -19,17 +18,14 @@ CFG = PPOConfig(total_episodes=48, batch_size=8, mini_batch_size=4, ppo_epochs=1
 
 def main(rm_dir: str, checkpoint: str, out_json: str) -> None:
     torch.set_num_threads(1)  # identical arithmetic in every process
-    tok = load_tokenizer("demo/base_model")
-    prompts = _load_prompts("demo/data/rl_prompts.jsonl", tok, 32)[:32]
-    policy, ref, critic, rm = build_models(CFG, "demo/base_model", rm_dir, tok.pad_token_id,
-                                           torch.device("cpu"))
+    models = build_models(CFG, "demo/base_model", rm_dir, torch.device("cpu"))
+    prompts = _load_prompts("demo/data/rl_prompts.jsonl", models.tokenizer, 32)[:32]
 
     def log(metrics, step):
         print(f"step {step}", flush=True)
 
-    summary = train_ppo(CFG, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
-                        reward_norm=RewardNorm.load(rm_dir), tokenizer=tok, prompts=prompts,
-                        seed=0, checkpoint=Path(checkpoint), log_fn=log)
+    summary = train_ppo(CFG, models, prompts=prompts, seed=0, checkpoint=Path(checkpoint),
+                        log_fn=log)
     Path(out_json).write_text(json.dumps({k: summary[k] for k in ("steps", "planned_steps",
                                                                   "stop_reason", "history")}))
 

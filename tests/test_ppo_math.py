@@ -66,7 +66,7 @@ def test_compute_rewards_puts_score_on_last_real_token():
     logp = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
     ref = torch.tensor([[-1.5, -1.0, -2.0], [-2.0, -1.0, -1.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    rewards, kl = compute_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    rewards, kl = compute_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, beta=0.1)
     # k1 per token = logp - ref: row0 [0.5, 0, 1.0]; row1 [1.0, 0, (masked)]
     assert torch.allclose(kl, torch.tensor([[0.5, 0.0, 1.0], [1.0, 0.0, 0.0]]))
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, -0.1 + 2.0], [-0.1, -1.0, 0.0]]))
@@ -150,6 +150,30 @@ def test_value_loss_by_hand():
     assert clipfrac.item() == 0.0
     loss2, _ = value_loss(v, v_old, ret, m, clip_range_value=None)
     assert loss2.item() == pytest.approx(0.5)
+
+
+def test_value_clipping_changes_loss_and_gradient_by_hand():
+    """Where V left V_old +- eps in the direction of the return, the clipped (larger) loss wins
+    and that token's gradient is 0: the critic may not move further than eps per batch."""
+    v = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    v_old = torch.tensor([[0.5, 0.0]])
+    ret = torch.tensor([[2.0, 1.0]])
+    m = torch.ones(1, 2)
+    loss, clipfrac = value_loss(v, v_old, ret, m, clip_range_value=0.2)
+    # t0: unclipped (1 - 2)^2 = 1; V clipped to 0.5 + 0.2 = 0.7 -> (0.7 - 2)^2 = 1.69; max 1.69
+    # t1: V = V_old: both (0 - 1)^2 = 1
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)
+    loss.backward()
+    # t0: clamp saturated, no gradient; t1: d/dV 0.5 * (V - R)^2 / 2 = (V - R) / 2 = -0.5
+    assert v.grad[0].tolist() == pytest.approx([0.0, -0.5])
+
+    v.grad = None
+    loss, clipfrac = value_loss(v, v_old, ret, m, clip_range_value=None)
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 1.0) / 2)
+    assert clipfrac.item() == 0.0
+    loss.backward()
+    assert v.grad[0].tolist() == pytest.approx([-0.5, -0.5])  # t0 now (1 - 2) / 2 too
 
 
 def test_explained_variance():

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
 from models.loading import load_sequence_scorer, load_tokenizer, transformer_blocks
 from models.reward import RewardNorm
-from tasks.ppo import PPOConfig, _load_prompts, build_models, make_rollout, train_ppo
+from tasks.ppo import PPOConfig, _load_prompts, build_models
+from tasks.ppo_trainer import autocast, grad_scaler, make_rollout, train_ppo
 from tasks.base import LoraSettings
 
 BASE = "demo/base_model"
@@ -29,24 +36,24 @@ def prompts(tok):
     return _load_prompts("demo/data/rl_prompts.jsonl", tok, 32)[:32]
 
 
-def run(cfg: PPOConfig, rm_dir, tok, prompts, seed=0, checkpoint=None):
-    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
-    logs = []
-    summary = train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
-                        reward_norm=RewardNorm.load(rm_dir), tokenizer=tok, prompts=prompts,
-                        seed=seed, checkpoint=checkpoint, log_fn=lambda m, s: logs.append(m))
-    return summary, logs, (policy, ref, critic, rm)
+def models_for(cfg: PPOConfig, rm_dir):
+    return build_models(cfg, BASE, rm_dir, torch.device("cpu"))
 
 
-def rollout(cfg, rm_dir, tok, prompts, seed=0):
+def run(cfg: PPOConfig, rm_dir, prompts, seed=0, checkpoint=None):
+    models, logs = models_for(cfg, rm_dir), []
+    summary = train_ppo(cfg, models, prompts=prompts, seed=seed, checkpoint=checkpoint,
+                        log_fn=lambda m, s: logs.append(m))
+    return summary, logs, models
+
+
+def rollout(cfg, rm_dir, prompts, seed=0):
     torch.manual_seed(seed)
-    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
-    return make_rollout(cfg, policy, ref, critic, rm, RewardNorm.load(rm_dir), tok, prompts[:8],
-                        cfg.kl_coef, torch.device("cpu"))
+    return make_rollout(cfg, models_for(cfg, rm_dir), prompts[:8], beta=cfg.init_kl_coef)
 
 
-def test_default_run_logs_kl_drift_metrics(rm_dir, tok, prompts):
-    summary, logs, _ = run(PPOConfig(**SMALL), rm_dir, tok, prompts)
+def test_default_run_logs_kl_drift_metrics(rm_dir, prompts):
+    summary, logs, _ = run(PPOConfig(**SMALL), rm_dir, prompts)
     assert summary["steps"] == summary["planned_steps"] == 2 and summary["stop_reason"] is None
     for key in ("objective/kl", "objective/kl_max_seq", "objective/kl_coef", "policy/clipfrac",
                 "policy/approx_kl", "val/explained_variance", "policy/entropy",
@@ -55,78 +62,82 @@ def test_default_run_logs_kl_drift_metrics(rm_dir, tok, prompts):
         assert f"ppo/{key}" in logs[-1], key
 
 
-def test_adaptive_vs_fixed_kl_coef(rm_dir, tok, prompts):
-    _, logs, _ = run(PPOConfig(**SMALL, adaptive_kl=False, kl_coef=0.3), rm_dir, tok, prompts)
+def test_adaptive_vs_fixed_kl_coef(rm_dir, prompts):
+    _, logs, _ = run(PPOConfig(**SMALL, adaptive_kl=False, init_kl_coef=0.3), rm_dir, prompts)
     assert [m["ppo/objective/kl_coef"] for m in logs] == [0.3, 0.3]
-    _, logs, _ = run(PPOConfig(**SMALL, kl_coef=0.3, kl_target=1e-6, kl_horizon=100),
-                     rm_dir, tok, prompts)
+    _, logs, _ = run(PPOConfig(**SMALL, init_kl_coef=0.3, kl_target=1e-6, kl_horizon=100),
+                     rm_dir, prompts)
     # The first batch is sampled before any update: KL 0, below target, so beta shrinks by
     # the clipped error: beta * (1 - 0.2 * 8 / 100) is what the second update uses.
     assert logs[0]["ppo/objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert logs[1]["ppo/objective/kl_coef"] == pytest.approx(0.3 * 0.984)
 
 
-def test_kl_in_reward_vs_kl_as_loss(rm_dir, tok, prompts):
-    in_reward = rollout(PPOConfig(**SMALL, kl_coef=1.0), rm_dir, tok, prompts)
+def test_kl_in_reward_vs_kl_as_loss(rm_dir, prompts):
+    in_reward = rollout(PPOConfig(**SMALL, init_kl_coef=1.0), rm_dir, prompts)
     # rewards sum to score - beta * sum(kl)
     assert torch.allclose(in_reward.rewards.sum(1), in_reward.scores - in_reward.kl.sum(1), atol=1e-5)
-    as_loss = rollout(PPOConfig(**SMALL, kl_coef=1.0, kl_in_reward=False, kl_estimator="k3"),
-                      rm_dir, tok, prompts)
+    as_loss = rollout(PPOConfig(**SMALL, init_kl_coef=1.0, kl_in_reward=False, kl_estimator="k3"),
+                      rm_dir, prompts)
     assert torch.allclose(as_loss.rewards.sum(1), as_loss.scores, atol=1e-5)
 
 
-def test_advantage_whitening(rm_dir, tok, prompts):
-    ro = rollout(PPOConfig(**SMALL), rm_dir, tok, prompts)
+def test_advantage_whitening(rm_dir, prompts):
+    ro = rollout(PPOConfig(**SMALL), rm_dir, prompts)
     m = ro.response_mask.bool()
     assert ro.advantages[m].mean().item() == pytest.approx(0.0, abs=1e-5)
     assert ro.advantages[m].std().item() == pytest.approx(1.0, abs=1e-3)
-    raw = rollout(PPOConfig(**SMALL, whiten_advantages=False), rm_dir, tok, prompts)
+    raw = rollout(PPOConfig(**SMALL, whiten_advantages=False), rm_dir, prompts)
     assert abs(raw.advantages[m].std().item() - 1.0) > 1e-3
 
 
-def test_reward_clip_and_missing_eos_penalty(rm_dir, tok, prompts):
+def test_reward_clip_and_missing_eos_penalty(rm_dir, prompts):
     big = RewardNorm(1.0, 0.0, 1e-3)  # scores * 1000: clipping must bite
     big_dir = rm_dir + "_big"
     import shutil
 
     shutil.copytree(rm_dir, big_dir, dirs_exist_ok=True)
     big.save(big_dir)
-    ro = rollout(PPOConfig(**SMALL, reward_clip=2.0, missing_eos_penalty=None), big_dir, tok, prompts)
+    ro = rollout(PPOConfig(**SMALL, reward_clip=2.0, missing_eos_penalty=None), big_dir, prompts)
     assert ro.scores.abs().max().item() <= 2.0
     # max_new_tokens=2: nearly every response is truncated without EOS.
     cfg = dict(SMALL, max_new_tokens=2)
-    a = rollout(PPOConfig(**cfg, missing_eos_penalty=None), rm_dir, tok, prompts, seed=1)
-    b = rollout(PPOConfig(**cfg, missing_eos_penalty=3.0), rm_dir, tok, prompts, seed=1)
+    a = rollout(PPOConfig(**cfg, missing_eos_penalty=None), rm_dir, prompts, seed=1)
+    b = rollout(PPOConfig(**cfg, missing_eos_penalty=3.0), rm_dir, prompts, seed=1)
     assert torch.equal(a.response_ids, b.response_ids)
     assert torch.allclose(b.scores, a.scores - 3.0 * (~a.ended_with_eos).float())
 
 
-def test_reward_whitening_keeps_scores_finite(rm_dir, tok, prompts):
-    summary, logs, _ = run(PPOConfig(**SMALL, whiten_rewards=True), rm_dir, tok, prompts)
+def test_reward_whitening_keeps_scores_finite(rm_dir, prompts):
+    summary, logs, _ = run(PPOConfig(**SMALL, whiten_rewards=True), rm_dir, prompts)
     assert summary["steps"] == 2 and all(torch.isfinite(torch.tensor(list(m.values()))).all()
                                          for m in logs)
 
 
-def test_value_clipping_toggle(rm_dir, tok, prompts):
-    _, logs, _ = run(PPOConfig(**SMALL, clip_range_value=None), rm_dir, tok, prompts)
-    assert all(m["ppo/val/clipfrac"] == 0.0 for m in logs)
+def test_value_clipping_bites_in_a_run(rm_dir, prompts):
+    """A tight value clip holds the critic back once it has moved (from the second minibatch
+    on); without one nothing is clipped. The hand-checked loss is in test_ppo_math.py."""
+    _, logs_on, on = run(PPOConfig(**SMALL, clip_range_value=1e-4), rm_dir, prompts)
+    _, logs_off, off = run(PPOConfig(**SMALL, clip_range_value=None), rm_dir, prompts)
+    assert max(m["ppo/val/clipfrac"] for m in logs_on) > 0.1
+    assert all(m["ppo/val/clipfrac"] == 0.0 for m in logs_off)
+    w = "score.weight"
+    assert not torch.allclose(on.critic.state_dict()[w], off.critic.state_dict()[w])
 
 
-def test_critic_initialisation(rm_dir, tok, prompts):
+def test_critic_initialisation(rm_dir, prompts):
     rm_state = load_sequence_scorer(rm_dir).state_dict()
-    _, _, critic, _ = build_models(PPOConfig(critic_init="reward"), BASE, rm_dir, tok.pad_token_id,
-                                   torch.device("cpu"))
+    critic = models_for(PPOConfig(critic_init="reward"), rm_dir).critic
     assert torch.equal(critic.state_dict()["score.weight"], rm_state["score.weight"])
-    _, _, critic, rm = build_models(PPOConfig(critic_init="sft"), BASE, rm_dir, tok.pad_token_id,
-                                    torch.device("cpu"))
-    assert not torch.equal(critic.state_dict()["score.weight"], rm_state["score.weight"])
-    assert rm is not None  # the reward model stays a separate frozen model
+    models = models_for(PPOConfig(critic_init="sft"), rm_dir)
+    assert not torch.equal(models.critic.state_dict()["score.weight"], rm_state["score.weight"])
+    assert models.reward_model is not None  # the reward model stays a separate frozen model
 
 
-def test_epochs_minibatches_and_accumulation(rm_dir, tok, prompts):
+def test_epochs_minibatches_and_accumulation(rm_dir, prompts):
     cfg = PPOConfig(**dict(SMALL, ppo_epochs=3, mini_batch_size=4, total_episodes=8),
                     gradient_accumulation_steps=2)
-    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
+    models = models_for(cfg, rm_dir)
     steps = []
     opt_step = torch.optim.AdamW.step
 
@@ -136,95 +147,113 @@ def test_epochs_minibatches_and_accumulation(rm_dir, tok, prompts):
 
     torch.optim.AdamW.step = counting_step
     try:
-        train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
-                  reward_norm=RewardNorm.load(rm_dir), tokenizer=tok, prompts=prompts, seed=0)
+        train_ppo(cfg, models, prompts=prompts, seed=0)
     finally:
         torch.optim.AdamW.step = opt_step
     assert len(steps) == 3 * (8 // 4)  # epochs x minibatches, accumulation inside each
     with pytest.raises(ValueError, match="multiple"):
-        run(PPOConfig(**dict(SMALL, mini_batch_size=3)), rm_dir, tok, prompts)
+        run(PPOConfig(**dict(SMALL, mini_batch_size=3)), rm_dir, prompts)
 
 
-def test_entropy_bonus_changes_the_update(rm_dir, tok, prompts):
-    _, _, (p0, *_ ) = run(PPOConfig(**SMALL, ent_coef=0.0), rm_dir, tok, prompts)
-    _, _, (p1, *_ ) = run(PPOConfig(**SMALL, ent_coef=0.5), rm_dir, tok, prompts)
+def test_entropy_bonus_changes_the_update(rm_dir, prompts):
+    _, _, m0 = run(PPOConfig(**SMALL, ent_coef=0.0), rm_dir, prompts)
+    _, _, m1 = run(PPOConfig(**SMALL, ent_coef=0.5), rm_dir, prompts)
     w = "lm_head.weight"
-    assert not torch.allclose(p0.state_dict()[w], p1.state_dict()[w])
+    assert not torch.allclose(m0.policy.state_dict()[w], m1.policy.state_dict()[w])
 
 
-def test_learning_rate_schedule(rm_dir, tok, prompts):
-    _, logs, _ = run(PPOConfig(**dict(SMALL, total_episodes=24)), rm_dir, tok, prompts)
+def test_learning_rate_schedule(rm_dir, prompts):
+    _, logs, _ = run(PPOConfig(**dict(SMALL, total_episodes=24)), rm_dir, prompts)
     lrs = [m["ppo/lr"] for m in logs]
     assert lrs == pytest.approx([3e-4 * 2 / 3, 3e-4 / 3, 0.0])
-    _, logs, _ = run(PPOConfig(**SMALL, lr_schedule="constant"), rm_dir, tok, prompts)
+    _, logs, _ = run(PPOConfig(**SMALL, lr_schedule="constant"), rm_dir, prompts)
     assert {m["ppo/lr"] for m in logs} == {3e-4}
 
 
-def test_lora_shares_base_weights_for_reference_and_reward(rm_dir, tok, prompts):
+def test_lora_shares_base_weights_for_reference_and_reward(rm_dir, prompts):
     cfg = PPOConfig(**SMALL, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     before = {k: v.clone() for k, v in load_sequence_scorer(rm_dir).state_dict().items()}
-    summary, _, (policy, ref, critic, rm) = run(cfg, rm_dir, tok, prompts)
-    assert ref is None and rm is None  # no second copy of the policy or reward-model weights
+    summary, _, models = run(cfg, rm_dir, prompts)
+    # no second copy of the policy or reward-model weights
+    assert models.reference is None and models.reward_model is None
     assert summary["steps"] == 2
-    base_params = {n: p for n, p in policy.named_parameters() if "lora_" not in n}
+    base_params = {n: p for n, p in models.policy.named_parameters() if "lora_" not in n}
     assert all(not p.requires_grad for p in base_params.values())
-    lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    lora_b = [p for n, p in models.policy.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # adapters trained (B starts at zero)
-    # Adapters disabled == the untouched reward model: same scalar head, same backbone.
-    with critic.disable_adapter():
-        head = critic.base_model.model.score.original_module.weight
+    # The reward-model view == the untouched reward model: same scalar head, same backbone.
+    with models.reward_model_view() as rm:
+        head = rm.base_model.model.score.original_module.weight
         assert torch.equal(head, before["score.weight"])
 
 
-def test_freeze_layers(rm_dir, tok, prompts):
+def test_freeze_layers(rm_dir, prompts):
     cfg = PPOConfig(**SMALL, freeze_layers=1)
-    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
+    models = models_for(cfg, rm_dir)
+    policy = models.policy
     frozen = {k: v.clone() for k, v in transformer_blocks(policy)[0].state_dict().items()}
     emb = policy.get_input_embeddings().weight.clone()
-    train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
-              reward_norm=RewardNorm.load(rm_dir), tokenizer=tok, prompts=prompts, seed=0)
+    train_ppo(cfg, models, prompts=prompts, seed=0)
     for k, v in transformer_blocks(policy)[0].state_dict().items():
         assert torch.equal(v, frozen[k]), k
     assert torch.equal(policy.get_input_embeddings().weight, emb)
     assert not torch.equal(transformer_blocks(policy)[1].state_dict()["attn.c_attn.weight"],
-                           transformer_blocks(ref)[1].state_dict()["attn.c_attn.weight"])
+                           transformer_blocks(models.reference)[1].state_dict()["attn.c_attn.weight"])
 
 
-def test_kl_budget_stops_early_with_reason(rm_dir, tok, prompts, tmp_path):
+def test_kl_budget_stops_early_with_reason(rm_dir, prompts, tmp_path):
     cfg = PPOConfig(**dict(SMALL, total_episodes=32), kl_budget=-1.0)
-    summary, logs, _ = run(cfg, rm_dir, tok, prompts, checkpoint=tmp_path / "ckpt.pt")
+    summary, logs, _ = run(cfg, rm_dir, prompts, checkpoint=tmp_path / "ckpt.pt")
     assert summary["steps"] == 1 and summary["planned_steps"] == 4
     assert "exceeded kl_budget" in summary["stop_reason"]
     # A re-run does not train past the recorded stop.
-    again, _, _ = run(cfg, rm_dir, tok, prompts, checkpoint=tmp_path / "ckpt.pt")
+    again, _, _ = run(cfg, rm_dir, prompts, checkpoint=tmp_path / "ckpt.pt")
     assert again["steps"] == 1 and again["stop_reason"] == summary["stop_reason"]
 
 
-def test_mixed_precision_is_a_no_op_on_cpu(rm_dir, tok, prompts):
-    summary, _, _ = run(PPOConfig(**SMALL, mixed_precision="bf16"), rm_dir, tok, prompts)
-    assert summary["steps"] == 2
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16"])
+def test_mixed_precision_is_fp32_on_cpu(mixed_precision):
+    """On CPU every setting means fp32: no autocast, no loss scaling."""
+    cfg, cpu = PPOConfig(mixed_precision=mixed_precision), torch.device("cpu")
+    assert isinstance(autocast(cfg, cpu), contextlib.nullcontext)
+    assert grad_scaler(cfg, cpu) is None
+    with autocast(cfg, cpu):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-def test_value_head_on_the_policy_shares_its_trunk(rm_dir, tok, prompts):
-    from tasks.ppo import trainable_params
+@pytest.mark.parametrize("mixed_precision, dtype, scaled", [
+    ("no", None, False), ("bf16", torch.bfloat16, False), ("fp16", torch.float16, True)])
+def test_mixed_precision_on_cuda_picks_its_dtype(mixed_precision, dtype, scaled):
+    """The CUDA choice, checked without a GPU: torch.autocast("cuda") and GradScaler("cuda")
+    can be built anywhere (without CUDA they warn and disable themselves)."""
+    cfg, cuda = PPOConfig(mixed_precision=mixed_precision), torch.device("cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ctx, scaler = autocast(cfg, cuda), grad_scaler(cfg, cuda)
+    if dtype is None:
+        assert isinstance(ctx, contextlib.nullcontext)
+    else:
+        assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == dtype
+    assert isinstance(scaler, torch.amp.GradScaler) == scaled  # fp16 only: bf16 has fp32's range
 
+
+def test_value_head_on_the_policy_shares_its_trunk(rm_dir, prompts):
     cfg = PPOConfig(**SMALL, critic_init="policy")
-    policy, ref, critic, rm = build_models(cfg, BASE, rm_dir, tok.pad_token_id, torch.device("cpu"))
-    assert critic.trunk is policy.transformer and rm is not None
+    models = models_for(cfg, rm_dir)
+    critic = models.critic
+    assert critic.trunk is models.policy.transformer and models.reward_model is not None
     assert not critic.score.weight.any()  # V starts at 0
-    n_policy = sum(1 for p in policy.parameters() if p.requires_grad)
-    assert len(trainable_params(policy, critic)) == n_policy + 1  # the trunk counted once
-    summary = train_ppo(cfg, policy=policy, ref_policy=ref, critic=critic, reward_model=rm,
-                        reward_norm=RewardNorm.load(rm_dir), tokenizer=tok, prompts=prompts, seed=0)
+    n_policy = sum(1 for p in models.policy.parameters() if p.requires_grad)
+    assert len(models.trainable_params()) == n_policy + 1  # the trunk counted once
+    summary = train_ppo(cfg, models, prompts=prompts, seed=0)
     assert summary["steps"] == 2 and critic.score.weight.any()
-
 
 
 def test_generation_logprobs_match_a_full_forward(tok, prompts):
     """Rollout log-probs come from generate's own logits; they must equal a fresh forward."""
     from models.loading import load_causal_lm
     from models.rollout import generate, response_logprobs
-    from tasks.ppo import _left_pad
+    from tasks.ppo_trainer import _left_pad
 
     policy = load_causal_lm(BASE).eval()
     q, qm = _left_pad(prompts[:8], tok.pad_token_id)
@@ -236,3 +265,13 @@ def test_generation_logprobs_match_a_full_forward(tok, prompts):
     with torch.no_grad():
         full = response_logprobs(policy, ids, attn, resp, temperature=0.7) * mask
     assert torch.allclose(logp, full, atol=1e-4)
+
+
+def test_trainer_imports_without_prefect_or_mlflow():
+    """A GPU box may have torch, transformers and pydantic only: the trainer and the stage
+    module must import without Prefect or MLflow (mlflow is imported inside run_ppo)."""
+    code = ("import sys, tasks.ppo_trainer, tasks.ppo; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

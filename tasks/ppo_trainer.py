@@ -1,0 +1,370 @@
+"""The PPO loop, read top to bottom as in CleanRL's ppo.py: sample a batch of responses, score
+it, run ``ppo_epochs`` of minibatch updates on policy and critic, adapt beta, checkpoint; repeat.
+
+Imports torch and ``models/`` only (no Prefect, no MLflow), so it runs on a GPU machine that
+has torch, transformers and pydantic and nothing else. The stage around it (config, model
+loading, MLflow) is ``tasks/ppo.py``; the math is ``models/ppo.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+
+from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, compute_rewards,
+                        explained_variance, kl_estimate, masked_mean, masked_whiten,
+                        policy_loss, value_loss)
+from models.reward import RewardNorm, score_sequences
+from models.rollout import Rollout, generate, response_logprobs, response_values
+
+if TYPE_CHECKING:  # tasks.ppo imports this module for run_ppo; the config is only a type here
+    from transformers import PreTrainedTokenizerBase
+
+    from tasks.ppo import PPOConfig
+
+
+# --- the models of a run -------------------------------------------------------------------
+
+
+@dataclass
+class PPOModels:
+    """The models of one PPO run, by RL role (OpenRLHF's actor, reference, critic, reward).
+
+    With LoRA, the frozen roles are no second copy of their weights: the reference is the
+    policy with its adapters disabled, and (``critic_init: reward``) the reward model is the
+    critic with its adapters disabled. Read them through ``reference_view`` and
+    ``reward_model_view``, which hide which of the two a run has.
+    """
+
+    policy: torch.nn.Module               # actor, initialised from SFT; trained
+    reference: torch.nn.Module | None     # frozen SFT policy; None: policy with adapters off
+    critic: torch.nn.Module               # value model, own weights or a SharedTrunkCritic; trained
+    reward_model: torch.nn.Module | None  # frozen; None: critic with adapters off
+    reward_norm: RewardNorm               # the reward stage's mean/std: scores enter PPO normalised
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def reference_view(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """``with models.reference_view() as ref:`` the frozen SFT policy."""
+        return _frozen_view(self.policy, self.reference)
+
+    def reward_model_view(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """``with models.reward_model_view() as rm:`` the frozen reward model."""
+        return _frozen_view(self.critic, self.reward_model)
+
+    def train(self, mode: bool = True) -> None:
+        """Policy and critic to train (or eval) mode; the frozen models stay in eval mode."""
+        self.policy.train(mode), self.critic.train(mode)
+
+    def trainable_params(self) -> list[torch.nn.Parameter]:
+        """Policy and critic parameters, each once (a shared-trunk critic repeats the policy's)."""
+        seen, out = set(), []
+        for p in list(self.policy.parameters()) + list(self.critic.parameters()):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+
+@contextlib.contextmanager
+def _frozen_view(trained: torch.nn.Module, frozen: torch.nn.Module | None
+                 ) -> Iterator[torch.nn.Module]:
+    """``frozen`` itself, or (when None) ``trained`` with its LoRA adapters disabled."""
+    if frozen is not None:
+        yield frozen
+    else:
+        with trained.disable_adapter():
+            yield trained
+
+
+# --- the state of a run, and its checkpoints ------------------------------------------------
+
+
+class PromptSampler:
+    """Shuffled pass over the prompts, reshuffled each epoch; its state is checkpointed."""
+
+    def __init__(self, prompts: list[list[int]], seed: int):
+        self.prompts, self.rng, self.order, self.pos = prompts, random.Random(seed), [], 0
+
+    def next_batch(self, n: int) -> list[list[int]]:
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.order = list(range(len(self.prompts)))
+                self.rng.shuffle(self.order)
+                self.pos = 0
+            out.append(self.prompts[self.order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        st = s["rng"]
+        self.rng.setstate((st[0], tuple(st[1]), st[2]))
+        self.order, self.pos = s["order"], s["pos"]
+
+
+@dataclass
+class TrainState:
+    """Everything besides the weights that decides the next update: a checkpoint saves it with
+    the weights and the RNGs, so a resumed run repeats the uninterrupted one."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    kl_ctl: FixedKLController     # beta = kl_ctl.value; AdaptiveKLController moves it
+    sampler: PromptSampler        # which prompts come next
+    gen: torch.Generator          # minibatch permutations
+    step: int = 0                 # updates done
+    history: list[dict] = field(default_factory=list)     # {"step", "kl", "score"} per update
+    stats: dict[str, float] = field(default_factory=dict)  # the last update's metrics
+    stop_reason: str | None = None  # why the run stopped before total_episodes (KL budget)
+
+
+def init_train_state(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], seed: int,
+                     n_updates: int) -> TrainState:
+    """Step 0: a fresh optimizer over policy and critic, lr schedule, KL controller and sampler."""
+    # eps 1e-5: CleanRL / Huang et al. detail. fused: one kernel for all tensors, not one
+    # per tensor (transformers' and TRL's default too).
+    optimizer = torch.optim.AdamW(models.trainable_params(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, eps=1e-5, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda u: 1 - u / n_updates) if cfg.lr_schedule == "linear" else (lambda u: 1.0))
+    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.adaptive_kl else FixedKLController(cfg.init_kl_coef))
+    return TrainState(optimizer, scheduler, kl_ctl, PromptSampler(prompts, seed),
+                      torch.Generator().manual_seed(seed))
+
+
+def save_checkpoint(path: Path, models: PPOModels, state: TrainState) -> None:
+    """Weights, ``state`` and the RNGs, written to a temp file and renamed: a kill mid-write
+    leaves the previous checkpoint whole."""
+    ckpt = {
+        "step": state.step, "policy": models.policy.state_dict(),
+        "critic": models.critic.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(), "kl_ctl": state.kl_ctl.state_dict(),
+        "sampler": state.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+        "gen": state.gen.get_state(), "history": state.history, "stats": state.stats,
+        "stop_reason": state.stop_reason,
+    }
+    if torch.cuda.is_available():
+        ckpt["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = path.with_suffix(".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def restore_checkpoint(path: Path, models: PPOModels, state: TrainState) -> None:
+    """Load what ``save_checkpoint`` wrote back into ``models`` and ``state``, RNGs included."""
+    ckpt = torch.load(path, weights_only=False)
+    models.policy.load_state_dict(ckpt["policy"])
+    models.critic.load_state_dict(ckpt["critic"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.kl_ctl.load_state_dict(ckpt["kl_ctl"])
+    state.sampler.load_state_dict(ckpt["sampler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    state.gen.set_state(ckpt["gen"])
+    if "cuda_rng" in ckpt and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    state.step, state.history = ckpt["step"], ckpt["history"]
+    state.stats, state.stop_reason = ckpt["stats"], ckpt["stop_reason"]
+
+
+# --- sampling and one update ---------------------------------------------------------------
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def autocast(cfg: PPOConfig, device: torch.device):
+    """bf16/fp16 autocast on CUDA when configured; a no-op elsewhere."""
+    if device.type != "cuda" or cfg.mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def grad_scaler(cfg: PPOConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """Loss scaling for fp16 on CUDA: fp16's narrow range underflows small gradients (bf16
+    has fp32's range and needs none)."""
+    if device.type == "cuda" and cfg.mixed_precision == "fp16":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+@torch.no_grad()
+def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
+                 beta: float) -> Rollout:
+    """Sample responses, then score them: log-probs, reference log-probs, values, rewards."""
+    tok = models.tokenizer
+    query_ids, query_mask = (t.to(models.device) for t in _left_pad(prompts, tok.pad_token_id))
+    response, rmask, ended, logp = generate(  # (B, T) each, ended (B,)
+        models.policy, query_ids, query_mask, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, with_logprobs=True)
+    ids = torch.cat([query_ids, response], 1)  # (B, P+T)
+    attn = torch.cat([query_mask, rmask.long()], 1)
+    with models.reference_view() as ref:
+        ref_logp = response_logprobs(ref, ids, attn, response, cfg.temperature)  # (B, T)
+    values = response_values(models.critic, ids, attn, response.shape[1]).float()  # (B, T)
+    with models.reward_model_view() as rm:
+        scores = models.reward_norm.normalize(score_sequences(rm, ids, attn).float())  # (B,)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~ended).float()
+    ro = Rollout(query_ids, query_mask, response, rmask, ended, logp, ref_logp, values, scores)
+    ro.rewards, ro.kl = compute_rewards(scores, logp, ref_logp, rmask,
+                                        beta if cfg.kl_in_reward else 0.0, cfg.kl_estimator)
+    if not cfg.kl_in_reward:  # KL still reported as k1, the unbiased estimate
+        ro.kl = kl_estimate(logp, ref_logp, "k1") * rmask
+    rewards = masked_whiten(ro.rewards, rmask, shift_mean=False) if cfg.whiten_rewards else ro.rewards
+    ro.advantages, ro.returns = compute_gae(rewards, values, rmask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        ro.advantages = masked_whiten(ro.advantages, rmask)
+    return ro
+
+
+def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
+               optimizer: torch.optim.Optimizer, gen: torch.Generator,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """ppo_epochs passes of minibatch SGD on one rollout batch; returns averaged stats."""
+    stats: dict[str, list[float]] = {}
+    B = ro.response_ids.shape[0]
+    micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    params = models.trainable_params()
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=gen)
+        for start in range(0, B, cfg.mini_batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            for m in range(start, min(start + cfg.mini_batch_size, B), micro):
+                mb = ro.select(perm[m:m + micro].to(ro.response_ids.device))
+                ids, attn = mb.input_ids, mb.attention_mask
+                with autocast(cfg, ids.device):
+                    logp, ent = response_logprobs(models.policy, ids, attn, mb.response_ids,
+                                                  cfg.temperature, with_entropy=True,
+                                                  entropy_grad=cfg.ent_coef != 0)
+                    vpred = response_values(models.critic, ids, attn,
+                                            mb.response_ids.shape[1]).float()
+                pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
+                vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask,
+                                       cfg.clip_range_value)
+                entropy = masked_mean(ent, mb.response_mask)
+                loss = pl.loss + cfg.vf_coef * vl - cfg.ent_coef * entropy
+                if not cfg.kl_in_reward:  # KL as a loss term (k3 by default, GRPO style)
+                    kl_term = masked_mean(kl_estimate(logp, mb.ref_logprobs, cfg.kl_estimator),
+                                          mb.response_mask)
+                    loss = loss + beta * kl_term
+                scaled = loss / cfg.gradient_accumulation_steps
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                for k, v in {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
+                             "policy/entropy": entropy, "loss/policy": pl.loss,
+                             "loss/value": vl, "val/clipfrac": vclip}.items():
+                    stats.setdefault(k, []).append(float(v.detach()))
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            stats.setdefault("policy/grad_norm", []).append(float(grad_norm))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def rollout_metrics(ro: Rollout, beta: float) -> dict[str, float]:
+    """What one batch says about the policy: KL drift, scores, critic fit, response lengths."""
+    seq_kl = ro.kl.sum(1)  # (B,) KL to the reference per sequence
+    return {
+        "objective/kl": float(seq_kl.mean()), "objective/kl_max_seq": float(seq_kl.max()),
+        "objective/kl_coef": beta, "objective/scores": float(ro.scores.mean()),
+        "objective/rlhf_reward": float((ro.scores - beta * seq_kl).mean()),
+        "objective/non_score_reward": float((-beta * seq_kl).mean()),
+        "val/explained_variance": explained_variance(ro.values, ro.returns, ro.response_mask),
+        "val/mean": float(masked_mean(ro.values, ro.response_mask)),
+        "episode/length": float(ro.response_mask.sum(1).mean()),
+        "episode/eos_rate": float(ro.ended_with_eos.float().mean()),
+    }
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], seed: int,
+              checkpoint: Path | None = None,
+              log_fn: Callable[[dict[str, float], int], None] | None = None) -> dict:
+    """Run PPO to ``total_episodes``; resume from ``checkpoint`` when it exists.
+
+    Returns a summary: steps done, whether it stopped early and why, the last stats.
+    """
+    from tqdm.auto import tqdm
+
+    if cfg.mini_batch_size % cfg.gradient_accumulation_steps or cfg.batch_size % cfg.mini_batch_size:
+        raise ValueError("ppo: batch_size must be a multiple of mini_batch_size, and "
+                         "mini_batch_size of gradient_accumulation_steps")
+    device = models.device
+    n_updates = max(1, cfg.total_episodes // cfg.batch_size)
+    state = init_train_state(cfg, models, prompts, seed, n_updates)
+    scaler = grad_scaler(cfg, device)
+    torch.manual_seed(seed)
+    if checkpoint is not None and checkpoint.exists():
+        restore_checkpoint(checkpoint, models, state)
+
+    first = state.step if state.stop_reason is None else n_updates  # a stopped run stays stopped
+    bar = tqdm(range(first, n_updates), desc="ppo", initial=state.step, total=n_updates)
+    for update in bar:
+        t0 = time.perf_counter()
+        beta = state.kl_ctl.value
+        models.train(False)  # no dropout while sampling and scoring (Huang et al.)
+        with autocast(cfg, device):
+            ro = make_rollout(cfg, models, state.sampler.next_batch(cfg.batch_size), beta=beta)
+        t_gen = time.perf_counter() - t0
+        models.train()
+        stats = ppo_update(cfg, models, ro, beta=beta, optimizer=state.optimizer, gen=state.gen,
+                           scaler=scaler)
+        state.scheduler.step()
+        stats.update(rollout_metrics(ro, beta))
+        elapsed = time.perf_counter() - t0
+        stats.update({"perf/episodes_per_s": cfg.batch_size / elapsed,
+                      "perf/tokens_per_s": float(ro.response_mask.sum()) / elapsed,
+                      "perf/generation_share": t_gen / elapsed,
+                      "lr": state.scheduler.get_last_lr()[0]})
+        mean_kl, score = stats["objective/kl"], stats["objective/scores"]
+        state.kl_ctl.update(mean_kl, cfg.batch_size)
+        state.step, state.stats = update + 1, stats
+        state.history.append({"step": state.step, "kl": mean_kl, "score": score})
+        bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{score:.2f}")
+        if log_fn is not None and (state.step % cfg.log_every == 0 or state.step == n_updates):
+            log_fn({f"ppo/{k}": v for k, v in stats.items()}, state.step)
+        if cfg.kl_budget is not None and mean_kl > cfg.kl_budget:
+            state.stop_reason = (f"KL {mean_kl:.2f} nats exceeded kl_budget {cfg.kl_budget} "
+                                 f"at step {state.step}")
+        if checkpoint is not None and (state.step % cfg.checkpoint_every == 0
+                                       or state.step == n_updates or state.stop_reason):
+            save_checkpoint(checkpoint, models, state)
+        if state.stop_reason:
+            break
+    bar.close()
+    if state.stop_reason is None and state.step != n_updates:  # never report skipped steps as done
+        raise RuntimeError(f"ppo: {state.step} of {n_updates} updates done, without a stop reason")
+    return {"steps": state.step, "planned_steps": n_updates, "stop_reason": state.stop_reason,
+            "final": state.stats, "history": state.history}
