@@ -35,7 +35,7 @@ def main(settings_path: str, result_path: str) -> None:
         temperature=s["temperature"], init_kl_coef=s["kl_coef"], adaptive_kl=False,
         kl_estimator="k1", kl_in_reward=True, gamma=s["gamma"], lam=s["lam"],
         clip_range=s["cliprange"], clip_range_value=s["cliprange_value"], vf_coef=s["vf_coef"],
-        ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
+        ent_coef=0.0, whiten_advantages=True, whiten_rewards=False, mixed_precision="no",
         missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
         checkpoint_every=10**9, log_every=1)
     models = ppo.build_models(cfg, s["policy_dir"], s["rm_dir"], device)

@@ -21,9 +21,10 @@ from tasks.ppo_trainer import PPOModels, train_ppo
 
 
 class PPOConfig(StageConfig):
-    """PPO hyper-parameters; defaults follow Huang et al. 2024 and TRL's last PPOTrainer."""
+    """PPO hyper-parameters; defaults follow Huang et al. 2024 and TRL's last PPOTrainer, for a
+    ~0.5B SFT model on one GPU (configs/demo.yaml shows a tiny CPU model's settings)."""
 
-    total_episodes: int = 3072
+    total_episodes: int = 16384
     """Episodes (sampled responses) in the whole stage; updates = total_episodes / batch_size."""
     batch_size: int = 64
     """Episodes per rollout batch (one PPO update)."""
@@ -33,7 +34,7 @@ class PPOConfig(StageConfig):
     """Micro-batches per mini-batch (mini_batch_size must divide evenly)."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
-    learning_rate: float = 3e-4
+    learning_rate: float = 3e-6
     """AdamW learning rate for policy and critic."""
     lr_schedule: Literal["linear", "constant"] = "linear"
     """Learning-rate schedule over updates: linear decay to 0 (Huang et al.) or constant."""
@@ -41,9 +42,9 @@ class PPOConfig(StageConfig):
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip."""
-    max_prompt_length: int = 32
+    max_prompt_length: int = 512
     """Prompts longer than this keep their last tokens."""
-    max_new_tokens: int = 24
+    max_new_tokens: int = 128
     """Response length cap; responses that hit it without EOS are truncated."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are computed at the same temperature."""
@@ -88,7 +89,7 @@ class PPOConfig(StageConfig):
     with adapters disabled: no second copy of either base's weights."""
     freeze_layers: int = 0
     """Freeze the input embeddings and the first N transformer blocks of policy and critic."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     """Autocast dtype for forward passes on a GPU (fp16 adds loss scaling); CPU runs in fp32."""
     kl_budget: float | None = None
     """Stop early when mean KL per sequence exceeds this many nats; null = no budget."""

@@ -83,7 +83,7 @@ class RLOOSettings(OnlineRLSettings):
 
     beta: float = Field(default=0.05, gt=0.0)
     """KL coefficient; beta * (summed k1 KL to the SFT policy) is subtracted from each reward,
-    as in PPO's per-token penalty (``ppo.kl_coef``)."""
+    as in PPO's per-token penalty (``ppo.init_kl_coef``)."""
     normalize_advantages: bool = True
     """Standardise advantages over each sampled batch (mean 0, std 1), as PPO does."""
 

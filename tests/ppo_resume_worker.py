@@ -13,7 +13,7 @@ from tasks.ppo import PPOConfig, _load_prompts, build_models
 from tasks.ppo_trainer import train_ppo
 
 CFG = PPOConfig(total_episodes=48, batch_size=8, mini_batch_size=4, ppo_epochs=1,
-                max_new_tokens=8, checkpoint_every=1)
+                max_new_tokens=8, checkpoint_every=1, learning_rate=3e-4)
 
 
 def main(rm_dir: str, checkpoint: str, out_json: str) -> None:

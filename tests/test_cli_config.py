@@ -9,14 +9,14 @@ from flows.config import ConfigError, load_config
 
 
 def test_demo_config_parses_with_overrides():
-    cfg = load_config("configs/demo.yaml", ["policy.ppo.kl_coef=0.2", "sft.max_steps=3"])
-    assert cfg.policy.ppo.kl_coef == 0.2 and cfg.sft.max_steps == 3
+    cfg = load_config("configs/demo.yaml", ["policy.ppo.init_kl_coef=0.2", "sft.max_steps=3"])
+    assert cfg.policy.ppo.init_kl_coef == 0.2 and cfg.sft.max_steps == 3
     assert cfg.base_model.path == "demo/base_model"
 
 
 @pytest.mark.parametrize("override, field", [
     ("sft.max_stepz=3", "sft.max_stepz: unknown field"),
-    ("policy.ppo.kl_coef=abc", "policy.ppo.kl_coef"),
+    ("policy.ppo.init_kl_coef=abc", "policy.ppo.init_kl_coef"),
     ("policy.algorithm=sarsa", "policy.algorithm"),
     ("nonsense.x=1", "nonsense: unknown field"),
 ])

@@ -18,7 +18,9 @@ from tasks.ppo_trainer import autocast, grad_scaler, make_rollout, train_ppo
 from tasks.base import LoraSettings
 
 BASE = "demo/base_model"
-SMALL = dict(total_episodes=16, batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8)
+# Tiny-model settings (the defaults are for ~0.5B models on a GPU).
+SMALL = dict(total_episodes=16, batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8,
+             learning_rate=3e-4, mixed_precision="no")
 
 
 @pytest.fixture(scope="module")
