@@ -43,9 +43,13 @@ class GateConfig(StageConfig):
     length-controlled win rate (the win rate at equal length, Dubois et al. 2024)."""
     max_repetition_increase: float = 0.1
     """Reward hacking by repetition: largest rise in the share of repeated word bigrams."""
-    max_perplexity_increase: float = 0.5
-    """Capability regression: largest relative rise of perplexity on held-out SFT
-    demonstrations (0.5 = policy at most 1.5x SFT's)."""
+    max_perplexity_increase: float = 0.25
+    """Capability regression against production: largest relative rise of perplexity on
+    held-out SFT demonstrations over the production version's (0.25 = at most 1.25x)."""
+    max_perplexity_increase_vs_sft: float = 3.0
+    """Capability regression against SFT, a looser bound: alignment moves a policy away from
+    SFT on purpose (the demo's aligned policy: 2.8x SFT's perplexity on demonstrations of every
+    tone), so this only catches collapse (3.0 = at most 4x)."""
     allow_early_stop: bool = True
     """Whether a policy whose training stopped early (e.g. KL budget) may be promoted."""
 
@@ -117,11 +121,14 @@ def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None =
         check(gain > cfg.min_gold_gain, f"gold gain {gain:+.3f} vs min_gold_gain {cfg.min_gold_gain}")
     for clear, text in hacking_checks(metrics, cfg):
         check(clear, text)
-    if "eval/ppl_policy" in metrics:
-        rise = m("ppl_policy") / m("ppl_sft") - 1
-        check(rise <= cfg.max_perplexity_increase,
-              f"perplexity on held-out SFT data {m('ppl_policy'):.2f} vs SFT {m('ppl_sft'):.2f} "
-              f"({rise:+.0%} vs max_perplexity_increase {cfg.max_perplexity_increase:+.0%})")
+    for base, limit, field in (("sft", cfg.max_perplexity_increase_vs_sft,
+                                "max_perplexity_increase_vs_sft"),
+                               ("champion", cfg.max_perplexity_increase, "max_perplexity_increase")):
+        if "eval/ppl_policy" in metrics and f"eval/ppl_{base}" in metrics:
+            rise = m("ppl_policy") / m(f"ppl_{base}") - 1
+            check(rise <= limit, f"perplexity on held-out SFT data {m('ppl_policy'):.2f} vs "
+                  f"{'SFT' if base == 'sft' else 'production'} {m(f'ppl_{base}'):.2f} "
+                  f"({rise:+.0%} vs {field} {limit:+.0%})")
     # Correlations are NaN when every response has the same length: nothing to measure, and
     # the length check says so; any other non-finite metric means something broke.
     bad = sorted(k for k, v in metrics.items()

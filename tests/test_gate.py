@@ -15,7 +15,7 @@ GOOD = {f"eval/{k}": v for k, v in {
     "win_rate_heldout_rm": 0.9, "lc_win_rate_heldout_rm": 0.85, "heldout_rm_length_corr": 0.3,
     "kl_policy_sft": 3.0, "gold_policy": 0.8, "gold_sft": 0.1,
     "len_policy": 13.0, "len_sft": 10.0, "repetition_policy": 0.02, "repetition_sft": 0.01,
-    "ppl_policy": 12.0, "ppl_sft": 10.0,
+    "ppl_policy": 12.0, "ppl_sft": 10.0, "ppl_champion": 11.0,
     "champion/win_rate": 0.7, "champion/win_rate_lo": 0.55, "champion/win_rate_hi": 0.82,
 }.items()}
 
@@ -27,7 +27,7 @@ def failed(decision) -> list[str]:
 def test_good_candidate_is_promoted_with_a_reason_per_check():
     d = decide(GOOD, CFG)
     assert d.promote and failed(d) == []
-    assert len(d.reasons) == 10  # data, win, lower bound, champion, KL, gold, 2 hacking, ppl, finite
+    assert len(d.reasons) == 11  # data, win, bound, champion, KL, gold, 2 hacking, 2 ppl, finite
     assert "judged by the gold judge" in d.reasons[1]
 
 
@@ -40,7 +40,9 @@ def test_good_candidate_is_promoted_with_a_reason_per_check():
     ({"eval/heldout_rm_length_corr": 0.8, "eval/lc_win_rate_heldout_rm": 0.55},
      "FAIL: reward hacking by length: the heldout rm score follows length (Spearman 0.80"),
     ({"eval/repetition_policy": 0.2}, "FAIL: reward hacking by repetition: repeated bigrams 0.200"),
-    ({"eval/ppl_policy": 15.1}, "FAIL: perplexity on held-out SFT data 15.10 vs SFT 10.00 (+51%"),
+    ({"eval/ppl_policy": 13.8}, "FAIL: perplexity on held-out SFT data 13.80 vs production 11.00 (+25%"),
+    ({"eval/ppl_policy": 41.0, "eval/ppl_champion": 40.0},
+     "FAIL: perplexity on held-out SFT data 41.00 vs SFT 10.00 (+310%"),
 ])
 def test_each_threshold_fails_alone(change, reason):
     d = decide({**GOOD, **change}, CFG)
@@ -63,7 +65,7 @@ def test_length_alone_or_drop_alone_is_not_hacking():
 def test_thresholds_are_inclusive_where_documented():
     # Minimums are >=, maximums <=; the gold gain must exceed its bound.
     assert decide({**GOOD, "eval/win_rate": 0.6, "eval/win_rate_lo": 0.5,
-                   "eval/kl_policy_sft": 15.0, "eval/ppl_policy": 15.0}, CFG).promote
+                   "eval/kl_policy_sft": 15.0, "eval/ppl_policy": 13.75}, CFG).promote
     assert not decide({**GOOD, "eval/gold_policy": GOOD["eval/gold_sft"]}, CFG).promote
 
 
@@ -90,7 +92,8 @@ def test_missing_metric_refuses():
 
 
 def test_no_champion_no_champion_check():
-    first = {k: v for k, v in GOOD.items() if not k.startswith("eval/champion/")}
+    first = {k: v for k, v in GOOD.items()
+             if not k.startswith("eval/champion/") and k != "eval/ppl_champion"}
     d = decide(first, CFG)
     assert d.promote and not any("production" in r for r in d.reasons)
 
