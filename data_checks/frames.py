@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.io import DataError, is_conversational, local_path, read_records
+from dataio import is_conversational, read_rows
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
@@ -79,39 +79,14 @@ class Loaded:
 
 
 def load(name: str, uri: str) -> Loaded:
-    """Read a dataset without modifying it; raises DataError only if it cannot be opened."""
-    path = local_path(uri)
-    if not path.exists():
-        raise DataError(f"{uri}: rule file_exists: file not found")
-    if path.is_dir() or path.suffix == ".parquet":
-        rows = read_records(uri)
-        df = pd.DataFrame(rows, dtype=object)
-        df["_row"] = np.arange(1, len(df) + 1)
-        return Loaded(name, uri, df, [], None)
-    rows, numbers, errors, raw_lines = [], [], [], {}
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            raw_lines[i] = raw
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                errors.append((i, "utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"))
-                continue
-            except json.JSONDecodeError as e:
-                errors.append((i, "json", f"not valid JSON ({e.msg}, column {e.colno})"))
-                continue
-            if not isinstance(row, dict):
-                errors.append((i, "json", f"expected a JSON object, got {type(row).__name__}"))
-                continue
-            rows.append(row)
-            numbers.append(i)
+    """Read a dataset without modifying it (tolerant: bad lines become ``parse_errors``);
+    raises DataError only if it cannot be opened."""
+    rows = read_rows(uri, strict=False)
     # object dtype: pandas 3 would store text as Arrow strings, which reject lone surrogates
     # (a defect we must report, not crash on) and coerce types we want to check.
-    df = pd.DataFrame(rows, dtype=object) if rows else pd.DataFrame()
-    df["_row"] = np.asarray(numbers, dtype=np.int64)
-    return Loaded(name, uri, df, errors, raw_lines)
+    df = pd.DataFrame(rows.records, dtype=object) if rows.records else pd.DataFrame()
+    df["_row"] = np.asarray(rows.numbers, dtype=np.int64)
+    return Loaded(name, uri, df, list(rows.errors), rows.raw_lines)
 
 
 def spec_for(name: str, frame: pd.DataFrame) -> Spec:

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
-    from tasks.io import DataError
+    from dataio import DataError
     from tasks.validation import DataValidationError
 
     try:

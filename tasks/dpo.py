@@ -59,9 +59,8 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
     import transformers
     import trl
 
+    from dataio import content_hash, preference_rows, read_records
     from models.loading import load_causal_lm, load_tokenizer
-    from tasks.io import content_hash, read_records
-    from tasks.reward import preference_rows
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
     from models.ppo import masked_sum
     from models.reward import RewardNorm, score_sequences
     from models.rollout import response_logprobs
-    from tasks.io import read_records, render_prompt
+    from dataio import read_records, render_prompt
     from tasks.tracking import stage_run
 
     set_seed(seed)

@@ -22,8 +22,8 @@ from pydantic import Field
 
 from data_checks.frames import SPECS, Loaded, add_cross_file_flags, add_helpers, load, spec_for
 from data_checks.report import DatasetSummary, Failure, Report
+from dataio import DataError, content_hash
 from tasks.base import StageConfig, StageResult, TrackingContext
-from tasks.io import DataError, content_hash
 
 STAGE = "validation"
 # Tokenizers report a huge sentinel (int(1e30)) as model_max_length when they know no limit.
@@ -242,8 +242,7 @@ def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
         try:
             loaded[name] = load(name, uri)
         except DataError as e:
-            rule = "file_exists" if "file_exists" in str(e) else "json"
-            report.failures.append(Failure(name, uri, rule, str(e).split(": ")[-1]))
+            report.failures.append(Failure(name, uri, e.rule, e.message))
             continue
         hashes[name] = content_hash(uri)
     specs = {n: spec_for(n, l.frame) for n, l in loaded.items()}

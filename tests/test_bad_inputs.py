@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pytest
 
-from tasks.io import content_hash
+from dataio import content_hash
 from tasks.validation import DataValidationError, ValidationConfig, run_validation
 
 TOKENIZER = str(Path(__file__).resolve().parents[1] / "demo" / "base_model")

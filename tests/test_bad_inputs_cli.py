@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dataio import content_hash
 from flows.cli import main
-from tasks.io import content_hash
 from test_bad_inputs import DEFECTS, build_case
 
 

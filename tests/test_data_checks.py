@@ -10,8 +10,8 @@ import pytest
 
 from data_checks.agreement import alpha_from_votes, annotator_agreement, majority_agreement
 from data_checks.report import RULES
+from dataio import content_hash
 from tasks.base import TrackingContext
-from tasks.io import content_hash
 from tasks.validation import DataValidationError, ValidationConfig, run_validation
 from test_bad_inputs import TOKENIZER, base_rows, write_base
 
