@@ -12,10 +12,15 @@ Helper columns (all prefixed or suffixed so they never clash with data columns):
 - ``_prompt_tokens``, ``_total_tokens``  token counts with the configured tokenizer
 - ``_flag_<rule>``    a short reason string where a row breaks a cross-row rule, else None
   (cross-row and cross-file rules are computed here with pandas; GX asserts the flags are null)
+
+Preference files without a ``prompt`` column (TRL's implicit prompt) get one: the shared start
+of chosen and rejected, split off as the stages split it, so every rule on prompts (leakage,
+token limits, duplicate pairs) sees the prompt the stages will train on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dataio import is_conversational, read_rows
+from dataio import is_conversational, read_rows, split_prompt
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
@@ -41,6 +46,10 @@ class Spec:
     """Optional columns and their allowed types, checked when present."""
     required_columns: tuple[str, ...] = ()
     """Required non-text columns."""
+    implicit_prompt: bool = False
+    """Preference data without a prompt column (TRL's implicit prompt, e.g. Anthropic HH):
+    ``add_helpers`` splits the shared start of chosen and rejected off as ``prompt``, and the
+    suite checks that derived prompt instead of requiring the column."""
 
 
 PAIR_EXTRAS = {"pair_id": ("str", "int"), "chosen_votes": ("int",), "num_votes": ("int",)}
@@ -58,6 +67,7 @@ SPECS: dict[str, Spec] = {
 }
 # SFT may also be TRL's conversational language-modeling format: {"messages": [...]}.
 SFT_MESSAGES = Spec("sft_demonstrations", ("messages",))
+PREFERENCE_NAMES = ("preferences", "eval_pairs")
 TRAIN_PROMPT_SOURCES = ("sft", "preferences", "rl_prompts")
 EVAL_NAMES = ("eval_prompts", "eval_pairs")
 
@@ -93,6 +103,8 @@ def spec_for(name: str, frame: pd.DataFrame) -> Spec:
     spec = SPECS[name]
     if name == "sft" and "messages" in frame.columns and "prompt" not in frame.columns:
         return SFT_MESSAGES
+    if name in PREFERENCE_NAMES and "prompt" not in frame.columns:
+        return dataclasses.replace(spec, implicit_prompt=True)
     return spec
 
 
@@ -148,6 +160,8 @@ def add_helpers(loaded: Loaded, spec: Spec, tokenizer=None) -> pd.DataFrame:
     """Add the per-row helper columns of one dataset (types, texts, format, tokens, flags)."""
     df = loaded.frame
     n = len(df)
+    if spec.implicit_prompt and {"chosen", "rejected"} <= set(df.columns):
+        _split_implicit_prompt(df)
     for col in [*spec.text_fields, *spec.extra_columns]:
         if col not in df.columns:
             continue
@@ -187,6 +201,16 @@ def add_helpers(loaded: Loaded, spec: Spec, tokenizer=None) -> pd.DataFrame:
         df["_chosen_first"] = df["chosen_shown_first"].map(
             lambda v: float(v) if isinstance(v, bool) else np.nan).astype(float)
     return df
+
+
+def _split_implicit_prompt(df: pd.DataFrame) -> None:
+    """``prompt`` = the shared start of chosen and rejected, which keep the rest, as the
+    stages split it (``dataio.split_prompt``). Rows whose two sides are not both text or both
+    messages keep them whole and get a null prompt: their own rules report them."""
+    parts = [split_prompt(c, r) or (None, c, r)
+             for c, r in zip(df["chosen"].tolist(), df["rejected"].tolist())]
+    for j, col in enumerate(("prompt", "chosen", "rejected")):
+        df[col] = pd.Series([p[j] for p in parts], index=df.index, dtype=object)
 
 
 def _merge_flags(existing, new: list, n: int) -> pd.Series:

@@ -9,12 +9,14 @@ nor ``flows/`` or ``models/``: the arrows point here, never out.
 - ``dataio.read``: one reader for JSONL, Parquet and ``datasets`` directories, strict (stages)
   or tolerant (validation).
 - ``dataio.trl_format``: TRL's formats (https://huggingface.co/docs/trl/dataset_formats):
-  conversational or standard.
+  conversational or standard, explicit or implicit prompt.
 """
 
 from dataio.read import Rows, read_records, read_rows
-from dataio.trl_format import PREFERENCE_COLUMNS, is_conversational, preference_rows, render_prompt
+from dataio.trl_format import (PREFERENCE_COLUMNS, explicit_prompts, is_conversational,
+                               preference_rows, render_prompt, split_prompt)
 from dataio.uri import DataError, content_hash, local_path
 
-__all__ = ["DataError", "PREFERENCE_COLUMNS", "Rows", "content_hash", "is_conversational",
-           "local_path", "preference_rows", "read_records", "read_rows", "render_prompt"]
+__all__ = ["DataError", "PREFERENCE_COLUMNS", "Rows", "content_hash", "explicit_prompts",
+           "is_conversational", "local_path", "preference_rows", "read_records", "read_rows",
+           "render_prompt", "split_prompt"]

@@ -18,8 +18,8 @@ from typing import Any
 
 from prefect import task
 
-from dataio import (DataError, content_hash, is_conversational, preference_rows, read_records,
-                    render_prompt)
+from dataio import (DataError, content_hash, explicit_prompts, is_conversational, preference_rows,
+                    read_records, render_prompt)
 from tasks.base import LoraSettings, ModelResult, StageConfig, TrackingContext, peft_config
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
@@ -206,8 +206,8 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
             model = model.merge_and_unload()
         model.eval()
 
-        # Held-out pairs: accuracy and calibration.
-        eval_records = [r for r in read_records(eval_uri)]
+        # Held-out pairs: accuracy and calibration (an implicit prompt split off as in training).
+        eval_records = explicit_prompts(read_records(eval_uri), eval_uri)
         chosen = [sequence_ids(r, "chosen", tokenizer) for r in eval_records]
         rejected = [sequence_ids(r, "rejected", tokenizer) for r in eval_records]
         keep = [i for i in range(len(eval_records))
