@@ -213,6 +213,13 @@ def _split_implicit_prompt(df: pd.DataFrame) -> None:
         df[col] = pd.Series([p[j] for p in parts], index=df.index, dtype=object)
 
 
+def uses_messages(df: pd.DataFrame, spec: Spec) -> bool:
+    """Whether any row holds conversational text (after ``add_helpers``): such rows are
+    rendered with the tokenizer's chat template by every stage that reads them."""
+    return any((df[f"{c}__type"] == "messages").any()
+               for c in spec.text_fields if f"{c}__type" in df.columns)
+
+
 def _merge_flags(existing, new: list, n: int) -> pd.Series:
     if existing is None:
         return pd.Series(new, dtype=object, index=range(n))
@@ -236,6 +243,8 @@ class TokenCounter:
         self._fast = None
         self._hf = None
         self.model_max_length: int | None = None
+        self.has_chat_template = False
+        """Whether the tokenizer brings a chat template (conversational data needs one)."""
         if local.exists():
             from tokenizers import Tokenizer
 
@@ -245,13 +254,20 @@ class TokenCounter:
             self._fast.no_padding()
             self._fast.no_truncation()
             cfg = Path(path) / "tokenizer_config.json"
-            if cfg.exists():
-                self.model_max_length = json.loads(cfg.read_text()).get("model_max_length")
+            config = json.loads(cfg.read_text()) if cfg.exists() else {}
+            self.model_max_length = config.get("model_max_length")
+            # Where transformers 5 looks (tokenization_utils_base.from_pretrained): the
+            # chat_template.jinja file, additional_chat_templates/*.jinja, then the config entry.
+            self.has_chat_template = bool(
+                (Path(path) / "chat_template.jinja").is_file()
+                or any((Path(path) / "additional_chat_templates").glob("*.jinja"))
+                or config.get("chat_template"))
         else:
             from models.loading import load_tokenizer
 
             self._hf = load_tokenizer(path)
             self.model_max_length = getattr(self._hf, "model_max_length", None)
+            self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
 
     def count(self, texts: list[str]) -> list[int]:
         if self._fast is not None:

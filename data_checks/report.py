@@ -27,6 +27,8 @@ RULES: dict[str, str] = {
     "column_type": "values have the expected type (text: str or a list of messages)",
     "message_schema": "conversational messages have a known role and str content",
     "consistent_format": "all rows use the same TRL format (standard or conversational)",
+    "chat_template": "conversational data has a chat template (the tokenizer's or "
+                     "base_model.chat_template)",
     "non_empty_text": "text fields contain non-whitespace text",
     "valid_utf8_text": "text has no lone surrogates, U+FFFD replacement characters or NUL",
     "max_prompt_tokens": "the prompt fits the configured token limit",

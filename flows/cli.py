@@ -61,6 +61,7 @@ def cmd_validate(cfg: PipelineConfig) -> int:
 
     result = run_validation(cfg.validation, data=cfg.data.model_dump(),
                             tokenizer_path=cfg.base_model.path,
+                            chat_template=cfg.base_model.chat_template,
                             out_dir=os.path.join(cfg.output_dir, cfg.name), ctx=None)
     print(json.dumps(result.model_dump(mode="json"), indent=2, default=str))
     print("all datasets passed validation")

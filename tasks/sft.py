@@ -87,7 +87,8 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
             split = data.train_test_split(test_size=cfg.eval_fraction, seed=seed)
             data, eval_data = split["train"], split["test"]
 
-        tokenizer = load_tokenizer(base_model.path, base_model.revision, base_model.trust_remote_code)
+        tokenizer = load_tokenizer(base_model.path, base_model.revision, base_model.trust_remote_code,
+                                   chat_template=base_model.chat_template)
         model = load_causal_lm(base_model.path, base_model.revision, base_model.trust_remote_code)
         max_length = min(cfg.max_length, tokenizer.model_max_length)
         callback = trainer_metrics_callback("sft", run.info.run_id)

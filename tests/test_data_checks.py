@@ -13,7 +13,7 @@ from data_checks.report import RULES
 from dataio import content_hash
 from tasks.base import TrackingContext
 from tasks.validation import DataValidationError, ValidationConfig, run_validation
-from test_bad_inputs import N, TOKENIZER, base_rows, write_base
+from test_bad_inputs import CHAT_TEMPLATE, N, TOKENIZER, base_rows, write_base
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = {n: str(ROOT / "demo" / "data" / f"{n}.jsonl") for n in
@@ -103,7 +103,7 @@ def test_conversational_format_passes(tmp_path):
              for r in rows["preferences"]]
     data = write_base(tmp_path, {"sft": sft, "preferences": prefs})
     result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
-                               out_dir=str(tmp_path / "out"), ctx=None)
+                            chat_template=CHAT_TEMPLATE, out_dir=str(tmp_path / "out"), ctx=None)
     assert result.passed
 
 
@@ -131,6 +131,7 @@ def test_implicit_prompt_pairs_pass_and_stages_get_the_split(tmp_path, conversat
         "eval_pairs": hh_pairs(rows["eval_pairs"], conversational),
         "preference_labels": rows["preference_labels"], "rl_prompts": rows["rl_prompts"]})
     result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
+                            chat_template=CHAT_TEMPLATE if conversational else None,
                             out_dir=str(tmp_path / "out"), ctx=None)
     assert result.passed and result.metrics["data/preferences/bad_rows"] == 0
     assert "agreement/alpha" in result.metrics  # labels joined to the HH pairs by pair_id
