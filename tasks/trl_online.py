@@ -159,9 +159,9 @@ def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSetti
     import transformers
     import trl
 
+    from dataio import content_hash
     from models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
     from models.reward import RewardNorm
-    from dataio import content_hash
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -145,8 +145,8 @@ def _agreement(cfg: ValidationConfig, frames: dict, uris: dict, report: Report) 
             severity="error" if cfg.flagged_annotator_is_error else "warning", count=a.votes))
 
 
-def _chat_template(frames: dict, specs: dict, uris: dict, tokenizer, tokenizer_path: str | None,
-                   chat_template: str | None, report: Report) -> None:
+def _chat_template(frames: dict, specs: dict, uris: dict, report: Report, *, tokenizer,
+                   tokenizer_path: str | None, chat_template: str | None) -> None:
     """Conversational data needs a chat template: the tokenizer's, or ``base_model.chat_template``.
 
     Without one, training would stop in transformers ("tokenizer.chat_template is not set")
@@ -287,7 +287,8 @@ def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
     frames = {n: add_helpers(l, specs[n], tokenizer) for n, l in loaded.items()}
     add_cross_file_flags(frames, uris)
     _agreement(cfg, frames, uris, report)
-    _chat_template(frames, specs, uris, tokenizer, tokenizer_path, chat_template, report)
+    _chat_template(frames, specs, uris, report, tokenizer=tokenizer, tokenizer_path=tokenizer_path,
+                   chat_template=chat_template)
 
     gx_results = {}
     for name, l in loaded.items():
