@@ -12,10 +12,15 @@ Helper columns (all prefixed or suffixed so they never clash with data columns):
 - ``_prompt_tokens``, ``_total_tokens``  token counts with the configured tokenizer
 - ``_flag_<rule>``    a short reason string where a row breaks a cross-row rule, else None
   (cross-row and cross-file rules are computed here with pandas; GX asserts the flags are null)
+
+Preference files without a ``prompt`` column (TRL's implicit prompt) get one: the shared start
+of chosen and rejected, split off as the stages split it, so every rule on prompts (leakage,
+token limits, duplicate pairs) sees the prompt the stages will train on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.io import DataError, is_conversational, local_path, read_records
+from dataio import is_conversational, read_rows, split_prompt
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 
@@ -41,6 +46,10 @@ class Spec:
     """Optional columns and their allowed types, checked when present."""
     required_columns: tuple[str, ...] = ()
     """Required non-text columns."""
+    implicit_prompt: bool = False
+    """Preference data without a prompt column (TRL's implicit prompt, e.g. Anthropic HH):
+    ``add_helpers`` splits the shared start of chosen and rejected off as ``prompt``, and the
+    suite checks that derived prompt instead of requiring the column."""
 
 
 PAIR_EXTRAS = {"pair_id": ("str", "int"), "chosen_votes": ("int",), "num_votes": ("int",)}
@@ -58,6 +67,7 @@ SPECS: dict[str, Spec] = {
 }
 # SFT may also be TRL's conversational language-modeling format: {"messages": [...]}.
 SFT_MESSAGES = Spec("sft_demonstrations", ("messages",))
+PREFERENCE_NAMES = ("preferences", "eval_pairs")
 TRAIN_PROMPT_SOURCES = ("sft", "preferences", "rl_prompts")
 EVAL_NAMES = ("eval_prompts", "eval_pairs")
 
@@ -79,45 +89,22 @@ class Loaded:
 
 
 def load(name: str, uri: str) -> Loaded:
-    """Read a dataset without modifying it; raises DataError only if it cannot be opened."""
-    path = local_path(uri)
-    if not path.exists():
-        raise DataError(f"{uri}: rule file_exists: file not found")
-    if path.is_dir() or path.suffix == ".parquet":
-        rows = read_records(uri)
-        df = pd.DataFrame(rows, dtype=object)
-        df["_row"] = np.arange(1, len(df) + 1)
-        return Loaded(name, uri, df, [], None)
-    rows, numbers, errors, raw_lines = [], [], [], {}
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            raw_lines[i] = raw
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                errors.append((i, "utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"))
-                continue
-            except json.JSONDecodeError as e:
-                errors.append((i, "json", f"not valid JSON ({e.msg}, column {e.colno})"))
-                continue
-            if not isinstance(row, dict):
-                errors.append((i, "json", f"expected a JSON object, got {type(row).__name__}"))
-                continue
-            rows.append(row)
-            numbers.append(i)
+    """Read a dataset without modifying it (tolerant: bad lines become ``parse_errors``);
+    raises DataError only if it cannot be opened."""
+    rows = read_rows(uri, strict=False)
     # object dtype: pandas 3 would store text as Arrow strings, which reject lone surrogates
     # (a defect we must report, not crash on) and coerce types we want to check.
-    df = pd.DataFrame(rows, dtype=object) if rows else pd.DataFrame()
-    df["_row"] = np.asarray(numbers, dtype=np.int64)
-    return Loaded(name, uri, df, errors, raw_lines)
+    df = pd.DataFrame(rows.records, dtype=object) if rows.records else pd.DataFrame()
+    df["_row"] = np.asarray(rows.numbers, dtype=np.int64)
+    return Loaded(name, uri, df, list(rows.errors), rows.raw_lines)
 
 
 def spec_for(name: str, frame: pd.DataFrame) -> Spec:
     spec = SPECS[name]
     if name == "sft" and "messages" in frame.columns and "prompt" not in frame.columns:
         return SFT_MESSAGES
+    if name in PREFERENCE_NAMES and "prompt" not in frame.columns:
+        return dataclasses.replace(spec, implicit_prompt=True)
     return spec
 
 
@@ -173,6 +160,8 @@ def add_helpers(loaded: Loaded, spec: Spec, tokenizer=None) -> pd.DataFrame:
     """Add the per-row helper columns of one dataset (types, texts, format, tokens, flags)."""
     df = loaded.frame
     n = len(df)
+    if spec.implicit_prompt and {"chosen", "rejected"} <= set(df.columns):
+        _split_implicit_prompt(df)
     for col in [*spec.text_fields, *spec.extra_columns]:
         if col not in df.columns:
             continue
@@ -214,6 +203,23 @@ def add_helpers(loaded: Loaded, spec: Spec, tokenizer=None) -> pd.DataFrame:
     return df
 
 
+def _split_implicit_prompt(df: pd.DataFrame) -> None:
+    """``prompt`` = the shared start of chosen and rejected, which keep the rest, as the
+    stages split it (``dataio.split_prompt``). Rows whose two sides are not both text or both
+    messages keep them whole and get a null prompt: their own rules report them."""
+    parts = [split_prompt(c, r) or (None, c, r)
+             for c, r in zip(df["chosen"].tolist(), df["rejected"].tolist())]
+    for j, col in enumerate(("prompt", "chosen", "rejected")):
+        df[col] = pd.Series([p[j] for p in parts], index=df.index, dtype=object)
+
+
+def uses_messages(df: pd.DataFrame, spec: Spec) -> bool:
+    """Whether any row holds conversational text (after ``add_helpers``): such rows are
+    rendered with the tokenizer's chat template by every stage that reads them."""
+    return any((df[f"{c}__type"] == "messages").any()
+               for c in spec.text_fields if f"{c}__type" in df.columns)
+
+
 def _merge_flags(existing, new: list, n: int) -> pd.Series:
     if existing is None:
         return pd.Series(new, dtype=object, index=range(n))
@@ -237,6 +243,8 @@ class TokenCounter:
         self._fast = None
         self._hf = None
         self.model_max_length: int | None = None
+        self.has_chat_template = False
+        """Whether the tokenizer brings a chat template (conversational data needs one)."""
         if local.exists():
             from tokenizers import Tokenizer
 
@@ -246,13 +254,20 @@ class TokenCounter:
             self._fast.no_padding()
             self._fast.no_truncation()
             cfg = Path(path) / "tokenizer_config.json"
-            if cfg.exists():
-                self.model_max_length = json.loads(cfg.read_text()).get("model_max_length")
+            config = json.loads(cfg.read_text()) if cfg.exists() else {}
+            self.model_max_length = config.get("model_max_length")
+            # Where transformers 5 looks (tokenization_utils_base.from_pretrained): the
+            # chat_template.jinja file, additional_chat_templates/*.jinja, then the config entry.
+            self.has_chat_template = bool(
+                (Path(path) / "chat_template.jinja").is_file()
+                or any((Path(path) / "additional_chat_templates").glob("*.jinja"))
+                or config.get("chat_template"))
         else:
             from models.loading import load_tokenizer
 
             self._hf = load_tokenizer(path)
             self.model_max_length = getattr(self._hf, "model_max_length", None)
+            self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
 
     def count(self, texts: list[str]) -> list[int]:
         if self._fast is not None:

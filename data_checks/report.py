@@ -17,6 +17,8 @@ MAX_ROWS_SHOWN = 5
 # Stable rule names, used in messages, metrics and tests. Descriptions are the report's legend.
 RULES: dict[str, str] = {
     "file_exists": "the file exists",
+    "uri_scheme": "the dataset URI is a local path or file:// (other schemes come later)",
+    "dataset_split": "a `datasets` DatasetDict directory has a 'train' split",
     "utf8": "each line is valid UTF-8",
     "json": "each line is one JSON object",
     "min_rows": "the dataset has at least the configured number of rows",
@@ -25,6 +27,8 @@ RULES: dict[str, str] = {
     "column_type": "values have the expected type (text: str or a list of messages)",
     "message_schema": "conversational messages have a known role and str content",
     "consistent_format": "all rows use the same TRL format (standard or conversational)",
+    "chat_template": "conversational data has a chat template (the tokenizer's or "
+                     "base_model.chat_template)",
     "non_empty_text": "text fields contain non-whitespace text",
     "valid_utf8_text": "text has no lone surrogates, U+FFFD replacement characters or NUL",
     "max_prompt_tokens": "the prompt fits the configured token limit",

@@ -75,11 +75,16 @@ def build_suite(name: str, spec: Spec, df: pd.DataFrame, limits: Limits):
     cols = set(df.columns)
     add(gxe.ExpectTableRowCountToBeBetween, "min_rows",
         f"{{observed}} rows, need at least {limits.min_rows}", min_value=limits.min_rows)
-    for col in [*spec.text_fields, *spec.required_columns]:
+    # An implicit prompt is derived from chosen and rejected: their own rules cover a missing
+    # or null side, and an empty shared start gets its own message below.
+    derived = {"prompt"} if spec.implicit_prompt else set()
+    required = [c for c in [*spec.text_fields, *spec.required_columns] if c not in derived]
+    needs = ", ".join(required) + (" (the prompt: a column, or implicit as the shared start of "
+                                   "chosen and rejected)" if derived else "")
+    for col in required:
         if col not in cols:
             add(gxe.ExpectColumnToExist, "required_columns",
-                f"column {col!r} is missing (suite {spec.suite} needs "
-                f"{', '.join([*spec.text_fields, *spec.required_columns])})", column=col)
+                f"column {col!r} is missing (suite {spec.suite} needs {needs})", column=col)
         else:
             add(gxe.ExpectColumnValuesToNotBeNull, "not_null", f"{col} is missing or null",
                 column=col)
@@ -90,7 +95,9 @@ def build_suite(name: str, spec: Spec, df: pd.DataFrame, limits: Limits):
             f"{col} is {{values}}, expected str or a list of messages",
             column=f"{col}__type", value_set=["str", "messages"])
         add(gxe.ExpectColumnValuesToMatchRegex, "non_empty_text",
-            f"{col} is empty or whitespace only", column=f"{col}__text", regex=r"\S")
+            "implicit prompt (the shared start of chosen and rejected) is empty or whitespace "
+            "only" if col in derived
+            else f"{col} is empty or whitespace only", column=f"{col}__text", regex=r"\S")
         add(gxe.ExpectColumnValuesToNotMatchRegex, "valid_utf8_text",
             f"{col} contains lone surrogates, U+FFFD or NUL (broken encoding)",
             column=f"{col}__text", regex=BROKEN_TEXT_REGEX)

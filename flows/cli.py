@@ -61,6 +61,7 @@ def cmd_validate(cfg: PipelineConfig) -> int:
 
     result = run_validation(cfg.validation, data=cfg.data.model_dump(),
                             tokenizer_path=cfg.base_model.path,
+                            chat_template=cfg.base_model.chat_template,
                             out_dir=os.path.join(cfg.output_dir, cfg.name), ctx=None)
     print(json.dumps(result.model_dump(mode="json"), indent=2, default=str))
     print("all datasets passed validation")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
-    from tasks.io import DataError
+    from dataio import DataError
     from tasks.validation import DataValidationError
 
     try:

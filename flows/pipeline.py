@@ -62,7 +62,8 @@ def rlhf_pipeline(config: PipelineConfig) -> PipelineResult:
         # With quarantine on, `checked.data` points at clean copies: train on those, never the
         # originals (which stay byte-identical).
         checked = validation_task(c.validation, data=c.data.model_dump(),
-                                tokenizer_path=c.base_model.path, out_dir=str(root), ctx=ctx)
+                                  tokenizer_path=c.base_model.path, out_dir=str(root), ctx=ctx,
+                                  chat_template=c.base_model.chat_template)
         run.tag_data(checked.hashes)
         data, h = checked.data, checked.hashes
         sft = sft_task(c.sft, base_model=c.base_model, data_uri=data["sft"], seed=seed, ctx=ctx,

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 
-def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """Tokenizer with a pad token and left padding (generation needs prompts right-aligned)."""
+def chat_template_text(template: str) -> str:
+    """A chat template setting as Jinja text: a path to a ``.jinja`` file is read, a template
+    string is returned as it is. Anything without a ``{`` is taken for a path: such a
+    "template" could not render a single message, only print itself."""
+    if "{" in template:
+        return template
+    path = Path(template)
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template file {template} not found (a chat template is "
+                                f"a Jinja string or a path to a .jinja file)")
+    return path.read_text(encoding="utf-8")
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False,
+                   chat_template: str | None = None):
+    """Tokenizer with a pad token and left padding (generation needs prompts right-aligned);
+    ``chat_template`` (Jinja text or a ``.jinja`` path) replaces the tokenizer's own, if any."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if chat_template is not None:
+        tok.chat_template = chat_template_text(chat_template)
     if tok.pad_token is None:
         # Many causal LMs ship without a pad token; EOS is the usual stand-in. Masks, not the
         # pad id, decide what counts everywhere in this codebase, so this is safe.

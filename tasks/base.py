@@ -35,6 +35,10 @@ class BaseModelConfig(StageConfig):
     """Hub revision (branch, tag or commit); ignored for local paths."""
     trust_remote_code: bool = False
     """Allow model code from the hub repo; off unless you trust the repo."""
+    chat_template: str | None = None
+    """A Jinja chat template string, or a path to a ``.jinja`` file, used when the base
+    model's tokenizer has none (conversational data is rendered with it; if the tokenizer has
+    its own, this replaces it). SFT saves it with its tokenizer, so every later stage uses it."""
 
 
 class LoraSettings(StageConfig):

@@ -59,9 +59,8 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
     import transformers
     import trl
 
+    from dataio import content_hash, preference_rows, read_records
     from models.loading import load_causal_lm, load_tokenizer
-    from tasks.io import content_hash, read_records
-    from tasks.reward import preference_rows
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +72,8 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
     for m in (policy, ref_policy):
         if m is not None:
             m.config.pad_token_id = tokenizer.pad_token_id
-    # prompt/chosen/rejected only (vote counts and ids are dropped).
+    # prompt/chosen/rejected only (vote counts and ids are dropped); an implicit prompt is split
+    # off here, as DPOTrainer would, so validation and every stage see the same pairs.
     rows = preference_rows(read_records(preferences_uri), preferences_uri, with_margin=False)
 
     with stage_run(ctx, "policy", cfg, seed, algorithm="dpo") as run:

@@ -117,7 +117,7 @@ def sample_and_score(model, tokenizer, prompts: list[str], cfg: EvaluateConfig, 
 
 def demonstration_text(row: dict, tokenizer) -> tuple[str, str]:
     """(prompt, completion) text of an SFT row in any TRL format the SFT stage reads."""
-    from tasks.io import is_conversational, render_prompt
+    from dataio import is_conversational, render_prompt
 
     if "messages" in row:  # conversational language modeling: the last turn is the answer
         prompt, answer = row["messages"][:-1], row["messages"][-1:]
@@ -201,7 +201,7 @@ def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
     from models.diagnostics import spearman
     from models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
     from models.reward import RewardNorm
-    from tasks.io import read_records, render_prompt
+    from dataio import read_records, render_prompt
     from tasks.tracking import stage_run
 
     set_seed(seed)

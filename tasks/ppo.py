@@ -103,7 +103,7 @@ class PPOConfig(StageConfig):
 
 
 def _load_prompts(uri: str, tokenizer, max_len: int) -> list[list[int]]:
-    from tasks.io import read_records, render_prompt
+    from dataio import read_records, render_prompt
 
     rows = read_records(uri)
     prompts = [tokenizer(render_prompt(r["prompt"], tokenizer), add_special_tokens=False)

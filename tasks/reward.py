@@ -18,8 +18,9 @@ from typing import Any
 
 from prefect import task
 
+from dataio import (DataError, content_hash, explicit_prompts, is_conversational, preference_rows,
+                    read_records, render_prompt)
 from tasks.base import LoraSettings, ModelResult, StageConfig, TrackingContext, peft_config
-from tasks.io import DataError, content_hash, is_conversational, read_records, render_prompt
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
 
@@ -62,27 +63,6 @@ class RewardResult(ModelResult):
     """The reward model; ``model_uri`` also holds its calibration (``reward_calibration.json``)."""
 
     num_train_pairs: int
-
-
-TRL_PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-def preference_rows(records: list[dict[str, Any]], uri: str, with_margin: bool) -> list[dict[str, Any]]:
-    """TRL preference columns (explicit or implicit prompt), plus ``margin`` if asked and known."""
-    if not records:
-        raise DataError(f"{uri}: no rows")
-    missing = {"chosen", "rejected"} - set(records[0])
-    if missing:
-        raise DataError(f"{uri}: row 1: rule format: preference data needs {sorted(missing)}")
-    keep = [c for c in TRL_PREFERENCE_COLUMNS if c in records[0]]
-    votes = with_margin and {"chosen_votes", "num_votes"} <= set(records[0])
-    rows = []
-    for r in records:
-        row = {c: r[c] for c in keep}
-        if votes:
-            row["margin"] = 2.0 * r["chosen_votes"] / r["num_votes"] - 1.0
-        rows.append(row)
-    return rows
 
 
 def soft_label(record: dict[str, Any]) -> float:
@@ -228,14 +208,15 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
             model = model.merge_and_unload()
         model.eval()
 
-        # Held-out pairs: accuracy and calibration.
-        eval_records = [r for r in read_records(eval_uri)]
+        # Held-out pairs: accuracy and calibration (an implicit prompt split off as in training).
+        eval_records = explicit_prompts(read_records(eval_uri), eval_uri)
         chosen = [sequence_ids(r, "chosen", tokenizer) for r in eval_records]
         rejected = [sequence_ids(r, "rejected", tokenizer) for r in eval_records]
         keep = [i for i in range(len(eval_records))
                 if len(chosen[i]) <= max_length and len(rejected[i]) <= max_length]
         if not keep:
-            raise DataError(f"{eval_uri}: no pair fits max_length={max_length}")
+            raise DataError(eval_uri, f"no pair fits max_length={max_length}",
+                            rule="max_total_tokens")
         r_c = score_id_lists(model, tokenizer, [chosen[i] for i in keep], cfg.eval_batch_size)
         r_r = score_id_lists(model, tokenizer, [rejected[i] for i in keep], cfg.eval_batch_size)
         labels = torch.tensor([soft_label(eval_records[i]) for i in keep], dtype=r_c.dtype)

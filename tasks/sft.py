@@ -15,9 +15,9 @@ from typing import Any
 from prefect import task
 from pydantic import Field
 
+from dataio import DataError, content_hash, read_records
 from tasks.base import (BaseModelConfig, LoraSettings, ModelResult, StageConfig, TrackingContext,
                         peft_config)
-from tasks.io import DataError, content_hash, read_records
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
 
@@ -66,13 +66,13 @@ class SFTResult(ModelResult):
 def sft_rows(records: list[dict[str, Any]], uri: str) -> list[dict[str, Any]]:
     """Keep the columns TRL's SFTTrainer reads, for whichever standard format the data is in."""
     if not records:
-        raise DataError(f"{uri}: no rows")
+        raise DataError(uri, "no rows", rule="min_rows")
     first = records[0]
     for columns in (("messages",), ("prompt", "completion"), ("text",)):
         if all(c in first for c in columns):
             return [{c: r[c] for c in columns} for r in records]
-    raise DataError(f"{uri}: row 1: rule format: expected prompt/completion, messages or text "
-                    f"columns, got {sorted(first)}")
+    raise DataError(uri, f"expected prompt/completion, messages or text columns, got "
+                         f"{sorted(first)}", rule="required_columns", row=1)
 
 
 def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_dir: str,
@@ -95,7 +95,8 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
             split = data.train_test_split(test_size=cfg.eval_fraction, seed=seed)
             data, eval_data = split["train"], split["test"]
 
-        tokenizer = load_tokenizer(base_model.path, base_model.revision, base_model.trust_remote_code)
+        tokenizer = load_tokenizer(base_model.path, base_model.revision, base_model.trust_remote_code,
+                                   chat_template=base_model.chat_template)
         model = load_causal_lm(base_model.path, base_model.revision, base_model.trust_remote_code)
         max_length = min(cfg.max_length, tokenizer.model_max_length)
         callback = trainer_metrics_callback("sft", run.info.run_id)

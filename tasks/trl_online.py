@@ -131,7 +131,7 @@ class RewardModelScore:
 
 def prompt_rows(uri: str, tokenizer, max_prompt_length: int) -> tuple[list[dict[str, str]], int]:
     """Prompt-only rows rendered to text (chat template applied), too-long ones dropped."""
-    from tasks.io import DataError, read_records, render_prompt
+    from dataio import DataError, read_records, render_prompt
 
     rows, dropped = [], 0
     for r in read_records(uri):
@@ -141,7 +141,8 @@ def prompt_rows(uri: str, tokenizer, max_prompt_length: int) -> tuple[list[dict[
         else:
             rows.append({"prompt": text})
     if not rows:
-        raise DataError(f"{uri}: no prompt of at most {max_prompt_length} tokens")
+        raise DataError(uri, f"no prompt of at most {max_prompt_length} tokens",
+                        rule="max_prompt_tokens")
     return rows, dropped
 
 
@@ -158,9 +159,9 @@ def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSetti
     import transformers
     import trl
 
+    from dataio import content_hash
     from models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
     from models.reward import RewardNorm
-    from tasks.io import content_hash
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

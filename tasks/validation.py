@@ -20,10 +20,11 @@ from pathlib import Path
 import prefect
 from pydantic import Field
 
-from data_checks.frames import SPECS, Loaded, add_cross_file_flags, add_helpers, load, spec_for
+from data_checks.frames import (SPECS, Loaded, add_cross_file_flags, add_helpers, load, spec_for,
+                                 uses_messages)
 from data_checks.report import DatasetSummary, Failure, Report
+from dataio import DataError, content_hash
 from tasks.base import StageConfig, StageResult, TrackingContext
-from tasks.io import DataError, content_hash
 
 STAGE = "validation"
 # Tokenizers report a huge sentinel (int(1e30)) as model_max_length when they know no limit.
@@ -144,6 +145,40 @@ def _agreement(cfg: ValidationConfig, frames: dict, uris: dict, report: Report) 
             severity="error" if cfg.flagged_annotator_is_error else "warning", count=a.votes))
 
 
+def _chat_template(frames: dict, specs: dict, uris: dict, report: Report, *, tokenizer,
+                   tokenizer_path: str | None, chat_template: str | None) -> None:
+    """Conversational data needs a chat template: the tokenizer's, or ``base_model.chat_template``.
+
+    Without one, training would stop in transformers ("tokenizer.chat_template is not set")
+    after validation passed; refusing here names the file and says how to set one.
+    """
+    from models.loading import chat_template_text
+
+    if chat_template is not None:
+        try:
+            chat_template_text(chat_template)
+        except OSError as e:
+            report.failures.append(Failure("base_model", chat_template, "chat_template",
+                                           f"base_model.chat_template: {e}"))
+        return
+    conversational = [n for n, df in frames.items() if uses_messages(df, specs[n])]
+    if not conversational:
+        return
+    if tokenizer is None:
+        report.notes.append("conversational data: no tokenizer configured, so whether it has "
+                            "a chat template was not checked")
+        return
+    if tokenizer.has_chat_template:
+        return
+    for name in conversational:
+        report.failures.append(Failure(
+            name, uris[name], "chat_template",
+            f"conversational rows are rendered with a chat template, and the tokenizer of "
+            f"{tokenizer_path} has none: set base_model.chat_template to a Jinja template "
+            f"string or a path to a .jinja file (e.g. --set base_model.chat_template="
+            f"templates/chat.jinja)"))
+
+
 def _quarantine(cfg: ValidationConfig, loaded: Loaded, summary: DatasetSummary,
                 failures: list[Failure], out_dir: Path) -> None:
     """Set bad rows aside when allowed; otherwise leave the failures as errors."""
@@ -216,12 +251,15 @@ def _prefect_artifact(report: Report) -> None:
 
 
 def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
-                   tokenizer_path: str | None, out_dir: str,
-                   ctx: TrackingContext | None) -> ValidationResult:
+                   tokenizer_path: str | None, out_dir: str, ctx: TrackingContext | None,
+                   chat_template: str | None = None) -> ValidationResult:
     """Validate every dataset in ``data`` (name -> URI, names as in DataConfig).
 
-    ``ctx`` None runs without MLflow (``rlhf validate``). Raises ``DataValidationError`` after
-    writing (and logging) the report when any rule fails with severity error.
+    ``tokenizer_path`` and ``chat_template`` are the base model's (``base_model.path`` and
+    ``base_model.chat_template``): they give the token limits and whether conversational data
+    has a chat template to be rendered with. ``ctx`` None runs without MLflow (``rlhf
+    validate``). Raises ``DataValidationError`` after writing (and logging) the report when
+    any rule fails with severity error.
     """
     from data_checks import suites
 
@@ -242,14 +280,15 @@ def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
         try:
             loaded[name] = load(name, uri)
         except DataError as e:
-            rule = "file_exists" if "file_exists" in str(e) else "json"
-            report.failures.append(Failure(name, uri, rule, str(e).split(": ")[-1]))
+            report.failures.append(Failure(name, uri, e.rule, e.message))
             continue
         hashes[name] = content_hash(uri)
     specs = {n: spec_for(n, l.frame) for n, l in loaded.items()}
     frames = {n: add_helpers(l, specs[n], tokenizer) for n, l in loaded.items()}
     add_cross_file_flags(frames, uris)
     _agreement(cfg, frames, uris, report)
+    _chat_template(frames, specs, uris, report, tokenizer=tokenizer, tokenizer_path=tokenizer_path,
+                   chat_template=chat_template)
 
     gx_results = {}
     for name, l in loaded.items():

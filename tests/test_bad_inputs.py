@@ -14,10 +14,12 @@ from typing import Any, Callable
 
 import pytest
 
-from tasks.io import content_hash
+from dataio import content_hash
 from tasks.validation import DataValidationError, ValidationConfig, run_validation
 
-TOKENIZER = str(Path(__file__).resolve().parents[1] / "demo" / "base_model")
+TOKENIZER = str(Path(__file__).resolve().parents[1] / "demo" / "base_model")  # no chat template
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 N = 40  # rows per dataset; above the default min_rows (16)
 ANNOTATORS = ("a0", "a1", "a2")
 
@@ -158,6 +160,12 @@ def _mixed_format(rows, data):
     rows["sft"][4]["completion"] = [{"role": "assistant", "content": "hello"}]
 
 
+def _conversational_sft(rows, data):
+    rows["sft"] = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                    "completion": [{"role": "assistant", "content": r["completion"]}]}
+                   for r in rows["sft"]]
+
+
 def _missing_file(rows, data):
     data["rl_prompts"] = str(Path(data["rl_prompts"]).with_name("nowhere.jsonl"))
 
@@ -215,6 +223,7 @@ DEFECTS: list[tuple[str, str, Callable, str, int | None, dict]] = [
      "message_schema", 13, {}),
     ("mixed_formats", "sft", _mixed_format, "consistent_format", 5, {}),
     ("missing_file", "rl_prompts", _missing_file, "file_exists", None, {}),
+    ("no_chat_template", "sft", _conversational_sft, "chat_template", None, {}),
     ("bad_rows_beyond_quarantine_share", "sft", _set("sft", 3, completion=""), "non_empty_text", 4,
      {"quarantine": True, "max_bad_row_fraction": 0.0}),
 ]
@@ -270,3 +279,45 @@ def test_bad_input_is_refused(tmp_path, case, dataset, edit, rule, row, override
                    for line in msg.splitlines() if f"rule {rule}:" in line), msg
     assert {n: content_hash(u) for n, u in data.items() if Path(u).exists()} == before
     assert (tmp_path / "out" / "validation" / "report.html").exists()
+
+
+def test_chat_template_setting_admits_conversational_data(tmp_path):
+    """The no_chat_template case again: the message says how to fix it, and the fix works
+    (a template string or a .jinja file), down to the tokenizer the SFT stage loads."""
+    from models.loading import load_tokenizer
+
+    data = build_case(tmp_path, "sft", _conversational_sft)
+    with pytest.raises(DataValidationError) as exc:
+        run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
+                       out_dir=str(tmp_path / "out"), ctx=None)
+    assert (f"{data['sft']}: rule chat_template: conversational rows are rendered with a chat "
+            f"template, and the tokenizer of {TOKENIZER} has none: set "
+            f"base_model.chat_template") in str(exc.value)
+    jinja = tmp_path / "chat.jinja"
+    jinja.write_text(CHAT_TEMPLATE, encoding="utf-8")
+    for template in (CHAT_TEMPLATE, str(jinja)):
+        result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
+                                chat_template=template, out_dir=str(tmp_path / "out"), ctx=None)
+        assert result.passed
+        assert load_tokenizer(TOKENIZER, chat_template=template).chat_template == CHAT_TEMPLATE
+    with pytest.raises(DataValidationError, match=r"rule chat_template: base_model.chat_template: "
+                                                  r"chat template file .*nowhere.jinja not found"):
+        run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
+                       chat_template=str(tmp_path / "nowhere.jinja"),
+                       out_dir=str(tmp_path / "out"), ctx=None)
+
+
+def test_sft_stage_trains_conversational_data_with_the_configured_template(tmp_path, make_ctx):
+    """The crash this rule prevents, fixed by the setting: SFT renders the messages with
+    ``base_model.chat_template`` and saves it with its tokenizer for the later stages."""
+    from transformers import AutoTokenizer
+
+    from tasks.base import BaseModelConfig
+    from tasks.sft import SFTConfig, run_sft
+
+    data = build_case(tmp_path, "sft", _conversational_sft)
+    result = run_sft(SFTConfig(max_steps=2, per_device_train_batch_size=4, eval_fraction=0.0),
+                     base_model=BaseModelConfig(path=TOKENIZER, chat_template=CHAT_TEMPLATE),
+                     data_uri=data["sft"], out_dir=str(tmp_path / "sft"), seed=0,
+                     ctx=make_ctx("sft_chat_template"))
+    assert AutoTokenizer.from_pretrained(result.model_uri).chat_template == CHAT_TEMPLATE

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from dataio import content_hash
 from flows.cli import main
-from tasks.io import content_hash
-from test_bad_inputs import DEFECTS, build_case
+from test_bad_inputs import CHAT_TEMPLATE, DEFECTS, _conversational_sft, build_case
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,15 @@ def test_cli_refuses_bad_input(prefect_harness, tracking_uri, tmp_path, capsys, 
     assert stages <= {"demo-pipeline", "validation"}  # no training stage started
     assert client.search_registered_models() == []
     assert {n: content_hash(u) for n, u in data.items() if Path(u).exists()} == before
+
+
+def test_cli_validate_says_how_to_set_a_chat_template(tracking_uri, tmp_path, capsys):
+    data = build_case(tmp_path, "sft", _conversational_sft)
+    args = cli_args(data, {}, tmp_path, tracking_uri, "chat-template")
+    assert main(["validate", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{data['sft']}: rule chat_template:" in err
+    assert "set base_model.chat_template to a Jinja template string or a path" in err
+    jinja = tmp_path / "chat.jinja"
+    jinja.write_text(CHAT_TEMPLATE, encoding="utf-8")
+    assert main(["validate", *args, "--set", f"base_model.chat_template={jinja}"]) == 0

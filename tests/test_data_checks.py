@@ -10,10 +10,10 @@ import pytest
 
 from data_checks.agreement import alpha_from_votes, annotator_agreement, majority_agreement
 from data_checks.report import RULES
+from dataio import content_hash
 from tasks.base import TrackingContext
-from tasks.io import content_hash
 from tasks.validation import DataValidationError, ValidationConfig, run_validation
-from test_bad_inputs import TOKENIZER, base_rows, write_base
+from test_bad_inputs import CHAT_TEMPLATE, N, TOKENIZER, base_rows, write_base
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = {n: str(ROOT / "demo" / "data" / f"{n}.jsonl") for n in
@@ -103,8 +103,73 @@ def test_conversational_format_passes(tmp_path):
              for r in rows["preferences"]]
     data = write_base(tmp_path, {"sft": sft, "preferences": prefs})
     result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
-                               out_dir=str(tmp_path / "out"), ctx=None)
+                            chat_template=CHAT_TEMPLATE, out_dir=str(tmp_path / "out"), ctx=None)
     assert result.passed
+
+
+def hh_pairs(rows: list[dict], conversational: bool) -> list[dict]:
+    """Pairs in Anthropic HH's shape: no prompt column, the prompt is chosen's and rejected's
+    shared start (TRL's implicit prompt), standard text or conversational."""
+    def side(prompt, answer):
+        answer = answer.replace(" answer", "", 1)  # " A3 is fine.": the answers differ at once
+        if conversational:
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return f"\n\nHuman: {prompt}\n\nAssistant:{answer}"
+
+    return [{**{k: v for k, v in r.items() if k != "prompt"},
+             "chosen": side(r["prompt"], r["chosen"]),
+             "rejected": side(r["prompt"], r["rejected"])} for r in rows]
+
+
+@pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
+def test_implicit_prompt_pairs_pass_and_stages_get_the_split(tmp_path, conversational):
+    from dataio import preference_rows, read_records
+
+    rows = base_rows()
+    data = write_base(tmp_path, {
+        "preferences": hh_pairs(rows["preferences"], conversational),
+        "eval_pairs": hh_pairs(rows["eval_pairs"], conversational),
+        "preference_labels": rows["preference_labels"], "rl_prompts": rows["rl_prompts"]})
+    result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
+                            chat_template=CHAT_TEMPLATE if conversational else None,
+                            out_dir=str(tmp_path / "out"), ctx=None)
+    assert result.passed and result.metrics["data/preferences/bad_rows"] == 0
+    assert "agreement/alpha" in result.metrics  # labels joined to the HH pairs by pair_id
+    for name in ("preferences", "eval_pairs"):  # what the reward and DPO stages train on
+        split = preference_rows(read_records(result.data[name]), result.data[name],
+                                with_margin=True)
+        assert len(split) == N and all(r["margin"] == 1.0 for r in split)
+        # Row 0 of the base pairs chose " answer Z0 is ok."; hh_pairs dropped " answer".
+        prompt, chosen = rows[name][0]["prompt"], " Z0 is ok."
+        if conversational:
+            assert split[0]["prompt"] == [{"role": "user", "content": prompt}]
+            assert split[0]["chosen"] == [{"role": "assistant", "content": chosen}]
+        else:
+            assert split[0]["prompt"] == f"\n\nHuman: {prompt}\n\nAssistant:"
+            assert split[0]["chosen"] == chosen
+
+
+def test_implicit_prompt_is_checked_like_an_explicit_one(tmp_path):
+    rows = base_rows()
+    prefs = hh_pairs(rows["preferences"], conversational=False)
+    prefs[4]["rejected"] = "Completely different"  # no shared start: empty implicit prompt
+    evals = hh_pairs(rows["eval_pairs"], conversational=False)
+    evals[2]["chosen"] = evals[2]["chosen"].replace("Describe held out show 2",
+                                                    "Tell me about movie number 7")
+    evals[2]["rejected"] = evals[2]["rejected"].replace("Describe held out show 2",
+                                                        "Tell me about movie number 7")
+    data = write_base(tmp_path, {"preferences": prefs, "eval_pairs": evals,
+                                 "rl_prompts": rows["rl_prompts"]})
+    with pytest.raises(DataValidationError) as exc:
+        run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
+                       out_dir=str(tmp_path / "out"), ctx=None)
+    msg = str(exc.value)
+    assert (f"{data['preferences']}: row 5: rule non_empty_text: implicit prompt (the shared "
+            f"start of chosen and rejected) is empty") in msg
+    # The HH-shaped prompt is not the training prompt's text, so leakage compares HH with HH:
+    # the derived eval prompt matches the derived training prompt of preferences row 8.
+    assert f"{data['eval_pairs']}: row 3: rule prompt_leakage:" in msg
+    assert "column 'prompt' is missing" not in msg
 
 
 def test_quarantine_within_share_sets_rows_aside(tmp_path):

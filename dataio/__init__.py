@@ -1,0 +1,22 @@
+"""One data layer: where datasets live (URIs), how they are read, and TRL's dataset formats.
+
+``tasks/`` (the stages) and ``data_checks/`` (validation) both read data through this package
+and nothing else, so a format or a storage scheme is learnt once. It imports neither of them,
+nor ``flows/`` or ``models/``: the arrows point here, never out.
+
+- ``dataio.uri``: URIs -> local paths (the one place ``s3://`` will be added), ``DataError``,
+  ``content_hash``.
+- ``dataio.read``: one reader for JSONL, Parquet and ``datasets`` directories, strict (stages)
+  or tolerant (validation).
+- ``dataio.trl_format``: TRL's formats (https://huggingface.co/docs/trl/dataset_formats):
+  conversational or standard, explicit or implicit prompt.
+"""
+
+from dataio.read import Rows, read_records, read_rows
+from dataio.trl_format import (PREFERENCE_COLUMNS, explicit_prompts, is_conversational,
+                               preference_rows, render_prompt, split_prompt)
+from dataio.uri import DataError, content_hash, local_path
+
+__all__ = ["DataError", "PREFERENCE_COLUMNS", "Rows", "content_hash", "explicit_prompts",
+           "is_conversational", "local_path", "preference_rows", "read_records", "read_rows",
+           "render_prompt", "split_prompt"]
