@@ -55,7 +55,7 @@ def run_seed(seed: int, algorithms: list[str], overrides: list[str], out: Path) 
                          out_dir=str(root / algo), seed=seed, ctx=ctx)
         seconds = time.perf_counter() - t0
         ev = run_evaluate(cfg.evaluate, policy_uri=pol.model_uri, sft_model_uri=sft.model_uri,
-                          reward_model_uri=rm.model_uri, heldout_reward_uri=None,
+                          reward_model_uri=rm.model_uri, heldout_reward_uri=rm.heldout_model_uri,
                           heldout_sft_uri=sft.heldout_uri, eval_prompts_uri=d.eval_prompts,
                           seed=seed, ctx=ctx)
         m = ev.metrics

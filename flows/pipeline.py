@@ -84,9 +84,10 @@ def rlhf_pipeline(config: PipelineConfig) -> PipelineResult:
                                                h["rl_prompts"], h["preferences"], seed))
         evaluation = evaluate_task(c.evaluate, policy_uri=policy.model_uri,
                                    sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,
-                                   heldout_reward_uri=None, heldout_sft_uri=sft.heldout_uri,
+                                   heldout_reward_uri=reward.heldout_model_uri,
+                                   heldout_sft_uri=sft.heldout_uri,
                                    eval_prompts_uri=data["eval_prompts"], seed=seed, ctx=ctx)
-        decision = gate_task(c.gate, evaluation=evaluation, policy=policy,
+        decision = gate_task(c.gate, evaluation=evaluation, reward=reward, policy=policy,
                              data_passed=checked.passed, seed=seed, ctx=ctx)
         registration = register_task(c.registry, policy=policy, reward=reward, sft=sft,
                                      data_hashes=h, metrics=evaluation.metrics,

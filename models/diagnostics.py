@@ -92,72 +92,42 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return pearson(rankdata(x), rankdata(y))
 
 
-def fit_logistic(features: torch.Tensor, targets: torch.Tensor, l2: float = 1e-2,
-                 max_iter: int = 100, tol: float = 1e-10) -> torch.Tensor:
-    """Penalised logistic regression with soft targets, by Newton's method (IRLS).
+def length_matched_win_rate(a_scores: torch.Tensor, b_scores: torch.Tensor, a_len: torch.Tensor,
+                            b_len: torch.Tensor, tolerance: float = 2.0) -> tuple[float, int]:
+    """Win rate of a over b among responses of about the same length, and how many pairs.
 
-    Minimises L(w) = -sum_i [y_i log p_i + (1 - y_i) log(1 - p_i)] + l2/2 * |w|^2 with
-    p_i = sigmoid(x_i . w); gradient X^T (p - y) + l2 w, Hessian X^T diag(p(1 - p)) X + l2 I.
-    Targets may be fractions (a tie is 0.5). The penalty keeps w finite when the classes
-    are separable (with l2 = 0 they must not be); steps are halved until L decreases; it stops
-    when a Newton step moves no weight by more than ``tol``. features (M, P), targets (M,) ->
-    w (P,), all in float64. No column is added: pass a column of ones for an intercept.
+    Compares every candidate sample with every baseline sample of the same prompt,
+    (N, k) x (N, k) -> N k^2 pairs, and keeps those with |len_a - len_b| <= tolerance:
+        rate = mean over kept pairs of 1[a > b] + 0.5 * 1[a == b]
+    The question length-controlled AlpacaEval asks (Dubois et al. 2024,
+    https://arxiv.org/abs/2404.04475), answered by matching samples instead of fitting a length
+    term: with one candidate always longer than its baseline a fitted term is confounded with
+    the intercept and the "controlled" rate keeps the raw one, whereas matching then finds no
+    pair and says so (NaN, 0). a_scores, b_scores, a_len, b_len (N, k) -> (rate, pairs).
     """
-    X, y = features.double(), targets.double()
-    w = torch.zeros(X.shape[1], dtype=torch.float64)
-    eye = torch.eye(X.shape[1], dtype=torch.float64)
-
-    def loss(w: torch.Tensor) -> torch.Tensor:
-        z = X @ w
-        # -[y log s(z) + (1-y) log(1-s(z))] = softplus(z) - y z, stable for large |z|
-        return (torch.nn.functional.softplus(z) - y * z).sum() + 0.5 * l2 * w.dot(w)
-
-    current = loss(w)
-    for _ in range(max_iter):
-        p = torch.sigmoid(X @ w)
-        grad = X.T @ (p - y) + l2 * w
-        hess = X.T @ (X * (p * (1 - p))[:, None]) + l2 * eye
-        step = torch.linalg.solve(hess, grad)
-        if float(step.abs().max()) < tol:  # Newton converges quadratically near the optimum
-            break
-        t = 1.0
-        while (new := loss(w - t * step)) > current:
-            t /= 2
-            if t < 1e-10:  # no descent left along the Newton step: at the optimum
-                return w
-        w, current = w - t * step, new
-    return w
+    a, b = a_scores[:, :, None], b_scores[:, None, :]  # (N, k, 1), (N, 1, k)
+    matched = (a_len[:, :, None] - b_len[:, None, :]).abs() <= tolerance  # (N, k, k)
+    n = int(matched.sum())
+    if n == 0:
+        return float("nan"), 0
+    return float(win_indicator(a.expand_as(matched), b.expand_as(matched))[matched].mean()), n
 
 
-def length_controlled_win_rate(a_scores: torch.Tensor, b_scores: torch.Tensor,
-                               a_len: torch.Tensor, b_len: torch.Tensor,
-                               l2: float = 1e-2) -> float:
-    """Win rate of a against b that would hold if both answered at the same length.
+def longer_preferred(score_a: torch.Tensor, score_b: torch.Tensor, len_a: torch.Tensor,
+                     len_b: torch.Tensor) -> float:
+    """Share of pairs where the score prefers the longer response (a tie in score counts half),
+    over the pairs whose lengths differ: 0.5 = the score ignores length, 1 = it is length.
 
-    The GLM of length-controlled AlpacaEval 2 (Dubois et al. 2024; tatsu-lab/alpaca_eval,
-    ``metrics/glm_winrate.py``), reduced to one candidate against one baseline on the same
-    prompts, so without their per-instruction difficulty term:
-        y_m = 1[a_m > b_m] + 0.5 * 1[a_m == b_m]                (judged outcome, soft target)
-        x_m = tanh((a_len_m - b_len_m) / std(a_len - b_len))    (their tanh(std_delta_len))
-        P(a beats b | x_m) = sigmoid(theta + phi * x_m)
-    The difference is scaled but not centred, so x = 0 still means equal length; the tanh
-    bounds how far one very long answer can pull phi. theta, phi come from ``fit_logistic``
-    with an L2 penalty ``l2`` on both (AlpacaEval uses a cross-validated L1 penalty; either
-    keeps phi finite when length separates wins from losses). The length-controlled rate
-    predicts with the length difference zeroed: mean_m sigmoid(theta + phi * 0) =
-    sigmoid(theta). With no spread in length difference (all equal, or M = 1) x is 0 and
-    the result is the raw win rate, up to the small penalty.
-    a_scores, b_scores, a_len, b_len (M,) -> float in (0, 1).
+    Asked of a reward model on held-out preference pairs, this is Singhal et al.'s (2023,
+    https://arxiv.org/abs/2310.03716) question of what the reward rewards; pairs share their
+    prompt, so sequence lengths compare responses. (M,) each -> float; NaN if no pair differs.
     """
-    y = win_indicator(a_scores.flatten(), b_scores.flatten()).double()  # (M,)
-    if y.numel() == 0:
-        raise ValueError("length_controlled_win_rate needs at least one comparison")
-    delta = a_len.flatten().double() - b_len.flatten().double()  # (M,)
-    std = delta.std() if delta.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
-    x = torch.tanh(delta / std) if std > 0 else torch.zeros_like(delta)
-    features = torch.stack([torch.ones_like(x), x], 1)  # (M, 2): intercept, length
-    theta, _phi = fit_logistic(features, y, l2=l2)
-    return float(torch.sigmoid(theta))
+    differ = len_a != len_b  # (M,)
+    if not bool(differ.any()):
+        return float("nan")
+    a_wins = win_indicator(score_a, score_b)  # (M,)
+    longer_wins = torch.where(len_a > len_b, a_wins, 1 - a_wins)
+    return float(longer_wins[differ].double().mean())
 
 
 def _word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:

@@ -12,9 +12,9 @@ numbers: sample j of prompt i is comparable across policies). Each response is s
 Per prompt the candidate wins when its mean score beats the baseline's (a tie counts half);
 the win rate is the share of prompts won, with a percentile bootstrap interval over prompts.
 Reward-hacking diagnostics that need no gold judge (``models/diagnostics.py``): how much the
-reward models' scores follow response length (Singhal et al. 2023), the length-controlled win
-rate (Dubois et al. 2024), repetition and distinct-2, and perplexity on held-out SFT
-demonstrations (a capability-regression check). KL(policy || SFT) per sequence is the summed
+reward models' scores follow response length (Singhal et al. 2023), the win rate among
+responses of about the same length (the question of Dubois et al. 2024), repetition and
+distinct-2, and perplexity on held-out SFT demonstrations (a capability-regression check). KL(policy || SFT) per sequence is the summed
 log-ratio on the policy's own samples: an unbiased estimate of the sequence-level KL.
 """
 
@@ -166,15 +166,17 @@ def heldout_perplexity(model, tokenizer, rows: list[dict], batch_size: int) -> f
 
 def compare(cand: Samples, base: Samples, judge: str, k: int, cfg: EvaluateConfig,
             seed: int) -> dict[str, float]:
-    """Win rate of ``cand`` over ``base`` by ``judge``, its bootstrap interval, and the
-    length-controlled win rate on the paired samples."""
-    from models.diagnostics import bootstrap_ci, length_controlled_win_rate, per_prompt_wins
+    """Win rate of ``cand`` over ``base`` by ``judge``, its bootstrap interval, and the win
+    rate among responses of about the same length (and how many such pairs there were)."""
+    from models.diagnostics import bootstrap_ci, length_matched_win_rate, per_prompt_wins
 
-    a, b = cand.scores[judge], base.scores[judge]  # (N * k,)
-    wins = per_prompt_wins(a.view(-1, k), b.view(-1, k))  # (N,)
-    mean, lo, hi = bootstrap_ci(wins, cfg.bootstrap_samples, 1 - cfg.confidence, seed)
+    a, b = cand.scores[judge].view(-1, k), base.scores[judge].view(-1, k)  # (N, k)
+    mean, lo, hi = bootstrap_ci(per_prompt_wins(a, b), cfg.bootstrap_samples,
+                                1 - cfg.confidence, seed)
+    matched, pairs = length_matched_win_rate(a, b, cand.length.view(-1, k),
+                                             base.length.view(-1, k))
     return {f"win_rate_{judge}": mean, f"win_rate_{judge}_lo": lo, f"win_rate_{judge}_hi": hi,
-            f"lc_win_rate_{judge}": length_controlled_win_rate(a, b, cand.length, base.length)}
+            f"matched_win_rate_{judge}": matched, f"matched_pairs_{judge}": pairs}
 
 
 def diagnostics(name: str, s: Samples) -> dict[str, float]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from tasks.base import ModelResult, PolicyResult, StageConfig, TrackingContext
 from tasks.evaluate import EvaluateResult
+from tasks.reward import RewardResult
 
 
 class GateConfig(StageConfig):
@@ -34,13 +35,14 @@ class GateConfig(StageConfig):
     """Largest mean KL(policy || SFT) per sequence, in nats: drift beyond it is refused."""
     min_gold_gain: float = 0.0
     """Mean gold score of the candidate minus SFT's must exceed this (when a judge is set)."""
-    max_length_corr: float = 0.5
-    """Reward hacking by length (Singhal et al. 2023): the judging reward model's Spearman
-    correlation between score and response length, above which the reward is said to follow
-    length; with ``max_length_controlled_drop`` it flags the candidate."""
-    max_length_controlled_drop: float = 0.2
-    """Reward hacking by length: largest fall from the reward-model win rate to its
-    length-controlled win rate (the win rate at equal length, Dubois et al. 2024)."""
+    max_longer_preferred: float = 0.75
+    """Reward hacking by length (Singhal et al. 2023): the share of held-out pairs where the
+    judging reward model prefers the longer response, above which the reward is said to
+    follow length (0.5 = blind to length; the demo's 0.57, its length-biased variant's 1.0);
+    with ``max_length_increase`` it flags the candidate."""
+    max_length_increase: float = 0.2
+    """Reward hacking by length: largest relative rise of the mean response length over SFT's
+    allowed when the reward follows length (0.2 = 1.2x)."""
     max_repetition_increase: float = 0.1
     """Reward hacking by repetition: largest rise in the share of repeated word bigrams."""
     max_perplexity_increase: float = 0.25
@@ -82,6 +84,9 @@ class Registration(BaseModel):
     reward_name: str
     reward_version: str
     aliases: list[str]
+
+
+MAY_BE_NAN = ("_length_corr", "longer_preferred", "matched_win_rate")
 
 
 def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None = None,
@@ -129,10 +134,11 @@ def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None =
             check(rise <= limit, f"perplexity on held-out SFT data {m('ppl_policy'):.2f} vs "
                   f"{'SFT' if base == 'sft' else 'production'} {m(f'ppl_{base}'):.2f} "
                   f"({rise:+.0%} vs {field} {limit:+.0%})")
-    # Correlations are NaN when every response has the same length: nothing to measure, and
-    # the length check says so; any other non-finite metric means something broke.
+    # NaN is a measurement for these: a correlation when every response has the same length,
+    # a length-matched win rate when no lengths match; any other non-finite metric means
+    # something broke.
     bad = sorted(k for k, v in metrics.items()
-                 if not math.isfinite(v) and not k.endswith("_length_corr"))
+                 if not math.isfinite(v) and not any(part in k for part in MAY_BE_NAN))
     check(not bad, f"all evaluation metrics finite{': not ' + ', '.join(bad) if bad else ''}")
     if stop_reason:
         check(cfg.allow_early_stop, f"training stopped early: {stop_reason}")
@@ -142,43 +148,47 @@ def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None =
 def hacking_checks(metrics: dict[str, float], cfg: GateConfig) -> list[tuple[bool, str]]:
     """Reward-hacking checks that need no gold judge: (clear, what was measured) each.
 
-    Length: a reward model trained on length-biased labels is biased the same way, so look at
-    what it rewards. The candidate is flagged when the judging reward model's score follows
-    length (Spearman above ``max_length_corr``) *and* its win over SFT mostly vanishes at equal
-    length (length-controlled win rate, Dubois et al. 2024). Repetition: the candidate repeats
-    itself more than SFT by ``max_repetition_increase``.
+    Length: a reward model trained on length-biased labels is biased the same way (a held-out
+    one too), so look at what it rewards. The candidate is flagged when the judging reward
+    model prefers the longer response of most held-out pairs (``max_longer_preferred``) *and*
+    the candidate answers longer than SFT (``max_length_increase``): the reward it won is then
+    explained by length. Repetition: the candidate repeats itself more than SFT by
+    ``max_repetition_increase``. ``metrics`` holds the reward stage's and the evaluation's.
     """
     m = lambda key: metrics.get(f"eval/{key}", float("nan"))  # noqa: E731
-    j = "heldout_rm" if "eval/win_rate_heldout_rm" in metrics else "rm"
-    corr, win, lc = m(f"{j}_length_corr"), m(f"win_rate_{j}"), m(f"lc_win_rate_{j}")
-    drop = win - lc
-    lengths = f"responses {m('len_policy'):.1f} vs SFT's {m('len_sft'):.1f} tokens"
-    # NaN correlation (every response the same length) follows nothing.
-    length_clear = math.isfinite(drop) and not (corr > cfg.max_length_corr
-                                                and drop > cfg.max_length_controlled_drop)
-    length = (f"reward hacking by length: the {j.replace('_', ' ')} score follows length "
-              f"(Spearman {corr:.2f} > max_length_corr {cfg.max_length_corr}) and its win rate "
-              f"{win:.3f} falls to {lc:.3f} at equal length (drop {drop:.3f} > "
-              f"max_length_controlled_drop {cfg.max_length_controlled_drop}); {lengths}")
-    if length_clear:
-        length = (f"no reward hacking by length: {j.replace('_', ' ')} score-length Spearman "
-                  f"{corr:.2f}, win rate {win:.3f} vs {lc:.3f} at equal length; {lengths}")
-    rise = m("repetition_policy") - m("repetition_sft")
-    repetition_clear = rise <= cfg.max_repetition_increase
+    heldout = "eval/win_rate_heldout_rm" in metrics
+    prefers = metrics.get("reward/heldout/longer_preferred" if heldout
+                          else "reward/longer_preferred", float("nan"))
+    rise = m("len_policy") / m("len_sft") - 1
+    # Written as "clear when good", so a NaN measurement flags rather than passes (lengths are
+    # always measured; a reward model's preference is NaN only if no held-out pair differs).
+    length_clear = math.isfinite(rise) and (prefers <= cfg.max_longer_preferred
+                                            or rise <= cfg.max_length_increase)
+    length = (f"{'no ' if length_clear else ''}reward hacking by length: the "
+              f"{'held-out ' if heldout else ''}reward model prefers the longer response in "
+              f"{prefers:.0%} of held-out pairs (max_longer_preferred "
+              f"{cfg.max_longer_preferred:.0%}) and the candidate answers {m('len_policy'):.1f} "
+              f"tokens vs SFT's {m('len_sft'):.1f} ({rise:+.0%} vs max_length_increase "
+              f"{cfg.max_length_increase:+.0%}); at equal length it wins "
+              f"{m('matched_win_rate'):.3f} of {m('matched_pairs'):.0f} sample pairs")
+    more = m("repetition_policy") - m("repetition_sft")
+    repetition_clear = more <= cfg.max_repetition_increase
     repetition = (f"{'no ' if repetition_clear else ''}reward hacking by repetition: repeated "
                   f"bigrams {m('repetition_policy'):.3f} vs SFT's {m('repetition_sft'):.3f} "
-                  f"(rise {rise:+.3f} vs max_repetition_increase {cfg.max_repetition_increase})")
+                  f"(rise {more:+.3f} vs max_repetition_increase {cfg.max_repetition_increase})")
     return [(length_clear, length), (repetition_clear, repetition)]
 
 
-def run_gate(cfg: GateConfig, *, evaluation: EvaluateResult, policy: PolicyResult,
-             data_passed: bool, seed: int, ctx: TrackingContext) -> Decision:
+def run_gate(cfg: GateConfig, *, evaluation: EvaluateResult, reward: RewardResult,
+             policy: PolicyResult, data_passed: bool, seed: int,
+             ctx: TrackingContext) -> Decision:
     """Decide and record the decision in the gate's child run; no registry write here."""
     import mlflow
 
     from tasks.tracking import stage_run
 
-    decision = decide(evaluation.metrics, cfg, policy.stop_reason, data_passed)
+    decision = decide({**reward.metrics, **evaluation.metrics}, cfg, policy.stop_reason,
+                      data_passed)
     with stage_run(ctx, "gate", cfg, seed) as run:
         mlflow.log_metric("gate/promoted", int(decision.promote))
         mlflow.set_tag("gate.decision", "promote" if decision.promote else "refuse")

@@ -34,25 +34,29 @@ def build_report(name: str, result: str, decision: Decision, evaluation: Evaluat
                  next_step: str) -> list[Section]:
     """The report's sections, from the stages' typed results (no I/O)."""
     m = lambda key: evaluation.metrics.get(f"eval/{key}")  # noqa: E731
+    def matched(suffix: str, prefix: str = "") -> str:
+        pairs = m(f"{prefix}matched_pairs{suffix}")
+        return f"{_f(m(f'{prefix}matched_win_rate{suffix}'))} ({_f(pairs, '.0f')})"
+
     outcome = Section("Outcome", [f"Pipeline `{name}`: **{result}**.", next_step])
     gate = Section("Gate", [f"- {r}" for r in decision.reasons])
 
     wins = Section("Win rates", [
         f"Share of {int(m('num_prompts') or 0)} held-out prompts where the candidate's responses "
         f"score higher on average (ties count half), with a {evaluation.judge} headline; "
-        "intervals are percentile bootstraps over prompts; length-controlled: the win rate at "
-        "equal response length."])
-    wins.table.append(["judge", "against", "win rate", "interval", "length-controlled"])
+        "intervals are percentile bootstraps over prompts; at equal length: the win rate over "
+        "sample pairs whose lengths differ by at most 2 tokens (how many such pairs)."])
+    wins.table.append(["judge", "against", "win rate", "interval", "at equal length"])
     for judge in ("gold", "heldout_rm", "rm"):
         if m(f"win_rate_{judge}") is not None:
             wins.table.append([judge, "SFT", _f(m(f"win_rate_{judge}")),
                                f"[{_f(m(f'win_rate_{judge}_lo'))}, {_f(m(f'win_rate_{judge}_hi'))}]",
-                               _f(m(f"lc_win_rate_{judge}"))])
+                               matched(f"_{judge}")])
     if m("champion/win_rate") is not None:
         wins.table.append([evaluation.judge, f"production v{evaluation.champion_version}",
                            _f(m("champion/win_rate")),
                            f"[{_f(m('champion/win_rate_lo'))}, {_f(m('champion/win_rate_hi'))}]",
-                           _f(m("champion/lc_win_rate"))])
+                           matched("", "champion/")])
 
     diag = Section("Reward hacking and capability", [
         "What the reward rewards, measured without a gold judge (see the gate's reasons)."])
@@ -67,6 +71,11 @@ def build_report(name: str, result: str, decision: Decision, evaluation: Evaluat
             diag.lines.append(f"- {judge} score vs length, Spearman: "
                               f"{_f(m(f'{judge}_length_corr'), '.2f')}")
     diag.lines.append(f"- KL(policy || SFT): {_f(m('kl_policy_sft'), '.2f')} nats per sequence")
+    for key, label in (("reward/longer_preferred", "reward model"),
+                       ("reward/heldout/longer_preferred", "held-out reward model")):
+        if key in stage_metrics.get("reward", {}):
+            diag.lines.append(f"- the {label} prefers the longer response of a held-out pair: "
+                              f"{_f(stage_metrics['reward'][key], '.0%')}")
 
     training = Section("Training", [
         f"Policy optimiser `{policy.algorithm}`: {policy.steps} of {policy.planned_steps} steps"

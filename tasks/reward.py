@@ -57,12 +57,18 @@ class RewardConfig(StageConfig):
     """Train LoRA adapters (plus the score head) instead of all weights; merged before saving."""
     logging_steps: int = 10
     """Log training metrics to MLflow every this many steps."""
+    heldout_seed_offset: int | None = 1
+    """Also train a held-out reward model with seed + this offset (another score-head
+    initialisation and data order): the evaluation's judge when there is no gold judge, since
+    the policy never optimised against it. Null: none (the policy's own reward model judges)."""
 
 
 class RewardResult(ModelResult):
     """The reward model; ``model_uri`` also holds its calibration (``reward_calibration.json``)."""
 
     num_train_pairs: int
+    heldout_model_uri: str | None = None
+    """The held-out reward model (``heldout_seed_offset``), or None."""
 
 
 def soft_label(record: dict[str, Any]) -> float:
@@ -163,17 +169,50 @@ def sample_policy_ids(sft_model_uri: str, tokenizer, prompts: list[Any], cfg: Re
     return out
 
 
-def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_uri: str,
-               rl_prompts_uri: str, out_dir: str, seed: int,
-               ctx: TrackingContext) -> RewardResult:
-    """Train, calibrate and normalise a reward model from the SFT checkpoint at ``sft_model_uri``."""
-    import datasets
-    import mlflow
-    import torch
+def train_reward_model(cfg: RewardConfig, *, sft_model_uri: str, tokenizer, train, seed: int,
+                       callback=None):
+    """A Bradley-Terry reward model trained from the SFT weights (score head seeded by
+    ``seed``); returns the model in eval mode (LoRA merged) and the mean training loss."""
     import transformers
     import trl
 
-    from models.loading import load_sequence_scorer, load_tokenizer
+    from models.loading import load_sequence_scorer
+
+    transformers.set_seed(seed)  # before loading: the score head is freshly initialised
+    model = load_sequence_scorer(sft_model_uri)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with tempfile.TemporaryDirectory() as scratch:
+        args = trainer_args(
+            trl.RewardConfig, scratch, seed, max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate,
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            max_length=min(cfg.max_length, tokenizer.model_max_length),
+            warmup_steps=cfg.warmup_ratio,  # float < 1: a ratio
+            center_rewards_coefficient=cfg.center_rewards_coefficient,
+            logging_steps=cfg.logging_steps,
+        )
+        trainer = make_trainer_class()(
+            model=model, args=args, train_dataset=train, processing_class=tokenizer,
+            callbacks=[callback] if callback else [],
+            peft_config=peft_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]))
+        train_out = trainer.train()
+    model = trainer.model
+    if cfg.lora is not None:
+        model = model.merge_and_unload()
+    return model.eval(), train_out.training_loss
+
+
+def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_uri: str,
+               rl_prompts_uri: str, out_dir: str, seed: int,
+               ctx: TrackingContext) -> RewardResult:
+    """Train, calibrate and normalise a reward model from the SFT checkpoint at ``sft_model_uri``
+    (and a held-out one from another seed, saved beside it as ``<out_dir>-heldout``)."""
+    import datasets
+    import mlflow
+    import torch
+
+    from models.diagnostics import longer_preferred
+    from models.loading import load_tokenizer
     from models.reward import (RewardNorm, expected_calibration_error, fit_temperature,
                                preference_accuracy, preference_nll)
 
@@ -181,34 +220,15 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
         for name, uri in (("preferences", train_uri), ("eval_pairs", eval_uri),
                           ("rl_prompts", rl_prompts_uri)):
             mlflow.set_tag(f"data.{name}.sha256", content_hash(uri))
-        transformers.set_seed(seed)  # before loading: the score head is freshly initialised
         tokenizer = load_tokenizer(sft_model_uri)
-        model = load_sequence_scorer(sft_model_uri)
-        model.config.pad_token_id = tokenizer.pad_token_id
         train = datasets.Dataset.from_list(preference_rows(read_records(train_uri), train_uri,
                                                            cfg.margin))
-        max_length = min(cfg.max_length, tokenizer.model_max_length)
-        callback = trainer_metrics_callback("reward", run.info.run_id)
-        with tempfile.TemporaryDirectory() as scratch:
-            args = trainer_args(
-                trl.RewardConfig, scratch, seed, max_steps=cfg.max_steps,
-                learning_rate=cfg.learning_rate,
-                per_device_train_batch_size=cfg.per_device_train_batch_size,
-                max_length=max_length, warmup_steps=cfg.warmup_ratio,  # float < 1: a ratio
-                center_rewards_coefficient=cfg.center_rewards_coefficient,
-                logging_steps=cfg.logging_steps,
-            )
-            trainer = make_trainer_class()(
-                model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                callbacks=[callback],
-                peft_config=peft_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]))
-            train_out = trainer.train()
-        model = trainer.model
-        if cfg.lora is not None:
-            model = model.merge_and_unload()
-        model.eval()
+        model, train_loss = train_reward_model(
+            cfg, sft_model_uri=sft_model_uri, tokenizer=tokenizer, train=train, seed=seed,
+            callback=trainer_metrics_callback("reward", run.info.run_id))
 
         # Held-out pairs: accuracy and calibration (an implicit prompt split off as in training).
+        max_length = min(cfg.max_length, tokenizer.model_max_length)
         eval_records = explicit_prompts(read_records(eval_uri), eval_uri)
         chosen = [sequence_ids(r, "chosen", tokenizer) for r in eval_records]
         rejected = [sequence_ids(r, "rejected", tokenizer) for r in eval_records]
@@ -217,13 +237,16 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
         if not keep:
             raise DataError(eval_uri, f"no pair fits max_length={max_length}",
                             rule="max_total_tokens")
-        r_c = score_id_lists(model, tokenizer, [chosen[i] for i in keep], cfg.eval_batch_size)
-        r_r = score_id_lists(model, tokenizer, [rejected[i] for i in keep], cfg.eval_batch_size)
+        chosen, rejected = [chosen[i] for i in keep], [rejected[i] for i in keep]
+        # Pairs share their prompt, so sequence lengths compare the two responses.
+        len_c, len_r = (torch.tensor([len(ids) for ids in x]) for x in (chosen, rejected))
+        r_c = score_id_lists(model, tokenizer, chosen, cfg.eval_batch_size)
+        r_r = score_id_lists(model, tokenizer, rejected, cfg.eval_batch_size)
         labels = torch.tensor([soft_label(eval_records[i]) for i in keep], dtype=r_c.dtype)
         diffs = r_c - r_r  # (N,)
         temperature = fit_temperature(diffs, labels) if cfg.calibrate else 1.0
         metrics = {
-            "reward/train_loss": train_out.training_loss,
+            "reward/train_loss": train_loss,
             "reward/eval_accuracy": preference_accuracy(r_c, r_r),
             "reward/eval_pairs": float(len(keep)),
             "reward/temperature": temperature,
@@ -231,6 +254,9 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
             "reward/ece_after": expected_calibration_error(torch.sigmoid(diffs / temperature), labels),
             "reward/eval_nll_before": preference_nll(diffs, labels),
             "reward/eval_nll": preference_nll(diffs, labels, temperature),
+            # What the reward rewards: does it prefer the longer response of a held-out pair?
+            "reward/longer_preferred": longer_preferred(r_c, r_r, len_c, len_r),
+            "reward/labels_longer_chosen": longer_preferred(labels, 1 - labels, len_c, len_r),
         }
 
         # Normalisation statistics on what the RL stage will score first: SFT samples.
@@ -254,10 +280,25 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
                             "ece_after": metrics["reward/ece_after"],
                             "eval_nll": metrics["reward/eval_nll"],
                             "normalize_samples": cfg.normalize_samples})
+        heldout_dir = None
+        if cfg.heldout_seed_offset is not None:
+            heldout, loss = train_reward_model(cfg, sft_model_uri=sft_model_uri,
+                                               tokenizer=tokenizer, train=train,
+                                               seed=seed + cfg.heldout_seed_offset)
+            h_c = score_id_lists(heldout, tokenizer, chosen, cfg.eval_batch_size)
+            h_r = score_id_lists(heldout, tokenizer, rejected, cfg.eval_batch_size)
+            metrics.update({"reward/heldout/train_loss": loss,
+                            "reward/heldout/eval_accuracy": preference_accuracy(h_c, h_r),
+                            "reward/heldout/longer_preferred": longer_preferred(h_c, h_r, len_c,
+                                                                                len_r)})
+            heldout_dir = f"{out_dir}-heldout"
+            heldout.save_pretrained(heldout_dir)
+            tokenizer.save_pretrained(heldout_dir)
         log_metrics(metrics, step=cfg.max_steps)
         log_model_dir(out_dir, "model")
         return RewardResult(stage="reward", run_id=run.info.run_id, model_uri=out_dir,
-                            metrics=metrics, num_train_pairs=len(train))
+                            metrics=metrics, num_train_pairs=len(train),
+                            heldout_model_uri=heldout_dir)
 
 
 reward_task = task(name="reward")(run_reward)

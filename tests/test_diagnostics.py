@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from models.diagnostics import (bootstrap_ci, distinct_n, fit_logistic,
-                                length_controlled_win_rate, pearson, per_prompt_wins, rankdata,
+from models.diagnostics import (bootstrap_ci, distinct_n, length_matched_win_rate,
+                                longer_preferred, pearson, per_prompt_wins, rankdata,
                                 repetition_rate, slope, spearman, win_indicator)
 
 
@@ -105,62 +105,38 @@ def test_spearman_matches_plain_loop_with_ties():
         assert spearman(x, y) == pytest.approx(spearman_loop(x.tolist(), y.tolist()), abs=1e-12)
 
 
-def test_fit_logistic_by_hand():
-    # Intercept only, y = [1, 1, 1, 0], no penalty: sigmoid(theta) = 3/4 -> theta = ln 3.
-    w = fit_logistic(torch.ones(4, 1), torch.tensor([1.0, 1.0, 1.0, 0.0]), l2=0.0)
-    assert w.tolist() == pytest.approx([math.log(3)], abs=1e-8)
-    # Intercept + x in {-1, +1}: mean y is 1/2 at x=-1 and 3/4 at x=+1, so
-    # theta - phi = logit(1/2) = 0 and theta + phi = logit(3/4) = ln 3.
-    x = torch.tensor([-1.0] * 4 + [1.0] * 4)
-    y = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
-    w = fit_logistic(torch.stack([torch.ones(8), x], 1), y, l2=0.0)
-    assert w.tolist() == pytest.approx([math.log(3) / 2, math.log(3) / 2], abs=1e-8)
-    # Soft targets: two ties (0.5 each) and one win: mean 2/3 -> theta = ln 2.
-    w = fit_logistic(torch.ones(3, 1), torch.tensor([0.5, 0.5, 1.0]), l2=0.0)
-    assert w.tolist() == pytest.approx([math.log(2)], abs=1e-8)
-    # All wins: the penalty keeps theta finite; at the optimum M (1 - p) = l2 * theta.
-    w = fit_logistic(torch.ones(5, 1), torch.ones(5), l2=0.1)
-    theta = float(w[0])
-    p = 1 / (1 + math.exp(-theta))
-    assert math.isfinite(theta) and 5 * (1 - p) == pytest.approx(0.1 * theta)
+def test_length_matched_win_rate_by_hand():
+    # One prompt, k = 2. Candidate (score, len): (3, 10), (1, 20); baseline: (2, 11), (5, 30).
+    # |dlen| <= 2 keeps only (a0, b0): 3 > 2 -> win. With tolerance 10: (a0, b0) win, (a1, b0)
+    # |20-11| = 9 -> 1 < 2 loss, (a1, b1) |20-30| = 10 -> 1 < 5 loss: 1/3 over 3 pairs.
+    a, a_len = torch.tensor([[3.0, 1.0]]), torch.tensor([[10.0, 20.0]])
+    b, b_len = torch.tensor([[2.0, 5.0]]), torch.tensor([[11.0, 30.0]])
+    assert length_matched_win_rate(a, b, a_len, b_len, tolerance=2) == (1.0, 1)
+    rate, n = length_matched_win_rate(a, b, a_len, b_len, tolerance=10)
+    assert n == 3 and rate == pytest.approx(1 / 3)
+    # Ties in score count half; pairs of other prompts never mix.
+    two = length_matched_win_rate(torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0], [9.0]]),
+                                  torch.tensor([[5.0], [5.0]]), torch.tensor([[5.0], [50.0]]))
+    assert two == (0.5, 1)
 
 
-def _lengths(m, seed=0):
-    """a is longer than b on most prompts (mean difference 30, sd 30), with spread."""
-    g = torch.Generator().manual_seed(seed)
-    b_len = 100 + 20 * torch.randn(m, generator=g)
-    return b_len + 30 + 30 * torch.randn(m, generator=g), b_len
+def test_length_matched_win_rate_without_overlap_is_nan():
+    # The candidate always answers 24 tokens, the baseline about 10: nothing to match.
+    rate, n = length_matched_win_rate(torch.ones(4, 2), torch.zeros(4, 2),
+                                      torch.full((4, 2), 24.0), torch.full((4, 2), 10.0))
+    assert math.isnan(rate) and n == 0
 
 
-def test_lc_win_rate_removes_a_win_explained_by_length():
-    a_len, b_len = _lengths(400)
-    a = (a_len > b_len).float()  # a wins exactly when it is longer
-    b = torch.full((400,), 0.5)
-    raw = float(win_indicator(a, b).mean())
-    lc = length_controlled_win_rate(a, b, a_len, b_len)
-    assert raw > 0.8  # P(N(30, 30) > 0) = 0.84
-    assert abs(lc - 0.5) < 0.1 and lc < raw - 0.2
-
-
-def test_lc_win_rate_stays_high_when_a_wins_regardless_of_length():
-    a_len, b_len = _lengths(400)
-    assert length_controlled_win_rate(torch.ones(400), torch.zeros(400), a_len, b_len) > 0.95
-    # a wins 3 of every 4 prompts at every length difference: length explains nothing,
-    # so the fit has phi = 0 and LC = raw = 3/4 (up to the small penalty).
-    x = torch.tensor([-10.0, 5.0, 20.0, 40.0, 60.0]).repeat_interleave(4)  # mostly longer
-    a = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(5)
-    lc = length_controlled_win_rate(a, torch.full((20,), 0.5), 100 + x, torch.full((20,), 100.0))
-    assert lc == pytest.approx(0.75, abs=2e-3)
-
-
-def test_lc_win_rate_equal_lengths_is_raw_rate():
-    a = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, 0.0, 4.0, 4.0, 1.0, 9.0])
-    b = torch.tensor([1.0, 2.0, 2.0, 1.0, 1.0, 1.0, 3.0, 4.0, 0.0, 8.0])
-    # wins: 1, 0, 0.5, 1, 1, 0, 1, 0.5, 1, 1 -> raw 7/10
-    lens = torch.full((10,), 50.0)
-    assert length_controlled_win_rate(a, b, lens, lens) == pytest.approx(0.7, abs=1e-3)
-    with pytest.raises(ValueError):
-        length_controlled_win_rate(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0))
+def test_longer_preferred_by_hand():
+    # Pairs (score_a, score_b, len_a, len_b): (2, 1, 9, 5) longer a wins -> 1;
+    # (0, 1, 9, 5) longer a loses -> 0; (1, 3, 4, 8) longer b wins -> 1;
+    # (1, 1, 3, 6) tie -> 0.5; (5, 0, 7, 7) equal lengths, skipped. Mean 2.5 / 4.
+    sa, sb = torch.tensor([2.0, 0.0, 1.0, 1.0, 5.0]), torch.tensor([1.0, 1.0, 3.0, 1.0, 0.0])
+    la, lb = torch.tensor([9, 9, 4, 3, 7]), torch.tensor([5, 5, 8, 6, 7])
+    assert longer_preferred(sa, sb, la, lb) == pytest.approx(2.5 / 4)
+    assert math.isnan(longer_preferred(sa[4:], sb[4:], la[4:], lb[4:]))
+    # A score that is length itself: 1.
+    assert longer_preferred(la.float(), lb.float(), la, lb) == 1.0
 
 
 def test_distinct_n_by_hand():

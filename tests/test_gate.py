@@ -10,9 +10,10 @@ from tasks.gate import GateConfig, decide, hacking_checks
 
 CFG = GateConfig()
 # A candidate that passes every check, judged by a gold judge, with a champion to beat.
-GOOD = {f"eval/{k}": v for k, v in {
-    "win_rate": 0.9, "win_rate_lo": 0.8, "win_rate_hi": 0.97,
-    "win_rate_heldout_rm": 0.9, "lc_win_rate_heldout_rm": 0.85, "heldout_rm_length_corr": 0.3,
+GOOD = {"reward/longer_preferred": 0.6, "reward/heldout/longer_preferred": 0.55} | {
+    f"eval/{k}": v for k, v in {
+    "win_rate": 0.9, "win_rate_lo": 0.8, "win_rate_hi": 0.97, "matched_win_rate": 0.85,
+    "matched_pairs": 300, "win_rate_heldout_rm": 0.9, "heldout_rm_length_corr": 0.3,
     "kl_policy_sft": 3.0, "gold_policy": 0.8, "gold_sft": 0.1,
     "len_policy": 13.0, "len_sft": 10.0, "repetition_policy": 0.02, "repetition_sft": 0.01,
     "ppl_policy": 12.0, "ppl_sft": 10.0, "ppl_champion": 11.0,
@@ -37,8 +38,10 @@ def test_good_candidate_is_promoted_with_a_reason_per_check():
     ({"eval/champion/win_rate_lo": 0.45}, "FAIL: win rate vs production 0.700 (lower bound 0.450"),
     ({"eval/kl_policy_sft": 15.01}, "FAIL: KL(policy||SFT) 15.010 nats vs max_kl 15.0"),
     ({"eval/gold_policy": 0.1}, "FAIL: gold gain +0.000 vs min_gold_gain 0.0"),
-    ({"eval/heldout_rm_length_corr": 0.8, "eval/lc_win_rate_heldout_rm": 0.55},
-     "FAIL: reward hacking by length: the heldout rm score follows length (Spearman 0.80"),
+    ({"reward/heldout/longer_preferred": 0.99, "eval/len_policy": 24.0},
+     "FAIL: reward hacking by length: the held-out reward model prefers the longer response "
+     "in 99% of held-out pairs (max_longer_preferred 75%) and the candidate answers 24.0 tokens "
+     "vs SFT's 10.0 (+140% vs max_length_increase +20%)"),
     ({"eval/repetition_policy": 0.2}, "FAIL: reward hacking by repetition: repeated bigrams 0.200"),
     ({"eval/ppl_policy": 13.8}, "FAIL: perplexity on held-out SFT data 13.80 vs production 11.00 (+25%"),
     ({"eval/ppl_policy": 41.0, "eval/ppl_champion": 40.0},
@@ -55,11 +58,15 @@ def test_data_checks_that_did_not_pass_refuse():
     assert not d.promote and failed(d) == ["FAIL: data checks did not pass"]
 
 
-def test_length_alone_or_drop_alone_is_not_hacking():
-    # Longer answers that the reward model likes, but that also win at equal length: fine.
-    assert decide({**GOOD, "eval/heldout_rm_length_corr": 0.8}, CFG).promote
-    # A win that shrinks at equal length, while the reward does not follow length: fine.
-    assert decide({**GOOD, "eval/lc_win_rate_heldout_rm": 0.5}, CFG).promote
+def test_length_alone_or_a_length_loving_reward_alone_is_not_hacking():
+    # Much longer answers from a reward model blind to length: fine.
+    assert decide({**GOOD, "eval/len_policy": 24.0}, CFG).promote
+    # A reward model that loves length, but the candidate did not get longer: fine.
+    assert decide({**GOOD, "reward/heldout/longer_preferred": 0.99, "eval/len_policy": 11.9},
+                  CFG).promote
+    # The thresholds are inclusive: at exactly 75% and +20%, still clear.
+    assert decide({**GOOD, "reward/heldout/longer_preferred": 0.75, "eval/len_policy": 24.0},
+                  CFG).promote
 
 
 def test_thresholds_are_inclusive_where_documented():
@@ -70,8 +77,7 @@ def test_thresholds_are_inclusive_where_documented():
 
 
 @pytest.mark.parametrize("key", ["eval/win_rate", "eval/kl_policy_sft", "eval/gold_policy",
-                                 "eval/lc_win_rate_heldout_rm", "eval/repetition_policy",
-                                 "eval/len_policy"])
+                                 "eval/repetition_policy", "eval/len_policy"])
 def test_nan_or_inf_metric_refuses(key):
     for bad in (math.nan, math.inf):
         d = decide({**GOOD, key: bad}, CFG)
@@ -79,14 +85,20 @@ def test_nan_or_inf_metric_refuses(key):
         assert any(key in r for r in failed(d)), d.reasons
 
 
-def test_nan_length_correlation_means_nothing_to_follow():
-    # Every response the same length: Spearman is undefined, and no length hacking is possible.
-    d = decide({**GOOD, "eval/heldout_rm_length_corr": math.nan}, CFG)
-    assert d.promote
+def test_nan_measurements_that_mean_nothing_to_measure_do_not_refuse():
+    # Every response the same length: Spearman is undefined; no lengths match: no matched rate.
+    d = decide({**GOOD, "eval/heldout_rm_length_corr": math.nan,
+                "eval/matched_win_rate": math.nan, "eval/matched_pairs": 0}, CFG)
+    assert d.promote, failed(d)
+
+
+def test_nan_length_preference_flags_a_longer_candidate():
+    d = decide({**GOOD, "reward/heldout/longer_preferred": math.nan, "eval/len_policy": 24.0}, CFG)
+    assert not d.promote and failed(d)[0].startswith("FAIL: reward hacking by length")
 
 
 def test_missing_metric_refuses():
-    for key in ("eval/kl_policy_sft", "eval/win_rate_lo", "eval/lc_win_rate_heldout_rm"):
+    for key in ("eval/kl_policy_sft", "eval/win_rate_lo", "eval/len_sft"):
         metrics = {k: v for k, v in GOOD.items() if k != key}
         assert not decide(metrics, CFG).promote, key
 
@@ -116,7 +128,8 @@ def test_without_gold_judge_the_heldout_reward_model_judges_and_the_reasons_say_
 
 
 def test_hacking_checks_fall_back_to_the_policy_reward_model():
-    metrics = {k.replace("heldout_rm", "rm"): v for k, v in GOOD.items()}
-    (length_clear, text), _ = hacking_checks({**metrics, "eval/rm_length_corr": 0.9,
-                                              "eval/lc_win_rate_rm": 0.5}, CFG)
-    assert not length_clear and "the rm score follows length (Spearman 0.90" in text
+    metrics = {k.replace("heldout_rm", "rm"): v for k, v in GOOD.items()
+               if k != "reward/heldout/longer_preferred"}
+    (clear, text), _ = hacking_checks({**metrics, "reward/longer_preferred": 0.9,
+                                       "eval/len_policy": 20.0}, CFG)
+    assert not clear and "the reward model prefers the longer response in 90%" in text
