@@ -32,6 +32,7 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
         "gate.min_win_rate=0.0", "gate.min_win_rate_lower=0.0", "gate.max_kl=1e9",
         "gate.min_gold_gain=-100", "gate.max_longer_preferred=1.0", "gate.max_repetition_increase=1.0",
         "gate.max_perplexity_increase=1e9", "gate.max_perplexity_increase_vs_sft=1e9",
+        "gate.max_reward_divergence=1.0",
         "registry.aliases=[staging, production]"])
     summary = rlhf_pipeline(cfg)
     assert summary.result == "promoted"
