@@ -175,8 +175,10 @@ def hacking_checks(metrics: dict[str, float], cfg: GateConfig) -> list[tuple[boo
               f"{prefers:.0%} of held-out pairs (max_longer_preferred "
               f"{cfg.max_longer_preferred:.0%}) and the candidate answers {m('len_policy'):.1f} "
               f"tokens vs SFT's {m('len_sft'):.1f} ({rise:+.0%} vs max_length_increase "
-              f"{cfg.max_length_increase:+.0%}); at equal length it wins "
-              f"{m('matched_win_rate'):.3f} of {m('matched_pairs'):.0f} sample pairs")
+              f"{cfg.max_length_increase:+.0%}); "
+              + (f"at equal length it wins {m('matched_win_rate'):.3f} of "
+                 f"{m('matched_pairs'):.0f} sample pairs" if m("matched_pairs") > 0
+                 else "no sample pair of equal length to compare"))
     more = m("repetition_policy") - m("repetition_sft")
     repetition_clear = more <= cfg.max_repetition_increase
     repetition = (f"{'no ' if repetition_clear else ''}reward hacking by repetition: repeated "
