@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig
 from tasks.base import stage_dir
 from tasks.evaluate import evaluate_task
-from tasks.gate import Decision, Registration, gate_task, register_task
+from tasks.gate import Decision, Registration, ask_approval, gate_task, register_task
 from tasks.policy import policy_task
 from tasks.report import report_task
 from tasks.reward import reward_task
@@ -89,6 +89,8 @@ def rlhf_pipeline(config: PipelineConfig) -> PipelineResult:
                                    eval_prompts_uri=data["eval_prompts"], seed=seed, ctx=ctx)
         decision = gate_task(c.gate, evaluation=evaluation, reward=reward, policy=policy,
                              data_passed=checked.passed, seed=seed, ctx=ctx)
+        if decision.promote and c.gate.require_approval:
+            decision = ask_approval(decision, c.gate, ctx)
         registration = register_task(c.registry, policy=policy, reward=reward, sft=sft,
                                      data_hashes=h, metrics=evaluation.metrics,
                                      ctx=ctx) if decision.promote else None

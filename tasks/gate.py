@@ -58,6 +58,12 @@ class GateConfig(StageConfig):
     tone), so this only catches collapse (3.0 = at most 4x)."""
     allow_early_stop: bool = True
     """Whether a policy whose training stopped early (e.g. KL budget) may be promoted."""
+    require_approval: bool = False
+    """After every check passes, pause the flow run until a person approves or rejects the
+    promotion in the Prefect UI (Resume, with a form) or with ``resume_flow_run``."""
+    approval_timeout_s: int = 86400
+    """How long a promotion waits for approval; the flow run fails after that (nothing is
+    promoted)."""
 
 
 class RegistryConfig(StageConfig):
@@ -193,6 +199,43 @@ def hacking_checks(metrics: dict[str, float], cfg: GateConfig) -> list[tuple[boo
                        f"{m('win_rate_heldout_rm'):.3f} by the held-out one (gap {gap:+.3f} vs "
                        f"max_reward_divergence {cfg.max_reward_divergence})"))
     return checks
+
+
+class Approval(BaseModel):
+    """What a reviewer answers when the gate asks (the Prefect UI renders it as a form)."""
+
+    approve: bool
+    """Promote this candidate."""
+    reviewer: str = ""
+    comment: str = ""
+
+
+def with_approval(decision: Decision, approval: Approval) -> Decision:
+    """The decision once a person has answered: one more check, with who and why."""
+    who = approval.reviewer or "a reviewer"
+    why = f": {approval.comment}" if approval.comment else ""
+    reason = f"{'pass' if approval.approve else 'FAIL'}: human approval by {who}{why}"
+    return Decision(promote=decision.promote and approval.approve,
+                    reasons=[*decision.reasons, reason], run_id=decision.run_id)
+
+
+def ask_approval(decision: Decision, cfg: GateConfig, ctx: TrackingContext | None) -> Decision:
+    """Pause the flow run until a person answers (only from inside a flow, not a task); the
+    answer is recorded on the gate's MLflow run."""
+    from prefect import get_run_logger, pause_flow_run
+
+    get_run_logger().info("gate: waiting up to %ss for human approval; checks:\n%s",
+                          cfg.approval_timeout_s, "\n".join(decision.reasons))
+    approval = pause_flow_run(wait_for_input=Approval, timeout=cfg.approval_timeout_s,
+                              poll_interval=5)
+    decision = with_approval(decision, approval)
+    if ctx is not None and decision.run_id:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(ctx.tracking_uri)
+        client.set_tag(decision.run_id, "gate.approval", decision.reasons[-1][:5000])
+        client.log_metric(decision.run_id, "gate/promoted", int(decision.promote))
+    return decision
 
 
 def run_gate(cfg: GateConfig, *, evaluation: EvaluateResult, reward: RewardResult,
