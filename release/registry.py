@@ -337,12 +337,17 @@ def versions_table(rows: list[VersionRow]) -> str:
 
 
 def download_version(tracking_uri: str, name: str, version: str, dst: str) -> str:
-    """The MLflow Model of ``name`` ``version`` downloaded into ``dst``; -> its local dir."""
-    import mlflow
+    """The MLflow Model of ``name`` ``version`` downloaded into ``dst``; -> its local dir.
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
-                                               dst_path=dst, tracking_uri=tracking_uri,
-                                               registry_uri=tracking_uri)
+    Resolved through our client: ``download_artifacts("models:/...", registry_uri=...)``
+    still asks the process-wide registry URI for the version (MLflow 3.17).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    location = MlflowClient(tracking_uri).get_model_version_download_uri(name, version)
+    return mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=dst,
+                                               tracking_uri=tracking_uri)
 
 
 def alias_version(tracking_uri: str, name: str, alias: str, client=None) -> str | None:
