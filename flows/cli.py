@@ -112,11 +112,14 @@ def cmd_rollback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
 
 def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     import logging
+    import signal
 
     from release.serve import serve
     from tasks.tracking import tracking_uri
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Stop on SIGTERM as on Ctrl-C: the server closes and its downloaded versions are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     alias = cfg.registry.known_alias(args.alias or cfg.registry.production_alias)
     try:
         serve(tracking_uri(cfg.tracking.uri), cfg.registry.policy_name, alias, host=args.host,

@@ -43,12 +43,11 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     tokenizer.truncation_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
                     **limits).to(model.device)
-    sample = temperature > 0
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
+        if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=new, do_sample=sample,
-                             temperature=temperature if sample else None, top_k=0, top_p=1.0,
-                             pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(**enc, max_new_tokens=new, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, **sampling)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

@@ -315,10 +315,16 @@ def test_promote_rollback_and_models_from_the_cli(store, policies, request, caps
     from release.registry import champion_policy_dir
     from tasks.register import register_candidate
 
+    import mlflow
+
     cfg = _cfg(store, request)
-    assert champion_policy_dir(store[0], cfg.policy_name, dst=str(tmp_path)) is None
     for policy in policies[:2]:
         register_candidate(cfg, **_stage_records(store, policy))
+    # Everything below reads the store it is given, never the process-wide tracking URI.
+    decoy = tmp_path / "decoy.db"
+    mlflow.set_tracking_uri(f"sqlite:///{decoy}")
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(store[0]))
+    assert champion_policy_dir(store[0], cfg.policy_name, dst=str(tmp_path)) is None
     assert _cli(store, request, "promote", "1", "--to", "production") == 0
     assert _cli(store, request, "promote", "2", "--to", "production") == 0
     assert _cli(store, request, "models") == 0
@@ -340,15 +346,16 @@ def test_promote_rollback_and_models_from_the_cli(store, policies, request, caps
         assert _cli(store, request, *args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not decoy.exists()
 
 
 # -- real servers --------------------------------------------------------------------------
 
-def _env(uri: str) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-            "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+            "OMP_NUM_THREADS": "1", **extra}
 
 
 def _get(url: str) -> dict:
@@ -410,12 +417,12 @@ def test_servers_answer_and_rlhf_serve_follows_the_alias(store, policies, reques
         [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
          f"models:/{cfg.policy_name}@production", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(mlflow_port)],
-        env=_env(store[0]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=_env(MLFLOW_TRACKING_URI=store[0]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
     rlhf_serve = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "--port", "0", "--poll-seconds", "0.3",
          *[a for s in [f"tracking.uri={store[0]}", *_names(request)] for a in ("--set", s)]],
-        cwd=REPO, env=_env(store[0]), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True)
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         expected = {v: _expected(store[0], cfg.policy_name, v) for v in ("1", "2")}
         assert expected["1"] != expected["2"], "test policies must answer differently"
@@ -445,4 +452,5 @@ def test_servers_answer_and_rlhf_serve_follows_the_alias(store, policies, reques
     finally:
         _stop(rlhf_serve)
         log = _stop(mlflow_serve)
+    assert rlhf_serve.returncode == 0  # SIGTERM stops it cleanly
     assert "Traceback" not in log, log[-3000:]
