@@ -130,6 +130,24 @@ def _is_missing(error: Exception) -> bool:
     return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
+class _Created:
+    """What a registration created, deleted again (last first) when a later step fails."""
+
+    def __init__(self, client):
+        self.client = client
+        self.items: list[tuple[str, str, str | None]] = []  # (kind, name or id, version)
+
+    def delete_all(self) -> None:
+        delete = {"version": self.client.delete_model_version,
+                  "registered model": lambda name, _: self.client.delete_registered_model(name),
+                  "logged model": lambda model_id, _: self.client.delete_logged_model(model_id)}
+        for kind, name, version in reversed(self.items):
+            try:
+                delete[kind](name, version)
+            except Exception:  # keep deleting the rest; the original error is re-raised
+                log.exception("could not delete %s %s %s", kind, name, version or "")
+
+
 class Registry:
     """The policy's registered model and its reward model's, through one MlflowClient."""
 
@@ -205,70 +223,61 @@ class Registry:
             raise
 
     def register(self, candidate: Candidate, alias: str) -> Registered:
-        """Register the candidate (reusing the version with its content key, if any) and point
-        ``alias`` at it. On failure, every version, logged model and registered model created
-        here is deleted again and the aliases are as they were."""
-        from mlflow.exceptions import MlflowException
-
+        """Register the candidate and point ``alias`` at it; a version with the same content
+        key is reused. On failure, whatever was created here is deleted again and the aliases
+        are as they were."""
         policy, reward = self.state()
         key = content_key(candidate.policy_uri, candidate.generation)
-        created: list[tuple[str, str | None]] = []  # (registered model, version or None)
-        model_id = None
-        try:
-            version = find_by_key(policy, key)
-            reused = version is not None
-            if reused:
-                reward_version = reward_version_of(policy.tags[version], self.reward_name)
-            else:
-                reward_key = content_key(candidate.reward_uri)
-                reward_version = find_by_key(reward, reward_key)
-                if reward_version is None:
-                    tags = {**candidate.lineage, "rlhf.role": "reward_model", KEY_TAG: reward_key}
-                    source = self.client.get_run(candidate.reward_run_id).info.artifact_uri
-                    reward_version = self._create(created, self.reward_name, tags,
-                                                  source=f"{source}/model",
-                                                  run_id=candidate.reward_run_id)
-                    reward = reward.with_version(reward_version, tags)
-                tags = {**candidate.lineage, **candidate.policy_tags, "rlhf.role": "policy",
-                        REWARD_TAG: f"{self.reward_name}/{reward_version}", KEY_TAG: key}
-                model_id = log_policy_model(self.tracking_uri, policy_uri=candidate.policy_uri,
-                                            run_id=candidate.policy_run_id,
-                                            generation=candidate.generation,
-                                            tags={KEY_TAG: key})
-                version = self._create(created, self.policy_name, tags,
-                                       source=f"models:/{model_id}",
-                                       run_id=candidate.policy_run_id, model_id=model_id)
-                policy = policy.with_version(version, tags)
+        version = find_by_key(policy, key)
+        if version is not None:  # an unchanged re-run: create nothing
             self.apply(plan_promotion(policy, reward, version, [alias]))
+            return Registered(version, reward_version_of(policy.tags[version], self.reward_name),
+                              key, reused=True)
+        created = _Created(self.client)
+        try:
+            reward_version, reward = self._reward_version(candidate, reward, created)
+            tags = {**candidate.lineage, **candidate.policy_tags, "rlhf.role": "policy",
+                    REWARD_TAG: f"{self.reward_name}/{reward_version}", KEY_TAG: key}
+            model_id = log_policy_model(self.tracking_uri, policy_uri=candidate.policy_uri,
+                                        run_id=candidate.policy_run_id,
+                                        generation=candidate.generation, tags={KEY_TAG: key})
+            created.items.append(("logged model", model_id, None))
+            version = self._create(created, self.policy_name, tags, source=f"models:/{model_id}",
+                                   run_id=candidate.policy_run_id, model_id=model_id)
+            self.apply(plan_promotion(policy.with_version(version, tags), reward, version,
+                                      [alias]))
         except BaseException:
-            for name, created_version in reversed(created):
-                try:
-                    if created_version is None:
-                        self.client.delete_registered_model(name)
-                    else:
-                        self.client.delete_model_version(name, created_version)
-                except MlflowException:
-                    log.exception("could not delete %s version %s", name, created_version)
-            if model_id is not None:
-                self.client.delete_logged_model(model_id)
+            created.delete_all()
             raise
-        return Registered(policy_version=version, reward_version=reward_version,
-                          content_key=key, reused=reused)
+        return Registered(version, reward_version, key, reused=False)
 
-    def _create(self, created: list, name: str, tags: dict[str, str], **source) -> str:
+    def _reward_version(self, candidate: Candidate, reward: ModelState, created: _Created
+                        ) -> tuple[str, ModelState]:
+        """The reward-model version with the candidate's reward content key, created if new."""
+        key = content_key(candidate.reward_uri)
+        version = find_by_key(reward, key)
+        if version is not None:
+            return version, reward
+        tags = {**candidate.lineage, "rlhf.role": "reward_model", KEY_TAG: key}
+        source = self.client.get_run(candidate.reward_run_id).info.artifact_uri + "/model"
+        version = self._create(created, self.reward_name, tags, source=source,
+                               run_id=candidate.reward_run_id)
+        return version, reward.with_version(version, tags)
+
+    def _create(self, created: _Created, name: str, tags: dict[str, str], **source) -> str:
         """A new version of ``name`` (and ``name`` itself if new), recorded in ``created``."""
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.create_registered_model(name)
-            created.append((name, None))
+            created.items.append(("registered model", name, None))
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         mv = self.client.create_model_version(name, tags={k: v[:5000] for k, v in tags.items()},
                                               **source)
         version = str(mv.version)  # an int from the SQL store, a str over REST
-        created.append((name, version))
+        created.items.append(("version", name, version))
         return version
 
     def move(self, version: str, aliases: list[str]) -> list[Change]:

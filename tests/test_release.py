@@ -276,8 +276,16 @@ def test_failure_part_way_leaves_the_registry_as_it_was(store, policies, request
     cfg = _cfg(store, request, "registry.auto_production=true")
     client = MlflowClient(store[0])
     records = _stage_records(store, policies[0])
+    # The very first registration fails: not even the registered models are left behind.
+    with pytest.raises(MlflowException, match="injected failure"):
+        register_candidate(cfg, **records,
+                           client=FailingClient(store[0], cfg.policy_name, "candidate"))
+    both = f"name LIKE '%{cfg.policy_name[4:]}'"  # the policy's and the reward model's names
+    assert client.search_registered_models(both) == []
+
     v1 = promote(cfg, candidate=register_candidate(cfg, **records), ctx=records["ctx"])
     assert v1.aliases == ["candidate", "production", "staging"]
+    assert len(client.search_registered_models(both)) == 2
     before = {n: (_aliases(client, n), _versions(client, n))
               for n in (cfg.policy_name, cfg.reward_name)}
     models_before = len(client.search_logged_models([store[1]]))
