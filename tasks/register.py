@@ -96,10 +96,6 @@ class Registration(BaseModel):
     reused: bool = False
     """True when an earlier version had the same content key: nothing new was registered."""
 
-    @property
-    def model_uri(self) -> str:
-        return f"models:/{self.policy_name}/{self.policy_version}"
-
 
 def candidate_tags(*, policy: PolicyResult, reward: ModelResult, sft: ModelResult,
                    evaluation: EvaluateResult, data_hashes: dict[str, str], parent_run_id: str,
