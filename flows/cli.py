@@ -1,10 +1,17 @@
-"""``rlhf``: run the pipeline, validate data, or show the config.
+"""``rlhf``: run the pipeline, validate data, show the config, promote, roll back and serve.
 
     rlhf run      [--config FILE] [--set stage.field=value ...]
     rlhf validate [--config FILE] [--set ...]
     rlhf config   [--config FILE] [--set ...] [--docs]
+    rlhf models   [--config FILE]                   policy versions, aliases, key metrics
+    rlhf promote  VERSION --to ALIAS [--config FILE]
+    rlhf rollback [--alias ALIAS] [--config FILE]   (default: the production alias)
+    rlhf serve    [--alias ALIAS] [--port P] [--host H] [--poll-seconds S] [--config FILE]
 
-Exit codes: 0 success, 2 bad config or refused data (nothing trained), 1 anything else.
+The registry commands read the tracking URI and registered names from the config.
+Exit codes: 0 success, 2 bad config, refused data (nothing trained) or a registry request
+that cannot be carried out (unknown version or alias, nothing to roll back to), 1 anything
+else.
 """
 
 from __future__ import annotations
@@ -47,10 +54,14 @@ def cmd_run(cfg: PipelineConfig) -> int:
     print(json.dumps({"result": out.result, "parent_run_id": out.parent_run_id,
                       "tracking_uri": out.tracking_uri, "reasons": out.decision.reasons,
                       "metrics": out.metrics}, indent=2))
+    if out.candidate is not None:
+        c = out.candidate
+        print(f"candidate: {c.policy_name} version {c.policy_version}"
+              + (" (unchanged: existing version reused)" if c.reused else ""))
     if out.registration is not None:
         r = out.registration
-        print(f"registered {r.policy_name} version {r.policy_version} "
-              f"with aliases {', '.join(r.aliases)}")
+        print(f"promoted {r.policy_name} version {r.policy_version}: "
+              f"aliases {', '.join(r.aliases)}")
     else:
         print("gate refused promotion: feedback round needed (reasons above)")
     return 0
@@ -68,19 +79,96 @@ def cmd_validate(cfg: PipelineConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _registry(cfg: PipelineConfig):
+    from tasks.register import open_registry
+    from tasks.tracking import tracking_uri
+
+    return open_registry(cfg.registry, tracking_uri(cfg.tracking.uri))
+
+
+def cmd_models(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from release.registry import version_rows, versions_table
+
+    registry = _registry(cfg)
+    rows = version_rows(registry)
+    print(versions_table(rows) if rows else
+          f"no versions of {registry.policy_name} at {registry.tracking_uri}")
+    return 0
+
+
+def cmd_promote(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    alias = cfg.registry.known_alias(args.to)
+    changes = _registry(cfg).move(args.version, [alias])
+    print(f"{cfg.registry.policy_name}@{alias} -> version {args.version}"
+          + ("" if changes else " (already)"))
+    return 0
+
+
+def cmd_rollback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    alias = cfg.registry.known_alias(args.alias or cfg.registry.production_alias)
+    old, new = _registry(cfg).rollback(alias)
+    print(f"{cfg.registry.policy_name}@{alias}: version {old} -> version {new}")
+    return 0
+
+
+def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from release.serve import serve
+    from tasks.tracking import tracking_uri
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # Stop on SIGTERM as on Ctrl-C: the server closes and its downloaded versions are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    alias = cfg.registry.known_alias(args.alias or cfg.registry.production_alias)
+    try:
+        serve(tracking_uri(cfg.tracking.uri), cfg.registry.policy_name, alias, host=args.host,
+              port=args.port, poll_seconds=args.poll_seconds,
+              on_ready=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
     for name, help_ in (("run", "run the whole pipeline"),
                         ("validate", "validate the datasets only"),
-                        ("config", "print the resolved config")):
-        p = sub.add_parser(name, help=help_)
+                        ("config", "print the resolved config"),
+                        ("models", "list the policy's registry versions, aliases and metrics"),
+                        ("promote", "point an alias at a policy version"),
+                        ("rollback", "point an alias back at the version it named before"),
+                        ("serve", "serve the version an alias names; follows the alias")):
+        p = commands[name] = sub.add_parser(name, help=help_)
         p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file (default {DEFAULT_CONFIG})")
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="STAGE.FIELD=VALUE", help="override one field (repeatable)")
-        if name == "config":
-            p.add_argument("--docs", action="store_true", help="list every field with its doc")
-    args = parser.parse_args(argv)
+    commands["config"].add_argument("--docs", action="store_true",
+                                    help="list every field with its doc")
+    commands["promote"].add_argument("version", help="policy version number")
+    commands["promote"].add_argument("--to", required=True, metavar="ALIAS",
+                                     help="candidate, staging or production (as configured)")
+    for name in ("rollback", "serve"):
+        commands[name].add_argument("--alias", default=None,
+                                    help="alias to act on (default: registry.production_alias)")
+    serve_args = commands["serve"]
+    serve_args.add_argument("--host", default="127.0.0.1",
+                            help="interface to bind (default 127.0.0.1; no authentication)")
+    serve_args.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    serve_args.add_argument("--poll-seconds", type=float, default=10.0,
+                            help="how often to check whether the alias moved (default 10)")
+    return parser
+
+
+REGISTRY_COMMANDS = {"models": cmd_models, "promote": cmd_promote, "rollback": cmd_rollback,
+                     "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -94,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
+    if args.command in REGISTRY_COMMANDS:
+        from release.aliases import RegistryError
+
+        try:
+            return REGISTRY_COMMANDS[args.command](cfg, args)
+        except RegistryError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from dataio import DataError
     from tasks.validation import DataValidationError
 

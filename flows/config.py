@@ -15,8 +15,9 @@ from pydantic import Field, ValidationError
 
 from tasks.base import BaseModelConfig, StageConfig
 from tasks.evaluate import EvaluateConfig
-from tasks.gate import GateConfig, RegistryConfig
+from tasks.gate import GateConfig
 from tasks.policy import PolicyConfig
+from tasks.register import RegistryConfig
 from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
 from tasks.validation import ValidationConfig

@@ -1,10 +1,10 @@
 """The RLHF pipeline flow: it only composes stages.
 
-validate -> SFT -> reward model -> policy optimisation -> evaluate -> gate -> register, or
-"feedback round needed". One MLflow parent run per pipeline run (``tasks.tracking.
-pipeline_run``); each stage opens its own child run from the ``TrackingContext`` handed to it
-(MLflow's active run is per thread). Stages hand each other small typed results (URIs, run
-ids, hashes), never models.
+validate -> SFT -> reward model -> policy optimisation -> evaluate -> register the candidate
+-> gate -> promote (alias ``staging``, and ``production`` if configured), or "feedback round
+needed". One MLflow parent run per pipeline run (``tasks.tracking.pipeline_run``); each stage
+opens its own child run from the ``TrackingContext`` handed to it (MLflow's active run is per
+thread). Stages hand each other small typed results (URIs, run ids, hashes), never models.
 
 Stage outputs go to ``{output_dir}/{name}/{stage}-{key}`` (``tasks.base.stage_dir``): the key
 hashes the stage's config, seed and inputs, so re-running the same config finds the same
@@ -22,8 +22,9 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig
 from tasks.base import stage_dir
 from tasks.evaluate import evaluate_task
-from tasks.gate import Decision, Registration, ask_approval, gate_task, register_task
+from tasks.gate import Decision, ask_approval, gate_task
 from tasks.policy import policy_task
+from tasks.register import Registration, champion_task, promote_task, register_task
 from tasks.report import report_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
@@ -41,6 +42,9 @@ class PipelineResult(BaseModel):
     metrics: dict[str, float]
     policy_uri: str
     registration: Registration | None = None
+    """The promoted version and its aliases; None when the gate refused."""
+    candidate: Registration | None = None
+    """The evaluated policy's registry version (alias ``candidate``), promoted or not."""
 
 
 def next_step(registration: Registration | None) -> str:
@@ -82,18 +86,24 @@ def rlhf_pipeline(config: PipelineConfig) -> PipelineResult:
                              out_dir=stage_dir(root, "policy", algo, getattr(c.policy, algo),
                                                sft.model_uri, reward.model_uri,
                                                h["rl_prompts"], h["preferences"], seed))
+        # The production version to beat, unless the candidate is that very version.
+        champion = champion_task(c.registry, policy=policy, out_dir=str(root / "champion"),
+                                 ctx=ctx)
         evaluation = evaluate_task(c.evaluate, policy_uri=policy.model_uri,
                                    sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,
                                    heldout_reward_uri=reward.heldout_model_uri,
                                    heldout_sft_uri=sft.heldout_uri,
+                                   champion_uri=champion.policy_dir if champion else None,
+                                   champion_version=champion.version if champion else None,
                                    eval_prompts_uri=data["eval_prompts"], seed=seed, ctx=ctx)
+        candidate = register_task(c.registry, policy=policy, reward=reward, sft=sft,
+                                  evaluation=evaluation, data_hashes=h, ctx=ctx)
         decision = gate_task(c.gate, evaluation=evaluation, reward=reward, policy=policy,
                              data_passed=checked.passed, seed=seed, ctx=ctx)
         if decision.promote and c.gate.require_approval:
             decision = ask_approval(decision, c.gate, ctx)
-        registration = register_task(c.registry, policy=policy, reward=reward, sft=sft,
-                                     data_hashes=h, metrics=evaluation.metrics,
-                                     ctx=ctx) if decision.promote else None
+        registration = promote_task(c.registry, candidate=candidate,
+                                    ctx=ctx) if decision.promote else None
         # The next issue turns a refusal into a human-feedback round.
         result = "promoted" if decision.promote else "feedback_round_needed"
         report_task(name=c.name, result=result, decision=decision, evaluation=evaluation,
@@ -107,4 +117,4 @@ def rlhf_pipeline(config: PipelineConfig) -> PipelineResult:
     return PipelineResult(result=result, parent_run_id=ctx.parent_run_id,
                           tracking_uri=ctx.tracking_uri, decision=decision,
                           metrics=evaluation.metrics, policy_uri=policy.model_uri,
-                          registration=registration)
+                          registration=registration, candidate=candidate)

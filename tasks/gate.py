@@ -1,20 +1,18 @@
-"""Promotion gate: a pure decision from the evaluation, and a separate registry write.
+"""Promotion gate: a pure decision from the evaluation; the registry write is elsewhere.
 
 ``decide`` only reads metrics and thresholds, so it is tested on its own and can never leave
-the registry half-written. ``register_policy`` is the side effect: it registers the policy
-(and the reward model it was trained against) and moves the configured aliases. Registry
-stages are deprecated in MLflow 3, so "stages" are aliases (``staging``, ``production``).
+the registry half-written. The side effects (registering the candidate, moving the
+``staging``/``production`` aliases when the gate promotes) are ``tasks/register.py``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.base import ModelResult, PolicyResult, StageConfig, TrackingContext
+from tasks.base import PolicyResult, StageConfig, TrackingContext
 from tasks.evaluate import EvaluateResult
 from tasks.reward import RewardResult
 
@@ -66,17 +64,6 @@ class GateConfig(StageConfig):
     promoted)."""
 
 
-class RegistryConfig(StageConfig):
-    """Registered model names and the aliases a promotion moves."""
-
-    policy_name: str = "rlhf-policy"
-    """Registered model name for promoted policies."""
-    reward_name: str = "rlhf-reward-model"
-    """Registered model name for the reward models promoted policies were trained against."""
-    aliases: list[str] = ["staging"]
-    """Aliases set on a promoted version; add ``production`` to deploy straight away."""
-
-
 class Decision(BaseModel):
     """The gate's verdict: every check's outcome in ``reasons`` (``pass: ...`` / ``FAIL: ...``)."""
 
@@ -84,16 +71,6 @@ class Decision(BaseModel):
     reasons: list[str]
     run_id: str | None = None
     """The gate's MLflow child run, once the decision is recorded."""
-
-
-class Registration(BaseModel):
-    """The registry versions a promotion created and the aliases it moved to them."""
-
-    policy_name: str
-    policy_version: str
-    reward_name: str
-    reward_version: str
-    aliases: list[str]
 
 
 MAY_BE_NAN = ("_length_corr", "longer_preferred", "matched_win_rate")
@@ -256,50 +233,4 @@ def run_gate(cfg: GateConfig, *, evaluation: EvaluateResult, reward: RewardResul
     return decision.model_copy(update={"run_id": run.info.run_id})
 
 
-def register_policy(cfg: RegistryConfig, *, policy: ModelResult, reward: ModelResult,
-                    sft: ModelResult, data_hashes: dict[str, str], metrics: dict[str, float],
-                    ctx: TrackingContext) -> Registration:
-    """Register reward model and policy versions with lineage tags, then move the aliases.
-
-    Aliases move last: if anything before fails, the versions created so far are deleted so
-    the registry never shows a half-registered promotion.
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(ctx.tracking_uri)
-    created: list[tuple[str, str]] = []
-
-    def new_version(name: str, run_id: str, tags: dict[str, str]) -> str:
-        try:
-            client.create_registered_model(name)
-        except MlflowException:
-            pass  # already exists
-        source = client.get_run(run_id).info.artifact_uri + "/model"
-        mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
-        created.append((name, mv.version))
-        return str(mv.version)  # an int from the SQL store, a str over REST
-
-    lineage = {"rlhf.parent_run_id": ctx.parent_run_id, "rlhf.sft_run_id": sft.run_id,
-               **{f"data.{k}.sha256": v for k, v in data_hashes.items()}}
-    try:
-        rm_version = new_version(cfg.reward_name, reward.run_id,
-                                 {**lineage, "rlhf.role": "reward_model"})
-        policy_version = new_version(cfg.policy_name, policy.run_id, {
-            **lineage, "rlhf.role": "policy", "rlhf.reward_model": f"{cfg.reward_name}/{rm_version}",
-            "rlhf.reward_run_id": reward.run_id, "rlhf.eval": json.dumps(metrics)[:5000]})
-        for alias in cfg.aliases:
-            client.set_registered_model_alias(cfg.policy_name, alias, policy_version)
-            client.set_registered_model_alias(cfg.reward_name, alias, rm_version)
-    except Exception:
-        for name, version in created:
-            client.delete_model_version(name, version)
-        raise
-    client.set_tag(ctx.parent_run_id, "registry.policy_version", policy_version)
-    return Registration(policy_name=cfg.policy_name, policy_version=policy_version,
-                        reward_name=cfg.reward_name, reward_version=rm_version,
-                        aliases=cfg.aliases)
-
-
 gate_task = task(name="gate")(run_gate)
-register_task = task(name="register")(register_policy)

@@ -74,6 +74,25 @@ def log_model_dir(local_dir: str | Path, artifact_path: str) -> str:
     return mlflow.get_artifact_uri(artifact_path)
 
 
+def code_version(repo: str | Path | None = None) -> dict[str, str]:
+    """The git commit of the code that runs (``rlhf.git_commit``, ``rlhf.git_dirty``: whether
+    tracked files differ from it); empty where there is no git or no repository."""
+    import subprocess
+
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                              timeout=30, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"rlhf.git_commit": commit, "rlhf.git_dirty": str(dirty).lower()}
+
+
 def trainer_metrics_callback(prefix: str, run_id: str, rename: dict[str, str] | None = None):
     """A TrainerCallback forwarding a trainer's logs to one MLflow run as ``prefix/<name>``.
 

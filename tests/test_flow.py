@@ -30,10 +30,10 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
     # Thresholds any trained policy passes: this test is about the plumbing, not quality.
     cfg = load_config("configs/demo.yaml", tiny_overrides + [
         "gate.min_win_rate=0.0", "gate.min_win_rate_lower=0.0", "gate.max_kl=1e9",
-        "gate.min_gold_gain=-100", "gate.max_longer_preferred=1.0", "gate.max_repetition_increase=1.0",
-        "gate.max_perplexity_increase=1e9", "gate.max_perplexity_increase_vs_sft=1e9",
-        "gate.max_reward_divergence=1.0",
-        "registry.aliases=[staging, production]"])
+        "gate.min_gold_gain=-100", "gate.max_longer_preferred=1.0",
+        "gate.max_repetition_increase=1.0", "gate.max_perplexity_increase=1e9",
+        "gate.max_perplexity_increase_vs_sft=1e9", "gate.max_reward_divergence=1.0",
+        "registry.auto_production=true"])
     summary = rlhf_pipeline(cfg)
     assert summary.result == "promoted"
 
@@ -71,11 +71,15 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
         assert not torch.equal(w, base_w[name]), f"SFT did not change {name}"
         assert not torch.equal(policy_w[name], w), f"PPO did not change {name}"
 
-    # Registered with both aliases and lineage tags.
+    # Registered as the candidate, promoted to staging and (auto_production) production, with
+    # lineage tags; the version serves an MLflow Model logged from the policy run.
     reg = summary.registration
+    assert reg.policy_version == summary.candidate.policy_version
     mv = client.get_model_version_by_alias(cfg.registry.policy_name, "production")
     assert str(mv.version) == reg.policy_version
-    assert set(client.get_model_version(mv.name, mv.version).aliases) == {"staging", "production"}
+    assert set(client.get_model_version(mv.name, mv.version).aliases) == {
+        "candidate", "staging", "production"}
+    assert mv.run_id == children["policy"].info.run_id and mv.source.startswith("models:/m-")
     assert mv.tags["rlhf.parent_run_id"] == parent.info.run_id
     assert mv.tags["rlhf.sft_run_id"] == children["sft"].info.run_id
     assert mv.tags["data.preferences.sha256"]
@@ -84,7 +88,6 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
 
 def test_pipeline_refusal_is_recorded(prefect_harness, tiny_overrides):
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     from flows.pipeline import rlhf_pipeline
 
@@ -98,8 +101,11 @@ def test_pipeline_refusal_is_recorded(prefect_harness, tiny_overrides):
     gate = [r for r in _runs(client, cfg.tracking.experiment) if r.info.run_name == "gate"][0]
     assert gate.data.metrics["gate/promoted"] == 0.0
     assert "FAIL: win rate" in gate.data.tags["gate.reasons"]
-    with pytest.raises(MlflowException):
-        client.get_registered_model(cfg.registry.policy_name)
+    # The refused policy is registered as the candidate, and nothing more.
+    assert summary.registration is None
+    aliases = client.get_registered_model(cfg.registry.policy_name).aliases
+    assert {a: str(v) for a, v in aliases.items()} == {
+        "candidate": summary.candidate.policy_version}
 
 
 def test_malformed_input_stops_before_training(prefect_harness, tiny_overrides, tmp_path):
