@@ -22,18 +22,20 @@ def _weights(path):
     return load_file(f"{path}/model.safetensors")
 
 
+# Thresholds any trained policy passes: these tests are about the plumbing, not quality.
+PLUMBING = ["gate.min_win_rate=0.0", "gate.min_win_rate_lower=0.0", "gate.max_kl=1e9",
+            "gate.min_gold_gain=-100", "gate.max_longer_preferred=1.0",
+            "gate.max_repetition_increase=1.0", "gate.max_perplexity_increase=1e9",
+            "gate.max_perplexity_increase_vs_sft=1e9", "gate.max_reward_divergence=1.0",
+            "registry.auto_production=true"]
+
+
 def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides, tmp_path):
     from mlflow import MlflowClient
 
     from flows.pipeline import rlhf_pipeline
 
-    # Thresholds any trained policy passes: this test is about the plumbing, not quality.
-    cfg = load_config("configs/demo.yaml", tiny_overrides + [
-        "gate.min_win_rate=0.0", "gate.min_win_rate_lower=0.0", "gate.max_kl=1e9",
-        "gate.min_gold_gain=-100", "gate.max_longer_preferred=1.0",
-        "gate.max_repetition_increase=1.0", "gate.max_perplexity_increase=1e9",
-        "gate.max_perplexity_increase_vs_sft=1e9", "gate.max_reward_divergence=1.0",
-        "registry.auto_production=true"])
+    cfg = load_config("configs/demo.yaml", tiny_overrides + PLUMBING)
     summary = rlhf_pipeline(cfg)
     assert summary.result == "promoted"
 
@@ -84,6 +86,21 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
     assert mv.tags["rlhf.sft_run_id"] == children["sft"].info.run_id
     assert mv.tags["data.preferences.sha256"]
     assert mv.tags["rlhf.reward_model"] == f"{cfg.registry.reward_name}/{reg.reward_version}"
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert report == {"report/report.md", "report/report.html", "report/training_curves.png"}
+
+    # A second candidate (another seed) is evaluated against that production version too.
+    second = load_config("configs/demo.yaml", tiny_overrides + [
+        *PLUMBING, "seed=1", "gate.min_champion_win_rate_lower=0.0"])
+    again = rlhf_pipeline(second)
+    assert 0.0 <= again.metrics["eval/champion/win_rate"] <= 1.0
+    assert again.metrics["eval/champion/win_rate_lo"] <= again.metrics["eval/champion/win_rate"]
+    assert any("win rate vs production" in r for r in again.decision.reasons)
+    assert again.result == "promoted" and again.registration.policy_version != reg.policy_version
+    # Unchanged re-run: the candidate is the production version, nothing to beat, no new version.
+    rerun = rlhf_pipeline(second)
+    assert rerun.candidate.reused and rerun.candidate.policy_version == again.candidate.policy_version
+    assert not any(k.startswith("eval/champion/") for k in rerun.metrics)
 
 
 def test_pipeline_refusal_is_recorded(prefect_harness, tiny_overrides):
