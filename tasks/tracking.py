@@ -176,6 +176,9 @@ def pipeline_run(name: str, experiment: str, uri: str | None,
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    # MLflow 3's UI opens an experiment in its GenAI view (traces, evaluation runs) unless
+    # the experiment says it is model training (the value its UI's EXPERIMENT_KIND list uses).
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
     run_id = client.create_run(exp_id, run_name=f"{name}-pipeline",
                                tags={"rlhf.pipeline": name}).info.run_id
     for k, v in flatten(config).items():

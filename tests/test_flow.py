@@ -86,6 +86,8 @@ def test_pipeline_promotes_and_tracks_everything(prefect_harness, tiny_overrides
     assert mv.tags["rlhf.sft_run_id"] == children["sft"].info.run_id
     assert mv.tags["data.preferences.sha256"]
     assert mv.tags["rlhf.reward_model"] == f"{cfg.registry.reward_name}/{reg.reward_version}"
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI view
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert report == {"report/report.md", "report/report.html", "report/training_curves.png"}
 
