@@ -59,6 +59,20 @@ PER_TOKEN_FIELDS = ("response_ids", "response_mask", "logprobs", "ref_logprobs",
                     "rewards", "kl", "advantages", "returns")
 
 
+def pad_sequences(seqs: list[list[int]], pad_id: int, left: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> ids (B, L) and mask (B, L), padded on the left (prompts, so each ends
+    at column L) or on the right (responses, so each starts at column 0)."""
+    width = max(max((len(s) for s in seqs), default=0), 1)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids -> mask 1 up to and including the first EOS, and whether EOS occurred."""

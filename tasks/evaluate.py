@@ -7,15 +7,17 @@ numbers: sample j of prompt i is comparable across policies). Each response is s
 - the gold judge, when one is configured (``gold_judge``: a trusted ``module:function``);
 - the held-out reward model, trained by the reward stage with a seed the policy's reward model
   never saw; without a gold judge it is the judge (and the gate says so);
-- the policy's own reward model (what PPO optimised: never a judge, only a diagnostic).
+- the policy's own reward model (what PPO optimised: a diagnostic, and the judge only when
+  there is neither a gold judge nor a held-out model).
 
 Per prompt the candidate wins when its mean score beats the baseline's (a tie counts half);
 the win rate is the share of prompts won, with a percentile bootstrap interval over prompts.
 Reward-hacking diagnostics that need no gold judge (``models/diagnostics.py``): how much the
 reward models' scores follow response length (Singhal et al. 2023), the win rate among
 responses of about the same length (the question of Dubois et al. 2024), repetition and
-distinct-2, and perplexity on held-out SFT demonstrations (a capability-regression check). KL(policy || SFT) per sequence is the summed
-log-ratio on the policy's own samples: an unbiased estimate of the sequence-level KL.
+distinct-2, and perplexity on held-out SFT demonstrations (a capability-regression check).
+KL(policy || SFT) per sequence is the summed log-ratio on the policy's own samples: an
+unbiased estimate of the sequence-level KL.
 """
 
 from __future__ import annotations
@@ -132,31 +134,24 @@ def demonstration_text(row: dict, tokenizer) -> tuple[str, str]:
     return head, full[len(head):] if full.startswith(head) else full
 
 
-def pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists -> ids (B, L) and mask (B, L), padded on the left or on the right."""
-    width = max(max(len(s) for s in seqs), 1)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
-
-
 @torch.no_grad()
 def heldout_perplexity(model, tokenizer, rows: list[dict], batch_size: int) -> float:
     """exp(mean NLL per completion token, EOS included) of held-out SFT demonstrations."""
     from models.ppo import masked_sum
-    from models.rollout import response_logprobs
+    from models.rollout import pad_sequences, response_logprobs
 
     device = next(model.parameters()).device
     nll, count = 0.0, 0.0
     for i in range(0, len(rows), batch_size):
         texts = [demonstration_text(r, tokenizer) for r in rows[i:i + batch_size]]
-        enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-        q, qm = pad([enc(p) for p, _ in texts], tokenizer.pad_token_id, left=True)  # (B, P)
-        c, cm = pad([enc(a) + [tokenizer.eos_token_id] for _, a in texts],
-                    tokenizer.pad_token_id, left=False)  # (B, T)
+        prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
+        answers = tokenizer([a for _, a in texts], add_special_tokens=False)["input_ids"]
+        # Plain text has no prompt: condition its first token on BOS (EOS where there is none).
+        bos = tokenizer.bos_token_id
+        prompts = [p or [tokenizer.eos_token_id if bos is None else bos] for p in prompts]
+        q, qm = pad_sequences(prompts, tokenizer.pad_token_id, left=True)  # (B, P)
+        c, cm = pad_sequences([a + [tokenizer.eos_token_id] for a in answers],
+                              tokenizer.pad_token_id, left=False)  # (B, T)
         ids, attn = torch.cat([q, c], 1).to(device), torch.cat([qm, cm], 1).to(device)
         lp = response_logprobs(model, ids, attn, c.to(device))  # (B, T)
         nll -= float(masked_sum(lp, cm.to(device).float(), dim=1).sum())

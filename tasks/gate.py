@@ -110,12 +110,13 @@ def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None =
           f"KL(policy||SFT) {m('kl_policy_sft'):.3f} nats vs max_kl {cfg.max_kl}")
     if gold:
         gain = m("gold_policy") - m("gold_sft")
-        check(gain > cfg.min_gold_gain, f"gold gain {gain:+.3f} vs min_gold_gain {cfg.min_gold_gain}")
+        check(gain > cfg.min_gold_gain,
+              f"gold gain {gain:+.3f} vs min_gold_gain {cfg.min_gold_gain}")
     for clear, text in hacking_checks(metrics, cfg):
         check(clear, text)
-    for base, limit, field in (("sft", cfg.max_perplexity_increase_vs_sft,
-                                "max_perplexity_increase_vs_sft"),
-                               ("champion", cfg.max_perplexity_increase, "max_perplexity_increase")):
+    for base, field in (("sft", "max_perplexity_increase_vs_sft"),
+                        ("champion", "max_perplexity_increase")):
+        limit = getattr(cfg, field)
         if "eval/ppl_policy" in metrics and f"eval/ppl_{base}" in metrics:
             rise = m("ppl_policy") / m(f"ppl_{base}") - 1
             check(rise <= limit, f"perplexity on held-out SFT data {m('ppl_policy'):.2f} vs "

@@ -21,7 +21,7 @@ from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, co
                         explained_variance, kl_estimate, masked_mean, masked_whiten,
                         policy_loss, value_loss)
 from models.reward import RewardNorm, score_sequences
-from models.rollout import Rollout, generate, response_logprobs, response_values
+from models.rollout import Rollout, generate, pad_sequences, response_logprobs, response_values
 
 if TYPE_CHECKING:  # tasks.ppo imports this module for run_ppo; the config is only a type here
     from transformers import PreTrainedTokenizerBase
@@ -184,16 +184,6 @@ def restore_checkpoint(path: Path, models: PPOModels, state: TrainState) -> None
 # --- sampling and one update ---------------------------------------------------------------
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 def autocast(cfg: PPOConfig, device: torch.device):
     """bf16/fp16 autocast on CUDA when configured; a no-op elsewhere."""
     if device.type != "cuda" or cfg.mixed_precision == "no":
@@ -215,7 +205,8 @@ def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
                  beta: float) -> Rollout:
     """Sample responses, then score them: log-probs, reference log-probs, values, rewards."""
     tok = models.tokenizer
-    query_ids, query_mask = (t.to(models.device) for t in _left_pad(prompts, tok.pad_token_id))
+    query_ids, query_mask = pad_sequences(prompts, tok.pad_token_id, left=True)  # (B, P)
+    query_ids, query_mask = query_ids.to(models.device), query_mask.to(models.device)
     response, rmask, ended, logp = generate(  # (B, T) each, ended (B,)
         models.policy, query_ids, query_mask, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, eos_token_id=tok.eos_token_id,

@@ -109,16 +109,12 @@ class RewardModelScore:
         import torch
 
         from models.reward import score_sequences
+        from models.rollout import pad_sequences
 
         # The same call GRPOTrainer/RLOOTrainer._tokenize_prompts makes for text prompts.
         prompt_ids = self.tokenizer(text=list(prompts))["input_ids"]
         seqs = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T), right-padded
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
+        ids, mask = pad_sequences(seqs, self.tokenizer.pad_token_id, left=False)  # (B, T)
         with torch.no_grad():
             raw = score_sequences(self.model, ids.to(self.device), mask.to(self.device))  # (B,)
         scores = self.norm.normalize(raw.float().cpu())

@@ -207,3 +207,14 @@ def test_response_mask_stops_after_first_eos():
 def test_position_ids_ignore_left_padding():
     m = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert position_ids_from_mask(m).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_pad_sequences_left_and_right():
+    from models.rollout import pad_sequences
+
+    ids, mask = pad_sequences([[5, 6, 7], [8]], pad_id=0, left=True)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_sequences([[5, 6, 7], [8]], pad_id=9, left=False)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_sequences([[], []], pad_id=0, left=False)  # nothing: one padding column
+    assert ids.shape == (2, 1) and mask.sum() == 0

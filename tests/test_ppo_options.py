@@ -254,11 +254,10 @@ def test_value_head_on_the_policy_shares_its_trunk(rm_dir, prompts):
 def test_generation_logprobs_match_a_full_forward(tok, prompts):
     """Rollout log-probs come from generate's own logits; they must equal a fresh forward."""
     from models.loading import load_causal_lm
-    from models.rollout import generate, response_logprobs
-    from tasks.ppo_trainer import _left_pad
+    from models.rollout import generate, pad_sequences, response_logprobs
 
     policy = load_causal_lm(BASE).eval()
-    q, qm = _left_pad(prompts[:8], tok.pad_token_id)
+    q, qm = pad_sequences(prompts[:8], tok.pad_token_id, left=True)
     torch.manual_seed(0)
     resp, mask, _, logp = generate(policy, q, qm, max_new_tokens=10, temperature=0.7,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
