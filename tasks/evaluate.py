@@ -60,7 +60,8 @@ class EvaluateResult(StageResult):
     production version), and who judged them."""
 
     judge: str
-    """The gold judge's ``module:function``, or ``heldout_reward_model``."""
+    """The gold judge's ``module:function``, else ``heldout_rm`` (the held-out reward model) or,
+    without one, ``rm``."""
     champion_version: str | None = None
     """The production version the candidate was compared with; None if there was none."""
 
