@@ -1,4 +1,4 @@
-"""``rlhf``: run the pipeline, validate data, show the config, promote, roll back and serve.
+"""``rlhf``: run the pipeline, validate data, show the config, promote, roll back, serve, label.
 
     rlhf run      [--config FILE] [--set stage.field=value ...]
     rlhf validate [--config FILE] [--set ...]
@@ -7,6 +7,8 @@
     rlhf promote  VERSION --to ALIAS [--config FILE]
     rlhf rollback [--alias ALIAS] [--config FILE]   (default: the production alias)
     rlhf serve    [--alias ALIAS] [--port P] [--host H] [--poll-seconds S] [--config FILE]
+    rlhf label    BATCH [--annotator NAME] [--out LABELS] [--port P] [--host H] [--seed S]
+                                                    the labeling page; needs no config
 
 The registry commands read the tracking URI and registered names from the config.
 Exit codes: 0 success, 2 bad config, refused data (nothing trained) or a registry request
@@ -131,6 +133,26 @@ def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from dataio import DataError
+    from labeling.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve(args.batch, annotator=args.annotator, out=args.out, host=args.host,
+              port=args.port, seed=args.seed, on_ready=lambda url: print(url, flush=True))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +182,18 @@ def _parser() -> argparse.ArgumentParser:
     serve_args.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     serve_args.add_argument("--poll-seconds", type=float, default=10.0,
                             help="how often to check whether the alias moved (default 10)")
+    label = sub.add_parser("label", help="label pairs of a batch in the browser")
+    label.add_argument("batch", help="JSONL file of {pair_id, prompt, response_a, response_b}")
+    label.add_argument("--annotator", default=os.environ.get("USER") or "annotator",
+                       help="annotator_id written with each label (default $USER)")
+    label.add_argument("--out", default=None, metavar="LABELS",
+                       help="labels JSONL file (default BATCH's stem + .labels.jsonl); "
+                            "the same file again resumes")
+    label.add_argument("--host", default="127.0.0.1",
+                       help="interface to bind (default 127.0.0.1; token-protected, no TLS)")
+    label.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    label.add_argument("--seed", type=int, default=0,
+                       help="seed of which response is shown on the left (default 0)")
     return parser
 
 
@@ -169,6 +203,8 @@ REGISTRY_COMMANDS = {"models": cmd_models, "promote": cmd_promote, "rollback": c
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "label":
+        return cmd_label(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
