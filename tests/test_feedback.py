@@ -178,6 +178,7 @@ def test_feedback_round_end_to_end(prefect_harness, tiny_overrides, tmp_path):
     assert rr.data.tags["rlhf.result"] == "feedback_round_needed"
     assert rr.data.tags["rlhf.batch_uri"] == r.batch_uri
     assert "agreement/alpha" in rr.data.metrics
+    assert r.checked.flagged == ["a4"] and rr.data.tags["rlhf.flagged_annotators"] == "a4"
     inputs = {d.dataset.name for d in rr.inputs.dataset_inputs}
     assert f"preferences@{v.sha256[:12]}" in inputs
     assert client.get_experiment(rr.info.experiment_id).name == cfg.tracking.experiment
@@ -188,3 +189,29 @@ def test_feedback_round_end_to_end(prefect_harness, tiny_overrides, tmp_path):
     children = client.search_runs(
         [rr.info.experiment_id], f"tags.mlflow.parentRunId = '{r.round_run_id}'")
     assert [c.info.run_name for c in children] == ["validation"]
+
+
+def test_cli_feedback_runs_rounds_and_prints_each(monkeypatch, capsys):
+    """The subcommand is thin: it hands config and --rounds to feedback_rounds and prints."""
+    from types import SimpleNamespace as NS
+
+    import flows.feedback
+    from flows.cli import main
+
+    seen = {}
+    version = NS(new_rows=7, uri="runs/demo/data/preferences-abc.jsonl", rows=3007)
+    pipeline = NS(parent_run_id="run2", result="promoted")
+    final = NS(result="promoted", parent_run_id="run2", decision=NS(reasons=["ok"]))
+
+    def fake(cfg, rounds=None):
+        seen.update(rounds=rounds, batch=cfg.feedback.batch_size)
+        return final, [NS(checked=NS(preferences=version, flagged=["a4"]), pipeline=pipeline,
+                          round_run_id="round1")]
+
+    monkeypatch.setattr(flows.feedback, "feedback_rounds", fake)
+    assert main(["feedback", "--rounds", "2", "--set", "feedback.batch_size=8"]) == 0
+    assert seen == {"rounds": 2, "batch": 8}
+    out = capsys.readouterr().out
+    assert ("round 1: 7 new pairs -> runs/demo/data/preferences-abc.jsonl (3007 pairs); "
+            "flagged annotators: a4; pipeline run run2: promoted") in out
+    assert json.loads(out[out.index("{"):])["round_run_ids"] == ["round1"]
