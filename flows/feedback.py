@@ -114,6 +114,8 @@ def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
         client.log_metric(rid, "feedback/new_pairs", checked.preferences.new_rows)
         client.set_tag(rid, "rlhf.dataset_version", checked.preferences.sha256[:12])
         client.set_tag(rid, "rlhf.flagged_annotators", ",".join(checked.flagged) or "none")
+        if "agreement/alpha" in checked.metrics:  # searchable beside the metric
+            client.set_tag(rid, "rlhf.agreement_alpha", f"{checked.metrics['agreement/alpha']:.3f}")
         for a in checked.flagged:
             log.warning("annotator %s flagged by the agreement checks", a)
         next_cfg = c.model_copy(deep=True)

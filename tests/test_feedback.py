@@ -26,6 +26,27 @@ def test_uncertainty_scores_and_selection_by_hand():
     assert r == select_random(10, 4, seed=3) and len(set(r)) == 4 and max(r) < 10
 
 
+@pytest.mark.parametrize("selection", ["uncertainty", "random"])
+def test_select_writes_a_labeling_batch(tiny_reward_dir, tmp_path, selection):
+    from labeling.batch import read_batch
+    from tasks.feedback import FeedbackConfig, Models, run_select
+
+    cfg = FeedbackConfig(selection=selection, batch_size=4, max_candidates=12, max_new_tokens=8)
+    models = Models(policy_uri="demo/base_model", reward_model_uri=tiny_reward_dir,
+                    heldout_model_uri=tiny_reward_dir)
+    uri, metrics = run_select(cfg, models=models, prompts_uri="demo/data/rl_prompts.jsonl",
+                              seed=0, out_dir=str(tmp_path / "round"))
+    pairs = read_batch(uri)  # the labeling page's own reader accepts it
+    assert uri == str(tmp_path / "round" / "batch.jsonl") and len(pairs) == 4
+    assert all(p.response_a != p.response_b for p in pairs)
+    assert metrics["select/candidates"] == 12 and metrics["select/pairs"] == 4
+    if selection == "uncertainty":  # the picked pairs are the most uncertain ones
+        assert metrics["select/uncertainty_picked"] >= metrics["select/uncertainty_all"]
+    again, _ = run_select(cfg, models=models, prompts_uri="demo/data/rl_prompts.jsonl", seed=0,
+                          out_dir=str(tmp_path / "again"))
+    assert open(again).read() == open(uri).read()  # seeded
+
+
 def _batch(tmp_path, n=60):
     from tasks.feedback import write_jsonl_atomic
 
@@ -177,7 +198,7 @@ def test_feedback_round_end_to_end(prefect_harness, tiny_overrides, tmp_path):
     assert rr.data.tags["data.preferences.sha256"] == v.sha256
     assert rr.data.tags["rlhf.result"] == "feedback_round_needed"
     assert rr.data.tags["rlhf.batch_uri"] == r.batch_uri
-    assert "agreement/alpha" in rr.data.metrics
+    assert "agreement/alpha" in rr.data.metrics and "rlhf.agreement_alpha" in rr.data.tags
     assert r.checked.flagged == ["a4"] and rr.data.tags["rlhf.flagged_annotators"] == "a4"
     inputs = {d.dataset.name for d in rr.inputs.dataset_inputs}
     assert f"preferences@{v.sha256[:12]}" in inputs
