@@ -1,6 +1,8 @@
 """``rlhf``: run the pipeline, validate data, show the config, promote, roll back, serve, label.
 
     rlhf run      [--config FILE] [--set stage.field=value ...]
+    rlhf feedback [--config FILE] [--rounds N] [--set ...]
+                                                    run; if refused, up to N feedback rounds
     rlhf validate [--config FILE] [--set ...]
     rlhf config   [--config FILE] [--set ...] [--docs]
     rlhf models   [--config FILE]                   policy versions, aliases, key metrics
@@ -66,6 +68,21 @@ def cmd_run(cfg: PipelineConfig) -> int:
               f"aliases {', '.join(r.aliases)}")
     else:
         print("gate refused promotion: feedback round needed (reasons above)")
+    return 0
+
+
+def cmd_feedback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from flows.feedback import feedback_rounds
+
+    final, rounds = feedback_rounds(cfg, rounds=args.rounds)
+    for i, r in enumerate(rounds, 1):
+        v = r.checked.preferences
+        print(f"round {i}: {v.new_rows} new pairs -> {v.uri} ({v.rows} pairs); "
+              f"flagged annotators: {', '.join(r.checked.flagged) or 'none'}; "
+              f"pipeline run {r.pipeline.parent_run_id}: {r.pipeline.result}")
+    print(json.dumps({"result": final.result, "parent_run_id": final.parent_run_id,
+                      "rounds": len(rounds), "round_run_ids": [r.round_run_id for r in rounds],
+                      "reasons": final.decision.reasons}, indent=2))
     return 0
 
 
@@ -158,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {}
     for name, help_ in (("run", "run the whole pipeline"),
+                        ("feedback", "run the pipeline; if refused, run feedback rounds"),
                         ("validate", "validate the datasets only"),
                         ("config", "print the resolved config"),
                         ("models", "list the policy's registry versions, aliases and metrics"),
@@ -176,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("rollback", "serve"):
         commands[name].add_argument("--alias", default=None,
                                     help="alias to act on (default: registry.production_alias)")
+    commands["feedback"].add_argument(
+        "--rounds", type=int, default=None, metavar="N",
+        help="feedback rounds at most, stopping at promotion (default feedback.max_rounds)")
     serve_args = commands["serve"]
     serve_args.add_argument("--host", default="127.0.0.1",
                             help="interface to bind (default 127.0.0.1; no authentication)")
@@ -230,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.validation import DataValidationError
 
     try:
+        if args.command == "feedback":
+            return cmd_feedback(cfg, args)
         return cmd_run(cfg) if args.command == "run" else cmd_validate(cfg)
     except (DataValidationError, DataError) as e:
         print(f"error: data refused before training:\n{e}", file=sys.stderr)

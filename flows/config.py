@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 
 from tasks.base import BaseModelConfig, StageConfig
 from tasks.evaluate import EvaluateConfig
+from tasks.feedback import FeedbackConfig
 from tasks.gate import GateConfig
 from tasks.policy import PolicyConfig
 from tasks.register import RegistryConfig
@@ -56,7 +57,8 @@ class TrackingConfig(StageConfig):
 
 
 class PipelineConfig(StageConfig):
-    """A whole pipeline: validate -> SFT -> reward model -> policy -> evaluate -> gate."""
+    """A whole pipeline: validate -> SFT -> reward model -> policy -> evaluate -> gate, and
+    the feedback rounds that follow a refusal."""
 
     name: str = "rlhf"
     """Pipeline name, used in run names."""
@@ -74,6 +76,8 @@ class PipelineConfig(StageConfig):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    """Human-feedback rounds after a refused run (``rlhf feedback``)."""
 
 
 def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:

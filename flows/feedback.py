@@ -1,0 +1,152 @@
+"""Human-feedback rounds: what the pipeline does when the gate refuses a policy.
+
+One round (``feedback_round``): select the pairs the reward models are least sure of -> write
+them as a labeling batch -> label (simulated annotators or the labeling page) -> check the
+labels (validation stage: label suite, annotator agreement) -> a new content-addressed version
+of the preference data (old pairs + new) -> the pipeline again on that version, evaluated and
+gated again. ``feedback_rounds`` repeats rounds until a run is promoted or N rounds are spent.
+
+Each round is one MLflow run in the pipeline's experiment (tags: ``rlhf.triggered_by`` = the
+refused pipeline run, the batch, the dataset version, the agreement metrics, the outcome); the
+pipeline run it starts carries ``rlhf.feedback_round`` = that round's run id. Files go to
+``<output_dir>/<name>/feedback/round-<triggering run id>/`` (batch, labels, pairs, validation
+report) and ``<output_dir>/<name>/data/`` (dataset versions).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel
+
+from flows.config import PipelineConfig
+from flows.pipeline import PipelineResult, rlhf_pipeline
+from tasks.base import TrackingContext, stage_dir
+from tasks.feedback import (CheckedLabels, Models, check_task, label_task, make_labeler,
+                            select_task)
+
+
+class RoundResult(BaseModel):
+    """One feedback round: where its files went and what the pipeline then decided."""
+
+    round_run_id: str
+    triggered_by: str
+    batch_uri: str
+    labels_uri: str
+    checked: CheckedLabels
+    pipeline: PipelineResult
+    config: PipelineConfig
+    """The config the round's pipeline ran with (data pointing at the new version)."""
+
+
+def trained_models(config: PipelineConfig, result: PipelineResult) -> Models:
+    """The policy and reward models a pipeline run trained, from the policy's lineage file.
+
+    DPO's lineage names no reward model; its folder is then recomputed exactly as the
+    pipeline keys it (``stage_dir``) from the run's data-hash tags. A ``reward_model_uri`` on
+    ``PipelineResult`` would make both unnecessary.
+    """
+    lineage = json.loads((Path(result.policy_uri) / "rlhf_lineage.json").read_text())
+    reward = lineage.get("reward_model")
+    if reward is None:
+        from mlflow import MlflowClient
+
+        tags = MlflowClient(result.tracking_uri).get_run(result.parent_run_id).data.tags
+        root = Path(config.output_dir) / config.name
+        reward = stage_dir(root, "reward", config.reward, lineage["sft_model"],
+                           tags["data.preferences.sha256"], tags["data.eval_pairs.sha256"],
+                           config.seed)
+    heldout = f"{reward}-heldout"
+    return Models(policy_uri=result.policy_uri, reward_model_uri=reward,
+                  heldout_model_uri=heldout if Path(heldout).is_dir() else None)
+
+
+def _start_round_run(config: PipelineConfig, triggered_by: PipelineResult, index: int
+                     ) -> TrackingContext:
+    from mlflow import MlflowClient
+
+    from tasks.tracking import flatten
+
+    client = MlflowClient(triggered_by.tracking_uri)
+    exp = client.get_experiment_by_name(config.tracking.experiment)
+    run = client.create_run(exp.experiment_id, run_name=f"{config.name}-feedback-round-{index}",
+                            tags={"rlhf.pipeline": config.name, "rlhf.stage": "feedback_round",
+                                  "rlhf.triggered_by": triggered_by.parent_run_id,
+                                  "rlhf.feedback_round_index": str(index)})
+    for k, v in flatten(config.feedback).items():
+        client.log_param(run.info.run_id, f"feedback.{k}", str(v)[:6000])
+    return TrackingContext(tracking_uri=triggered_by.tracking_uri,
+                           experiment_id=exp.experiment_id, parent_run_id=run.info.run_id)
+
+
+@flow(name="rlhf-feedback-round")
+def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
+                   index: int = 1) -> RoundResult:
+    """One round after the refused run ``triggered_by``; returns the new pipeline run's result."""
+    from mlflow import MlflowClient
+
+    c, f = config, config.feedback
+    log = get_run_logger()
+    root = Path(c.output_dir) / c.name
+    round_dir = str(root / "feedback" / f"round-{triggered_by.parent_run_id}")
+    ctx = _start_round_run(c, triggered_by, index)
+    client = MlflowClient(ctx.tracking_uri)
+    rid = ctx.parent_run_id
+    try:
+        seed = c.seed + index  # another sample of candidates each round
+        batch_uri, select_metrics = select_task(f, models=trained_models(c, triggered_by),
+                                                prompts_uri=c.data.rl_prompts, seed=seed,
+                                                out_dir=round_dir)
+        client.set_tag(rid, "rlhf.batch_uri", batch_uri)
+        labeler = make_labeler(f, judge=c.evaluate.gold_judge, seed=seed)
+        labels_uri = label_task(labeler, batch_uri)
+        client.set_tag(rid, "rlhf.labels_uri", labels_uri)
+        checked = check_task(batch_uri=batch_uri, labels_uri=labels_uri,
+                             preferences_uri=c.data.preferences,
+                             preference_labels_uri=c.data.preference_labels,
+                             validation=c.validation, tokenizer_path=c.base_model.path,
+                             chat_template=c.base_model.chat_template, round_dir=round_dir,
+                             data_dir=str(root / "data"), ctx=ctx)
+        for k, v in {**select_metrics, **checked.metrics}.items():
+            client.log_metric(rid, k, v)
+        client.log_metric(rid, "feedback/new_pairs", checked.preferences.new_rows)
+        client.set_tag(rid, "rlhf.dataset_version", checked.preferences.sha256[:12])
+        client.set_tag(rid, "rlhf.flagged_annotators", ",".join(checked.flagged) or "none")
+        if "agreement/alpha" in checked.metrics:  # searchable beside the metric
+            client.set_tag(rid, "rlhf.agreement_alpha", f"{checked.metrics['agreement/alpha']:.3f}")
+        for a in checked.flagged:
+            log.warning("annotator %s flagged by the agreement checks", a)
+        next_cfg = c.model_copy(deep=True)
+        next_cfg.data.preferences = checked.preferences.uri
+        next_cfg.data.preference_labels = checked.preference_labels.uri
+        result = rlhf_pipeline(next_cfg)
+        client.set_tag(result.parent_run_id, "rlhf.feedback_round", rid)
+        client.set_tag(rid, "rlhf.next_pipeline_run", result.parent_run_id)
+        client.set_tag(rid, "rlhf.result", result.result)
+    except BaseException as e:
+        client.set_tag(rid, "rlhf.error", f"{type(e).__name__}: {e}"[:5000])
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
+    log.info("feedback round %d: %d new pairs (preferences-%s), next run %s",
+             index, checked.preferences.new_rows, checked.preferences.sha256[:12], result.result)
+    return RoundResult(round_run_id=rid, triggered_by=triggered_by.parent_run_id,
+                       batch_uri=batch_uri, labels_uri=labels_uri, checked=checked,
+                       pipeline=result, config=next_cfg)
+
+
+@flow(name="rlhf-feedback-rounds")
+def feedback_rounds(config: PipelineConfig, rounds: int | None = None,
+                    first: PipelineResult | None = None) -> tuple[PipelineResult, list[RoundResult]]:
+    """The pipeline (unless ``first`` is its result already), then up to ``rounds`` feedback
+    rounds (default ``feedback.max_rounds``), stopping as soon as a run is promoted."""
+    rounds = config.feedback.max_rounds if rounds is None else rounds
+    result = first or rlhf_pipeline(config)
+    done: list[RoundResult] = []
+    while result.result != "promoted" and len(done) < rounds:
+        r = feedback_round(config, result, index=len(done) + 1)
+        done.append(r)
+        config, result = r.config, r.pipeline
+    return result, done

@@ -1,0 +1,460 @@
+"""Feedback round stage: pick the pairs the reward model is least sure of, get them labeled,
+check the labels and write a new version of the preference dataset.
+
+1. **select**: each candidate prompt (the RL prompts) gets two responses from the current
+   policy; both reward models score them. A pair is uncertain when the policy's reward model
+   gives P(a > b) near 0.5 (its calibrated ``RewardNorm.preference_prob``) and/or when the
+   held-out reward model disagrees with it: labels help most where the model cannot tell
+   (uncertainty sampling, Settles 2009, "Active Learning Literature Survey", sec. 3.1; the two
+   reward models are a query-by-committee of two, sec. 3.2). ``random`` is the baseline.
+2. **batch**: the chosen pairs as a labeling batch (``labeling/batch.py``).
+3. **label**: any ``Labeler`` (``label(batch_uri) -> labels_uri``): simulated annotators or
+   the labeling page (``rlhf label``); later Label Studio or a judge model (ROADMAP.md).
+4. **check and version**: majority vote -> preference pairs, votes -> ``preference_labels``
+   rows; the validation stage checks them (label suite, annotator agreement); then old pairs +
+   new pairs are written as a new content-addressed file ``preferences-<sha12>.jsonl`` (the old
+   file is never touched) and logged as a dataset input of the round's MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Protocol, Sequence
+
+from prefect import task
+from pydantic import BaseModel, Field
+
+from dataio import local_path, read_records
+from tasks.base import StageConfig, TrackingContext
+
+
+class FeedbackConfig(StageConfig):
+    """One human-feedback round: which pairs to label, who labels them, how many votes."""
+
+    selection: Literal["uncertainty", "random"] = "uncertainty"
+    """``uncertainty``: the pairs the reward models are least sure of; ``random``: any pairs
+    (the baseline a benchmark compares against)."""
+    batch_size: int = Field(default=64, ge=1)
+    """Pairs sent to the labelers per round."""
+    max_candidates: int | None = Field(default=512, ge=1)
+    """RL prompts (a seeded random subset) that get two sampled responses each; null: all."""
+    disagreement_weight: float = Field(default=1.0, ge=0.0)
+    """Weight of |P_rm - P_heldout| (the two reward models disagree) beside 1 - |2 P_rm - 1|
+    (the policy's reward model is unsure) in a pair's uncertainty; 0 ignores the held-out one."""
+    max_new_tokens: int = Field(default=128, ge=1)
+    """Response length cap when sampling candidates (use the policy stage's)."""
+    temperature: float = Field(default=1.0, gt=0.0)
+    """Sampling temperature for candidate responses."""
+    sample_batch_size: int = Field(default=32, ge=1)
+    """Sequences per generation/scoring batch."""
+    labeler: Literal["simulated", "page"] = "simulated"
+    """``simulated``: annotators simulated from a gold judge (demo and benchmarks); ``page``:
+    people label the batch with ``rlhf label BATCH`` and the round waits for the labels file."""
+    votes_per_pair: int = Field(default=3, ge=1)
+    """Votes per pair (distinct annotators); the majority makes chosen/rejected (odd avoids
+    ties, which are dropped)."""
+    simulated_judge: str | None = None
+    """``module:function`` the simulated annotators vote on (Bradley-Terry on its scores);
+    null: ``evaluate.gold_judge``."""
+    page_poll_seconds: float = Field(default=10.0, gt=0.0)
+    """How often the ``page`` labeler checks whether the labels file is complete."""
+    page_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0.0)
+    """How long the ``page`` labeler waits for a complete labels file before failing."""
+    max_rounds: int = Field(default=3, ge=0)
+    """Rounds ``rlhf feedback`` runs at most (``--rounds`` overrides); it stops at promotion."""
+
+
+# --- select ------------------------------------------------------------------------------
+
+def uncertainty_scores(p_rm: Sequence[float], p_heldout: Sequence[float] | None = None,
+                       disagreement_weight: float = 1.0) -> list[float]:
+    """Per pair: ``(1 - |2 p_rm - 1|) + w * |p_rm - p_heldout|``.
+
+    ``p_rm``: the policy's reward model's calibrated P(a > b); 1 at p = 0.5, 0 at p in {0, 1}.
+    ``p_heldout``: the held-out reward model's P(a > b); their gap is the committee's
+    disagreement (0 when none is given).
+    """
+    scores = []
+    for i, p in enumerate(p_rm):
+        s = 1.0 - abs(2.0 * p - 1.0)
+        if p_heldout is not None:
+            s += disagreement_weight * abs(p - p_heldout[i])
+        scores.append(s)
+    return scores
+
+
+def select_uncertain(p_rm: Sequence[float], k: int, p_heldout: Sequence[float] | None = None,
+                     disagreement_weight: float = 1.0) -> list[int]:
+    """Indices of the ``k`` most uncertain pairs, most uncertain first (ties: lower index)."""
+    scores = uncertainty_scores(p_rm, p_heldout, disagreement_weight)
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
+def select_random(n: int, k: int, seed: int) -> list[int]:
+    """``k`` of ``n`` indices, seeded: the baseline selection."""
+    return random.Random(seed).sample(range(n), min(k, n))
+
+
+def pair_id(prompt: str, a: str, b: str) -> str:
+    """A pair's id from its content: an identical pair gets the same id in any round."""
+    return "fb-" + hashlib.sha256(json.dumps([prompt, a, b]).encode()).hexdigest()[:12]
+
+
+class Models(BaseModel):
+    """What a refused pipeline run trained: the models a round samples and scores with."""
+
+    policy_uri: str
+    reward_model_uri: str
+    heldout_model_uri: str | None = None
+
+
+def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: int,
+               out_dir: str) -> tuple[str, dict[str, float]]:
+    """Sample two responses per candidate prompt, pick ``batch_size`` pairs, write the batch
+    ``<out_dir>/batch.jsonl``; -> (batch URI, selection metrics)."""
+    import torch
+
+    from dataio import render_prompt
+    from models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
+    from models.reward import RewardNorm
+    from tasks.evaluate import EvaluateConfig, sample_and_score
+
+    tokenizer = load_tokenizer(models.policy_uri)
+    policy = load_causal_lm(models.policy_uri).eval()
+    scorers = {"rm": load_sequence_scorer(models.reward_model_uri).eval()}
+    if models.heldout_model_uri:
+        scorers["heldout"] = load_sequence_scorer(models.heldout_model_uri).eval()
+    for m in (policy, *scorers.values()):
+        m.config.pad_token_id = tokenizer.pad_token_id
+    raw = [r["prompt"] for r in read_records(prompts_uri)]
+    order = list(range(len(raw)))
+    random.Random(seed).shuffle(order)
+    raw = [raw[i] for i in order[:cfg.max_candidates]]
+    rendered = [render_prompt(p, tokenizer) for p in raw]
+    sampling = EvaluateConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              batch_size=cfg.sample_batch_size)
+    # Two samples per prompt, adjacent: rows 2i and 2i+1 are pair i's responses a and b.
+    s = sample_and_score(policy, tokenizer, [p for p in rendered for _ in range(2)], sampling,
+                         seed, scorers)
+    a_texts, b_texts = s.texts[0::2], s.texts[1::2]
+    p_rm = RewardNorm.load(models.reward_model_uri).preference_prob(
+        s.scores["rm"][0::2], s.scores["rm"][1::2])
+    p_ho = None
+    if "heldout" in s.scores:  # the held-out model is not calibrated: T = 1
+        p_ho = torch.sigmoid(s.scores["heldout"][0::2] - s.scores["heldout"][1::2])
+    # Identical or empty responses are no question to ask anyone (and the batch refuses them).
+    usable = [i for i in range(len(raw)) if isinstance(raw[i], str) and a_texts[i].strip()
+              and b_texts[i].strip() and a_texts[i] != b_texts[i]]
+    u_rm = [float(p_rm[i]) for i in usable]
+    u_ho = [float(p_ho[i]) for i in usable] if p_ho is not None else None
+    if cfg.selection == "uncertainty":
+        picked = select_uncertain(u_rm, cfg.batch_size, u_ho, cfg.disagreement_weight)
+    else:
+        picked = select_random(len(usable), cfg.batch_size, seed)
+    scores = uncertainty_scores(u_rm, u_ho, cfg.disagreement_weight)
+    rows = []
+    for j in picked:
+        i = usable[j]
+        rows.append({"pair_id": pair_id(raw[i], a_texts[i], b_texts[i]), "prompt": raw[i],
+                     "response_a": a_texts[i], "response_b": b_texts[i]})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    batch_uri = str(Path(out_dir) / "batch.jsonl")
+    write_jsonl_atomic(batch_uri, rows)
+    metrics = {"select/candidates": float(len(raw)), "select/usable": float(len(usable)),
+               "select/pairs": float(len(rows)),
+               "select/uncertainty_picked": _mean([scores[j] for j in picked]),
+               "select/uncertainty_all": _mean(scores)}
+    return batch_uri, metrics
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else math.nan
+
+
+def write_jsonl_atomic(uri: str, rows: list[dict], head: bytes = b"") -> None:
+    """Write ``head`` + one JSON row per line through a temporary file and a rename."""
+    path = local_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head + jsonl_bytes(rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def jsonl_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+# --- labelers ----------------------------------------------------------------------------
+
+class Labeler(Protocol):
+    """Anyone who labels a batch: page, simulated annotators, later Label Studio or a judge."""
+
+    def label(self, batch_uri: str) -> str:
+        """Label every pair of the batch; returns the labels file's URI (``labeling/batch.py``)."""
+        ...
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+class SimulatedLabeler:
+    """Annotators simulated as in the demo data (``demo/build.py``: ``label_pairs``): each votes
+    by Bradley-Terry on the judge's scores with their own temperature,
+    P(a) = sigmoid((g_a - g_b) / T); the demo's ``a4`` (T = 3) is careless on purpose.
+    ``votes_per_pair`` distinct annotators per pair, all seeded."""
+
+    def __init__(self, judge: str, votes_per_pair: int, seed: int,
+                 annotators: dict[str, float] | None = None):
+        if annotators is None:
+            from demo.build import ANNOTATORS
+
+            annotators = ANNOTATORS
+        if votes_per_pair > len(annotators):
+            raise ValueError(f"votes_per_pair={votes_per_pair} but only {len(annotators)} "
+                             f"simulated annotators")
+        self.judge, self.votes, self.seed, self.annotators = judge, votes_per_pair, seed, annotators
+
+    def label(self, batch_uri: str) -> str:
+        from labeling.batch import Label, a_shown_first, default_labels_path, read_batch
+        from tasks.evaluate import load_judge
+
+        pairs = read_batch(batch_uri)
+        judge = load_judge(self.judge)
+        rng = random.Random(self.seed)
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        rows = []
+        for pair in pairs:
+            ga, gb = judge([pair.response_a, pair.response_b])
+            for voter in rng.sample(sorted(self.annotators), self.votes):
+                a_wins = rng.random() < _sigmoid((ga - gb) / self.annotators[voter])
+                rows.append(asdict(Label(pair.pair_id, voter,
+                                         "response_a" if a_wins else "response_b",
+                                         a_shown_first(self.seed, pair.pair_id), stamp)))
+        out = str(default_labels_path(local_path(batch_uri)))
+        write_jsonl_atomic(out, rows)
+        return out
+
+
+def missing_votes(pair_ids: Sequence[str], labels: Sequence[dict], votes_per_pair: int
+                  ) -> dict[str, int]:
+    """pair_id -> votes still missing (distinct annotators with a valid choice); {} = complete."""
+    voters: dict[str, set] = {p: set() for p in pair_ids}
+    for label in labels:
+        if label.get("pair_id") in voters and label.get("preferred") in ("response_a",
+                                                                         "response_b"):
+            voters[label["pair_id"]].add(label.get("annotator_id"))
+    return {p: votes_per_pair - len(v) for p, v in voters.items() if len(v) < votes_per_pair}
+
+
+class PageLabeler:
+    """People label the batch on the labeling page, each with their own name::
+
+        rlhf label <round>/batch.jsonl --annotator alice     # writes <round>/batch.labels.jsonl
+
+    ``label`` waits until that labels file holds ``votes_per_pair`` votes from distinct
+    annotators for every pair of the batch (polling every ``poll_seconds``), and fails with
+    what is missing after ``timeout_seconds``. Annotators should label one after another, or
+    a deployment should run the round's wait as a paused flow; the page appends each label to
+    the file as it is given."""
+
+    def __init__(self, votes_per_pair: int, poll_seconds: float, timeout_seconds: float):
+        self.votes, self.poll, self.timeout = votes_per_pair, poll_seconds, timeout_seconds
+
+    def missing(self, batch_uri: str) -> dict[str, int]:
+        from labeling.batch import default_labels_path, read_batch
+
+        ids = [p.pair_id for p in read_batch(batch_uri)]
+        path = default_labels_path(local_path(batch_uri))
+        labels = read_records(str(path)) if path.exists() and path.stat().st_size else []
+        return missing_votes(ids, labels, self.votes)
+
+    def label(self, batch_uri: str) -> str:
+        from labeling.batch import default_labels_path
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            missing = self.missing(batch_uri)
+            if not missing:
+                return str(default_labels_path(local_path(batch_uri)))
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{batch_uri}: {sum(missing.values())} votes still missing "
+                                   f"on {len(missing)} pairs after {self.timeout:.0f} s "
+                                   f"(label with: rlhf label {batch_uri} --annotator NAME)")
+            time.sleep(self.poll)
+
+
+def make_labeler(cfg: FeedbackConfig, *, judge: str | None, seed: int) -> Labeler:
+    if cfg.labeler == "page":
+        return PageLabeler(cfg.votes_per_pair, cfg.page_poll_seconds, cfg.page_timeout_seconds)
+    judge = cfg.simulated_judge or judge
+    if not judge:
+        raise ValueError("feedback.labeler=simulated needs feedback.simulated_judge or "
+                         "evaluate.gold_judge (module:function)")
+    return SimulatedLabeler(judge, cfg.votes_per_pair, seed)
+
+
+# --- check and version -------------------------------------------------------------------
+
+def labels_to_preferences(pairs: Sequence[dict], labels: Sequence[dict]
+                          ) -> tuple[list[dict], list[dict]]:
+    """Batch pairs + page labels -> (preference pairs, ``preference_labels`` rows).
+
+    chosen = the response most annotators preferred; ``chosen_votes``/``num_votes`` the vote
+    share (the reward stage's margin reads it); tied pairs are dropped with their votes.
+    One vote per annotator and pair: a later label replaces an earlier one.
+    """
+    by_pair: dict[str, dict[str, dict]] = {}
+    for label in labels:
+        by_pair.setdefault(label["pair_id"], {})[label["annotator_id"]] = label
+    prefs, rows = [], []
+    for pair in pairs:
+        votes = list(by_pair.get(pair["pair_id"], {}).values())
+        a_votes = sum(v["preferred"] == "response_a" for v in votes)
+        if not votes or 2 * a_votes == len(votes):
+            continue
+        a_wins = 2 * a_votes > len(votes)
+        chosen, rejected = ((pair["response_a"], pair["response_b"]) if a_wins
+                            else (pair["response_b"], pair["response_a"]))
+        prefs.append({"pair_id": pair["pair_id"], "prompt": pair["prompt"], "chosen": chosen,
+                      "rejected": rejected,
+                      "chosen_votes": a_votes if a_wins else len(votes) - a_votes,
+                      "num_votes": len(votes)})
+        for v in votes:
+            picked_a = v["preferred"] == "response_a"
+            rows.append({"pair_id": pair["pair_id"], "annotator_id": v["annotator_id"],
+                         "preferred": "chosen" if picked_a == a_wins else "rejected",
+                         # chosen was on the left iff (a on the left) == (a is chosen)
+                         "chosen_shown_first": bool(v["a_shown_first"]) == a_wins})
+    return prefs, rows
+
+
+class Version(BaseModel):
+    """A dataset version: where it is and the sha256 of its bytes."""
+
+    uri: str
+    sha256: str
+    rows: int
+    new_rows: int
+
+
+def write_version(old_uri: str | None, new_rows: list[dict], out_dir: str, name: str,
+                  skip_ids: set[str] | None = None) -> Version:
+    """``<out_dir>/<name>-<sha12>.jsonl`` = the old file's rows, then ``new_rows`` (those whose
+    pair_id is in ``skip_ids`` left out). Content-addressed: the same content gets the same
+    name and is not rewritten; the old file is only read."""
+    head = b""
+    old_rows = 0
+    if old_uri:
+        path = local_path(old_uri)
+        if path.is_file() and path.suffix == ".jsonl":  # keep the old rows byte for byte
+            head = path.read_bytes()
+            if head and not head.endswith(b"\n"):
+                head += b"\n"
+            old_rows = sum(1 for line in head.splitlines() if line.strip())
+        else:
+            records = read_records(old_uri)
+            head, old_rows = jsonl_bytes(records), len(records)
+    rows = [r for r in new_rows if r.get("pair_id") not in (skip_ids or set())]
+    blob = head + jsonl_bytes(rows)
+    sha = hashlib.sha256(blob).hexdigest()
+    uri = str(Path(out_dir) / f"{name}-{sha[:12]}.jsonl")
+    if not local_path(uri).exists():
+        write_jsonl_atomic(uri, rows, head=head)
+    return Version(uri=uri, sha256=sha, rows=old_rows + len(rows), new_rows=len(rows))
+
+
+class CheckedLabels(BaseModel):
+    """A round's labels, checked and versioned."""
+
+    pairs_uri: str
+    """The round's own new pairs (majority vote)."""
+    labels_uri: str
+    """The round's own votes as ``preference_labels`` rows."""
+    preferences: Version
+    preference_labels: Version
+    metrics: dict[str, float]
+    """The validation stage's metrics on the round's pairs and labels (``agreement/...``)."""
+    flagged: list[str]
+    """Annotators the agreement checks flagged."""
+    validation_run_id: str
+
+
+def run_check_and_version(*, batch_uri: str, labels_uri: str, preferences_uri: str,
+                          preference_labels_uri: str | None, validation, tokenizer_path: str,
+                          chat_template: str | None, round_dir: str, data_dir: str,
+                          ctx: TrackingContext) -> CheckedLabels:
+    """Labels -> pairs; validate them (a child run of the round's run); write the new versions
+    of ``preferences`` and ``preference_labels``; log them as the round run's inputs."""
+    from tasks.validation import run_validation
+
+    batch = read_records(batch_uri)
+    labels = read_records(labels_uri)
+    prefs, votes = labels_to_preferences(batch, labels)
+    pairs_uri, votes_uri = (str(Path(round_dir) / f) for f in ("pairs.jsonl", "labels.jsonl"))
+    write_jsonl_atomic(pairs_uri, prefs)
+    write_jsonl_atomic(votes_uri, votes)
+    # A round's batch is as small as the config says: the row minimums are for training sets
+    # (the next pipeline run validates the whole new version against them).
+    small = dict(validation.min_rows_by_dataset, preferences=1, preference_labels=1)
+    checked = run_validation(validation.model_copy(update={"min_rows_by_dataset": small}),
+                             data={"preferences": pairs_uri, "preference_labels": votes_uri},
+                             tokenizer_path=tokenizer_path, chat_template=chat_template,
+                             out_dir=round_dir, ctx=ctx)
+    flagged = sorted(k.split("/")[1] for k, v in checked.metrics.items()
+                     if k.startswith("agreement/") and k.endswith("/flagged") and v)
+    old_ids = {r.get("pair_id") for r in read_records(preferences_uri)}
+    new_ids = {p["pair_id"] for p in prefs} - old_ids
+    pref_v = write_version(preferences_uri, prefs, data_dir, "preferences", skip_ids=old_ids)
+    label_v = write_version(preference_labels_uri, [v for v in votes if v["pair_id"] in new_ids],
+                            data_dir, "preference_labels")
+    log_dataset_input(ctx, "preferences", pref_v)
+    log_dataset_input(ctx, "preference_labels", label_v)
+    return CheckedLabels(pairs_uri=pairs_uri, labels_uri=votes_uri, preferences=pref_v,
+                         preference_labels=label_v, metrics=checked.metrics, flagged=flagged,
+                         validation_run_id=checked.run_id)
+
+
+def log_dataset_input(ctx: TrackingContext, name: str, version: Version) -> None:
+    """The version as a dataset input of the round's run (``ctx.parent_run_id``)."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag
+
+    df = pd.DataFrame(read_records(version.uri)).map(
+        lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+    ds = mlflow.data.from_pandas(df, source=version.uri, name=f"{name}@{version.sha256[:12]}")
+    client = MlflowClient(ctx.tracking_uri)
+    client.log_inputs(ctx.parent_run_id, datasets=[DatasetInput(
+        dataset=ds._to_mlflow_entity(),
+        tags=[InputTag(key="mlflow.data.context", value=name),
+              InputTag(key="sha256", value=version.sha256)])])
+    client.set_tag(ctx.parent_run_id, f"data.{name}.sha256", version.sha256)
+    client.set_tag(ctx.parent_run_id, f"data.{name}.uri", version.uri)
+
+
+def label_batch(labeler: Any, batch_uri: str) -> str:
+    return labeler.label(batch_uri)
+
+
+select_task = task(name="feedback-select")(run_select)
+label_task = task(name="feedback-label")(label_batch)
+check_task = task(name="feedback-check-and-version")(run_check_and_version)
