@@ -15,7 +15,6 @@ report) and ``<output_dir>/<name>/data/`` (dataset versions).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -23,9 +22,9 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig
 from flows.pipeline import PipelineResult, rlhf_pipeline
-from tasks.base import TrackingContext, stage_dir
 from tasks.feedback import (CheckedLabels, Models, check_task, label_task, make_labeler,
                             select_task)
+from tasks.tracking import pipeline_run
 
 
 class RoundResult(BaseModel):
@@ -41,44 +40,10 @@ class RoundResult(BaseModel):
     """The config the round's pipeline ran with (data pointing at the new version)."""
 
 
-def trained_models(config: PipelineConfig, result: PipelineResult) -> Models:
-    """The policy and reward models a pipeline run trained, from the policy's lineage file.
-
-    DPO's lineage names no reward model; its folder is then recomputed exactly as the
-    pipeline keys it (``stage_dir``) from the run's data-hash tags. A ``reward_model_uri`` on
-    ``PipelineResult`` would make both unnecessary.
-    """
-    lineage = json.loads((Path(result.policy_uri) / "rlhf_lineage.json").read_text())
-    reward = lineage.get("reward_model")
-    if reward is None:
-        from mlflow import MlflowClient
-
-        tags = MlflowClient(result.tracking_uri).get_run(result.parent_run_id).data.tags
-        root = Path(config.output_dir) / config.name
-        reward = stage_dir(root, "reward", config.reward, lineage["sft_model"],
-                           tags["data.preferences.sha256"], tags["data.eval_pairs.sha256"],
-                           config.seed)
-    heldout = f"{reward}-heldout"
-    return Models(policy_uri=result.policy_uri, reward_model_uri=reward,
-                  heldout_model_uri=heldout if Path(heldout).is_dir() else None)
-
-
-def _start_round_run(config: PipelineConfig, triggered_by: PipelineResult, index: int
-                     ) -> TrackingContext:
-    from mlflow import MlflowClient
-
-    from tasks.tracking import flatten
-
-    client = MlflowClient(triggered_by.tracking_uri)
-    exp = client.get_experiment_by_name(config.tracking.experiment)
-    run = client.create_run(exp.experiment_id, run_name=f"{config.name}-feedback-round-{index}",
-                            tags={"rlhf.pipeline": config.name, "rlhf.stage": "feedback_round",
-                                  "rlhf.triggered_by": triggered_by.parent_run_id,
-                                  "rlhf.feedback_round_index": str(index)})
-    for k, v in flatten(config.feedback).items():
-        client.log_param(run.info.run_id, f"feedback.{k}", str(v)[:6000])
-    return TrackingContext(tracking_uri=triggered_by.tracking_uri,
-                           experiment_id=exp.experiment_id, parent_run_id=run.info.run_id)
+def trained_models(result: PipelineResult) -> Models:
+    """The policy a pipeline run trained and the reward models it was trained and judged with."""
+    return Models(policy_uri=result.policy_uri, reward_model_uri=result.reward_model_uri,
+                  heldout_model_uri=result.heldout_reward_uri)
 
 
 @flow(name="rlhf-feedback-round")
@@ -91,12 +56,14 @@ def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
     log = get_run_logger()
     root = Path(c.output_dir) / c.name
     round_dir = str(root / "feedback" / f"round-{triggered_by.parent_run_id}")
-    ctx = _start_round_run(c, triggered_by, index)
-    client = MlflowClient(ctx.tracking_uri)
-    rid = ctx.parent_run_id
-    try:
+    tags = {"rlhf.stage": "feedback_round", "rlhf.triggered_by": triggered_by.parent_run_id,
+            "rlhf.feedback_round_index": str(index)}
+    with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c,
+                      run_name=f"{c.name}-feedback-round-{index}", tags=tags) as run:
+        ctx, rid = run.ctx, run.ctx.parent_run_id
+        client = MlflowClient(ctx.tracking_uri)
         seed = c.seed + index  # another sample of candidates each round
-        batch_uri, select_metrics = select_task(f, models=trained_models(c, triggered_by),
+        batch_uri, select_metrics = select_task(f, models=trained_models(triggered_by),
                                                 prompts_uri=c.data.rl_prompts, seed=seed,
                                                 out_dir=round_dir)
         client.set_tag(rid, "rlhf.batch_uri", batch_uri)
@@ -121,15 +88,9 @@ def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
         next_cfg = c.model_copy(deep=True)
         next_cfg.data.preferences = checked.preferences.uri
         next_cfg.data.preference_labels = checked.preference_labels.uri
-        result = rlhf_pipeline(next_cfg)
-        client.set_tag(result.parent_run_id, "rlhf.feedback_round", rid)
+        result = rlhf_pipeline(next_cfg, tags={"rlhf.feedback_round": rid})
         client.set_tag(rid, "rlhf.next_pipeline_run", result.parent_run_id)
         client.set_tag(rid, "rlhf.result", result.result)
-    except BaseException as e:
-        client.set_tag(rid, "rlhf.error", f"{type(e).__name__}: {e}"[:5000])
-        client.set_terminated(rid, "FAILED")
-        raise
-    client.set_terminated(rid, "FINISHED")
     log.info("feedback round %d: %d new pairs (preferences-%s), next run %s",
              index, checked.preferences.new_rows, checked.preferences.sha256[:12], result.result)
     return RoundResult(round_run_id=rid, triggered_by=triggered_by.parent_run_id,

@@ -41,6 +41,10 @@ class PipelineResult(BaseModel):
     decision: Decision
     metrics: dict[str, float]
     policy_uri: str
+    reward_model_uri: str
+    heldout_reward_uri: str | None = None
+    """The reward models the policy was trained and judged with (a feedback round reuses
+    them to choose what to label)."""
     registration: Registration | None = None
     """The promoted version and its aliases; None when the gate refused."""
     candidate: Registration | None = None
@@ -58,10 +62,12 @@ def next_step(registration: Registration | None) -> str:
 # No log_prints: it would turn the bytecode listings that `datasets` prints into its own
 # fingerprint buffer into thousands of Prefect log lines.
 @flow(name="rlhf-pipeline")
-def rlhf_pipeline(config: PipelineConfig) -> PipelineResult:
-    """Run every stage once; returns the gate's decision and where everything went."""
+def rlhf_pipeline(config: PipelineConfig,
+                  tags: dict[str, str] | None = None) -> PipelineResult:
+    """Run every stage once; returns the gate's decision and where everything went.
+    ``tags`` go on the parent run (e.g. the feedback round that started it)."""
     c, seed, root = config, config.seed, Path(config.output_dir) / config.name
-    with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c) as run:
+    with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c, tags=tags) as run:
         ctx = run.ctx
         # With quarantine on, `checked.data` points at clean copies: train on those, never the
         # originals (which stay byte-identical).
@@ -117,4 +123,6 @@ def rlhf_pipeline(config: PipelineConfig) -> PipelineResult:
     return PipelineResult(result=result, parent_run_id=ctx.parent_run_id,
                           tracking_uri=ctx.tracking_uri, decision=decision,
                           metrics=evaluation.metrics, policy_uri=policy.model_uri,
+                          reward_model_uri=reward.model_uri,
+                          heldout_reward_uri=reward.heldout_model_uri,
                           registration=registration, candidate=candidate)

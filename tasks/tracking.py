@@ -166,10 +166,12 @@ class PipelineRun:
 
 
 @contextlib.contextmanager
-def pipeline_run(name: str, experiment: str, uri: str | None,
-                 config: BaseModel) -> Iterator[PipelineRun]:
-    """Open the parent run (full config as params and ``config/pipeline.json``); close it
-    FINISHED, or FAILED with the error in the ``rlhf.error`` tag, whatever happens inside."""
+def pipeline_run(name: str, experiment: str, uri: str | None, config: BaseModel,
+                 run_name: str | None = None,
+                 tags: dict[str, str] | None = None) -> Iterator[PipelineRun]:
+    """Open a top-level run (``<name>-pipeline`` unless ``run_name``; full config as params and
+    ``config/pipeline.json``; ``tags`` set at creation, so even a run that crashes carries
+    them); close it FINISHED, or FAILED with the error in ``rlhf.error``, whatever happens."""
     from mlflow import MlflowClient
 
     uri = tracking_uri(uri)
@@ -179,8 +181,8 @@ def pipeline_run(name: str, experiment: str, uri: str | None,
     # MLflow 3's UI opens an experiment in its GenAI view (traces, evaluation runs) unless
     # the experiment says it is model training (the value its UI's EXPERIMENT_KIND list uses).
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
-    run_id = client.create_run(exp_id, run_name=f"{name}-pipeline",
-                               tags={"rlhf.pipeline": name}).info.run_id
+    run_id = client.create_run(exp_id, run_name=run_name or f"{name}-pipeline",
+                               tags={"rlhf.pipeline": name, **(tags or {})}).info.run_id
     for k, v in flatten(config).items():
         client.log_param(run_id, k, str(v)[:6000])
     client.log_dict(run_id, config.model_dump(mode="json"), "config/pipeline.json")
