@@ -56,7 +56,7 @@ class FeedbackConfig(StageConfig):
     """Sampling temperature for candidate responses."""
     sample_batch_size: int = Field(default=32, ge=1)
     """Sequences per generation/scoring batch."""
-    labeler: Literal["simulated", "page"] = "simulated"
+    labeler: Literal["simulated", "page"] = "page"
     """``simulated``: annotators simulated from a gold judge (demo and benchmarks); ``page``:
     people label the batch with ``rlhf label BATCH`` and the round waits for the labels file."""
     votes_per_pair: int = Field(default=3, ge=1)
