@@ -41,9 +41,10 @@ class RoundResult(BaseModel):
 
 
 def trained_models(result: PipelineResult) -> Models:
-    """The policy a pipeline run trained and the reward models it was trained and judged with."""
+    """The policy a pipeline run trained, the SFT model it started from (each pair's baseline
+    response) and the reward models it was trained and judged with."""
     return Models(policy_uri=result.policy_uri, reward_model_uri=result.reward_model_uri,
-                  heldout_model_uri=result.heldout_reward_uri)
+                  heldout_model_uri=result.heldout_reward_uri, baseline_uri=result.sft_model_uri)
 
 
 @flow(name="rlhf-feedback-round")

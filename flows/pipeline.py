@@ -41,6 +41,7 @@ class PipelineResult(BaseModel):
     decision: Decision
     metrics: dict[str, float]
     policy_uri: str
+    sft_model_uri: str
     reward_model_uri: str
     heldout_reward_uri: str | None = None
     """The reward models the policy was trained and judged with (a feedback round reuses
@@ -123,6 +124,6 @@ def rlhf_pipeline(config: PipelineConfig,
     return PipelineResult(result=result, parent_run_id=ctx.parent_run_id,
                           tracking_uri=ctx.tracking_uri, decision=decision,
                           metrics=evaluation.metrics, policy_uri=policy.model_uri,
-                          reward_model_uri=reward.model_uri,
+                          sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,
                           heldout_reward_uri=reward.heldout_model_uri,
                           registration=registration, candidate=candidate)

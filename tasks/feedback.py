@@ -115,6 +115,9 @@ class Models(BaseModel):
     policy_uri: str
     reward_model_uri: str
     heldout_model_uri: str | None = None
+    baseline_uri: str | None = None
+    """Response b comes from this policy (the SFT model the candidate started from), so a
+    pair asks "candidate or baseline?"; None: both responses from the candidate."""
 
 
 def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: int,
@@ -142,15 +145,26 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
     rendered = [render_prompt(p, tokenizer) for p in raw]
     sampling = EvaluateConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               batch_size=cfg.sample_batch_size)
-    # Two samples per prompt, adjacent: rows 2i and 2i+1 are pair i's responses a and b.
-    s = sample_and_score(policy, tokenizer, [p for p in rendered for _ in range(2)], sampling,
-                         seed, scorers)
-    a_texts, b_texts = s.texts[0::2], s.texts[1::2]
-    p_rm = RewardNorm.load(models.reward_model_uri).preference_prob(
-        s.scores["rm"][0::2], s.scores["rm"][1::2])
+    if models.baseline_uri:
+        # Candidate against baseline: what the refused policy changed is what to ask about
+        # (two samples of a collapsed policy are often the same answer twice).
+        baseline = load_causal_lm(models.baseline_uri).eval()
+        baseline.config.pad_token_id = tokenizer.pad_token_id
+        sa = sample_and_score(policy, tokenizer, rendered, sampling, seed, scorers)
+        sb = sample_and_score(baseline, tokenizer, rendered, sampling, seed + 1, scorers)
+        a_texts, b_texts = sa.texts, sb.texts
+        score_a, score_b = sa.scores, sb.scores
+    else:
+        # Two samples per prompt, adjacent: rows 2i and 2i+1 are pair i's responses a and b.
+        s = sample_and_score(policy, tokenizer, [p for p in rendered for _ in range(2)],
+                             sampling, seed, scorers)
+        a_texts, b_texts = s.texts[0::2], s.texts[1::2]
+        score_a = {k: v[0::2] for k, v in s.scores.items()}
+        score_b = {k: v[1::2] for k, v in s.scores.items()}
+    p_rm = RewardNorm.load(models.reward_model_uri).preference_prob(score_a["rm"], score_b["rm"])
     p_ho = None
-    if "heldout" in s.scores:  # the held-out model is not calibrated: T = 1
-        p_ho = torch.sigmoid(s.scores["heldout"][0::2] - s.scores["heldout"][1::2])
+    if "heldout" in score_a:  # the held-out model is not calibrated: T = 1
+        p_ho = torch.sigmoid(score_a["heldout"] - score_b["heldout"])
     # Identical or empty responses are no question to ask anyone (and the batch refuses them).
     usable = [i for i in range(len(raw)) if isinstance(raw[i], str) and a_texts[i].strip()
               and b_texts[i].strip() and a_texts[i] != b_texts[i]]

@@ -26,14 +26,15 @@ def test_uncertainty_scores_and_selection_by_hand():
     assert r == select_random(10, 4, seed=3) and len(set(r)) == 4 and max(r) < 10
 
 
-@pytest.mark.parametrize("selection", ["uncertainty", "random"])
-def test_select_writes_a_labeling_batch(tiny_reward_dir, tmp_path, selection):
+@pytest.mark.parametrize("selection, baseline", [("uncertainty", None), ("random", None),
+                                                 ("uncertainty", "demo/base_model")])
+def test_select_writes_a_labeling_batch(tiny_reward_dir, tmp_path, selection, baseline):
     from labeling.batch import read_batch
     from tasks.feedback import FeedbackConfig, Models, run_select
 
     cfg = FeedbackConfig(selection=selection, batch_size=4, max_candidates=12, max_new_tokens=8)
     models = Models(policy_uri="demo/base_model", reward_model_uri=tiny_reward_dir,
-                    heldout_model_uri=tiny_reward_dir)
+                    heldout_model_uri=tiny_reward_dir, baseline_uri=baseline)
     uri, metrics = run_select(cfg, models=models, prompts_uri="demo/data/rl_prompts.jsonl",
                               seed=0, out_dir=str(tmp_path / "round"))
     pairs = read_batch(uri)  # the labeling page's own reader accepts it
