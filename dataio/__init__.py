@@ -8,6 +8,7 @@ nor ``flows/`` or ``models/``: the arrows point here, never out.
   ``content_hash``.
 - ``dataio.read``: one reader for JSONL, Parquet and ``datasets`` directories, strict (stages)
   or tolerant (validation).
+- ``dataio.write``: JSONL written atomically (temporary file, then rename).
 - ``dataio.trl_format``: TRL's formats (https://huggingface.co/docs/trl/dataset_formats):
   conversational or standard, explicit or implicit prompt.
 """
@@ -16,7 +17,8 @@ from dataio.read import Rows, read_records, read_rows
 from dataio.trl_format import (PREFERENCE_COLUMNS, explicit_prompts, is_conversational,
                                preference_rows, render_prompt, split_prompt)
 from dataio.uri import DataError, content_hash, local_path
+from dataio.write import jsonl_bytes, write_jsonl_atomic
 
 __all__ = ["DataError", "PREFERENCE_COLUMNS", "Rows", "content_hash", "explicit_prompts",
            "is_conversational", "local_path", "preference_rows", "read_records", "read_rows",
-           "render_prompt", "split_prompt"]
+           "jsonl_bytes", "render_prompt", "split_prompt", "write_jsonl_atomic"]

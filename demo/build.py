@@ -152,6 +152,12 @@ def _sigmoid(x: float) -> float:
 ANNOTATORS = {"a0": 0.15, "a1": 0.2, "a2": 0.25, "a3": 0.3, "a4": 3.0}
 
 
+def simulated_vote(rng: random.Random, score_a: float, score_b: float, temperature: float) -> bool:
+    """One simulated annotator's vote for a (True) or b: P(a) = sigmoid((g_a - g_b) / T).
+    (The argument is clipped where exp would overflow; the demo's scores never get there.)"""
+    return rng.random() < _sigmoid(max(-700.0, min(700.0, (score_a - score_b) / temperature)))
+
+
 def _any_tone(rng: random.Random) -> str:
     return make_completion(rng, rng.choice(TONES))
 
@@ -172,7 +178,7 @@ def label_pairs(rng, prompts, n_pairs, judge, votes_per_pair, id_prefix, *,
             continue
         ga, gb = judge([a, b])
         voters = rng.sample(sorted(ANNOTATORS), votes_per_pair)
-        votes = [rng.random() < _sigmoid((ga - gb) / ANNOTATORS[v]) for v in voters]
+        votes = [simulated_vote(rng, ga, gb, ANNOTATORS[v]) for v in voters]
         a_wins = sum(votes) * 2 > len(votes)
         chosen, rejected = (a, b) if a_wins else (b, a)
         pair_id = f"{id_prefix}{len(pairs):05d}"

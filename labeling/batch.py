@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from dataio import DataError, read_records, read_rows
+from dataio import DataError, read_records, read_rows, write_jsonl_atomic
 
 BATCH_FIELDS = ("pair_id", "prompt", "response_a", "response_b")
 Preferred = Literal["response_a", "response_b"]
@@ -124,17 +123,7 @@ class LabelStore:
         else:
             return None
         kept = self.labels[:i] + self.labels[i + 1:]
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(asdict(label)) + "\n" for label in kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, self.path.stat().st_mode & 0o777)  # mkstemp makes it 0600
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_jsonl_atomic(str(self.path), [asdict(label) for label in kept])
         removed, self.labels = self.labels[i], kept
         return removed
 

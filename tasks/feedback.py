@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -33,7 +31,7 @@ from typing import Any, Literal, Protocol, Sequence
 from prefect import task
 from pydantic import BaseModel, Field
 
-from dataio import local_path, read_records
+from dataio import jsonl_bytes, local_path, read_records, write_jsonl_atomic
 from tasks.base import StageConfig, TrackingContext
 
 
@@ -194,27 +192,6 @@ def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else math.nan
 
 
-def write_jsonl_atomic(uri: str, rows: list[dict], head: bytes = b"") -> None:
-    """Write ``head`` + one JSON row per line through a temporary file and a rename."""
-    path = local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head + jsonl_bytes(rows))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def jsonl_bytes(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-
-
 # --- labelers ----------------------------------------------------------------------------
 
 class Labeler(Protocol):
@@ -223,10 +200,6 @@ class Labeler(Protocol):
     def label(self, batch_uri: str) -> str:
         """Label every pair of the batch; returns the labels file's URI (``labeling/batch.py``)."""
         ...
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 class SimulatedLabeler:
@@ -247,6 +220,7 @@ class SimulatedLabeler:
         self.judge, self.votes, self.seed, self.annotators = judge, votes_per_pair, seed, annotators
 
     def label(self, batch_uri: str) -> str:
+        from demo.build import simulated_vote
         from labeling.batch import Label, a_shown_first, default_labels_path, read_batch
         from tasks.evaluate import load_judge
 
@@ -258,7 +232,7 @@ class SimulatedLabeler:
         for pair in pairs:
             ga, gb = judge([pair.response_a, pair.response_b])
             for voter in rng.sample(sorted(self.annotators), self.votes):
-                a_wins = rng.random() < _sigmoid((ga - gb) / self.annotators[voter])
+                a_wins = simulated_vote(rng, ga, gb, self.annotators[voter])
                 rows.append(asdict(Label(pair.pair_id, voter,
                                          "response_a" if a_wins else "response_b",
                                          a_shown_first(self.seed, pair.pair_id), stamp)))
