@@ -413,28 +413,23 @@ def run_check_and_version(*, batch_uri: str, labels_uri: str, preferences_uri: s
     pref_v = write_version(preferences_uri, prefs, data_dir, "preferences", skip_ids=old_ids)
     label_v = write_version(preference_labels_uri, [v for v in votes if v["pair_id"] in new_ids],
                             data_dir, "preference_labels")
-    log_dataset_input(ctx, "preferences", pref_v)
-    log_dataset_input(ctx, "preference_labels", label_v)
+    log_version(ctx, "preferences", pref_v)
+    log_version(ctx, "preference_labels", label_v)
     return CheckedLabels(pairs_uri=pairs_uri, labels_uri=votes_uri, preferences=pref_v,
                          preference_labels=label_v, metrics=checked.metrics, flagged=flagged,
                          validation_run_id=checked.run_id)
 
 
-def log_dataset_input(ctx: TrackingContext, name: str, version: Version) -> None:
+def log_version(ctx: TrackingContext, name: str, version: Version) -> None:
     """The version as a dataset input of the round's run (``ctx.parent_run_id``)."""
-    import mlflow
     import pandas as pd
     from mlflow import MlflowClient
-    from mlflow.entities import DatasetInput, InputTag
 
-    df = pd.DataFrame(read_records(version.uri)).map(
-        lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
-    ds = mlflow.data.from_pandas(df, source=version.uri, name=f"{name}@{version.sha256[:12]}")
+    from tasks.tracking import log_dataset_input
+
+    log_dataset_input(ctx.tracking_uri, ctx.parent_run_id, name,
+                      pd.DataFrame(read_records(version.uri)), version.uri, version.sha256)
     client = MlflowClient(ctx.tracking_uri)
-    client.log_inputs(ctx.parent_run_id, datasets=[DatasetInput(
-        dataset=ds._to_mlflow_entity(),
-        tags=[InputTag(key="mlflow.data.context", value=name),
-              InputTag(key="sha256", value=version.sha256)])])
     client.set_tag(ctx.parent_run_id, f"data.{name}.sha256", version.sha256)
     client.set_tag(ctx.parent_run_id, f"data.{name}.uri", version.uri)
 

@@ -146,6 +146,24 @@ def save_policy(model, tokenizer, out_dir: str | Path, lineage: dict[str, Any],
     return policy_dir
 
 
+def log_dataset_input(tracking_uri: str, run_id: str, name: str, frame, uri: str,
+                      sha256: str) -> None:
+    """A dataset as an input of ``run_id`` (MLflow's inputs tab), named ``<name>@<sha12>``;
+    list and dict cells are stored as JSON (MLflow's pandas dataset wants scalars)."""
+    import json
+
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag
+
+    df = frame.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+    ds = mlflow.data.from_pandas(df, source=uri, name=f"{name}@{sha256[:12]}")
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
+        dataset=ds._to_mlflow_entity(),
+        tags=[InputTag(key="mlflow.data.context", value=name),
+              InputTag(key="sha256", value=sha256)])])
+
+
 class PipelineRun:
     """The pipeline's MLflow parent run, as the flow sees it: the ``TrackingContext`` stages
     open their child runs from, plus what the flow itself records on the parent."""

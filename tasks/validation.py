@@ -326,22 +326,23 @@ def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
             log_metrics(metrics)
             mlflow.log_artifacts(str(out), "data_validation")
             for name, l in loaded.items():
-                _log_input(name, l, hashes[name])
+                _log_input(ctx, run_id, name, l, hashes[name])
     if not report.passed:
         raise DataValidationError(report, str(report_path))
     return ValidationResult(stage=STAGE, run_id=run_id, metrics=metrics, data=clean,
                             hashes=hashes, report_uri=str(report_path), passed=report.passed)
 
 
-def _log_input(name: str, loaded: Loaded, sha256: str) -> None:
+def _log_input(ctx: TrackingContext, run_id: str, name: str, loaded: Loaded,
+               sha256: str) -> None:
     """Dataset lineage in MLflow's inputs tab; the sha256 tags above are the contract."""
     import mlflow
 
+    from tasks.tracking import log_dataset_input
+
     cols = [c for c in loaded.frame.columns if not c.startswith("_") and "__" not in c]
-    df = loaded.frame[cols].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
     try:
-        ds = mlflow.data.from_pandas(df, source=loaded.uri, name=f"{name}@{sha256[:12]}")
-        mlflow.log_input(ds, context=name, tags={"sha256": sha256})
+        log_dataset_input(ctx.tracking_uri, run_id, name, loaded.frame[cols], loaded.uri, sha256)
     except Exception as e:  # lineage is best effort: never fail validation over it
         mlflow.set_tag(f"data.{name}.log_input_error", str(e)[:250])
 
