@@ -32,10 +32,10 @@ IGNORED_FILES = {"rlhf_lineage.json"}
 
 def local_dir(uri: str, scratch: str | None = None) -> Path:
     """A model directory URI as a local path (``s3://`` and other schemes are downloaded)."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
-    if "://" not in uri:
-        return Path(uri)
+    if uri.startswith("file://") or "://" not in uri:
+        from dataio import local_path
+
+        return local_path(uri)
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch))
