@@ -130,43 +130,40 @@ def cmd_rollback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+def _serve_until_stopped(serve, *args, **kwargs) -> None:
+    """Run a server in the foreground with request logging; SIGTERM stops it as Ctrl-C does
+    (the server closes; ``rlhf serve`` then removes its downloaded versions)."""
     import logging
     import signal
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve(*args, on_ready=lambda line: print(line, flush=True), **kwargs)
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     from release.serve import serve
     from tasks.tracking import tracking_uri
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    # Stop on SIGTERM as on Ctrl-C: the server closes and its downloaded versions are removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     alias = cfg.registry.known_alias(args.alias or cfg.registry.production_alias)
-    try:
-        serve(tracking_uri(cfg.tracking.uri), cfg.registry.policy_name, alias, host=args.host,
-              port=args.port, poll_seconds=args.poll_seconds,
-              on_ready=lambda line: print(line, flush=True))
-    except KeyboardInterrupt:
-        pass
+    _serve_until_stopped(serve, tracking_uri(cfg.tracking.uri), cfg.registry.policy_name, alias,
+                         host=args.host, port=args.port, poll_seconds=args.poll_seconds)
     return 0
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    import logging
-    import signal
-
     from dataio import DataError
     from labeling.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        serve(args.batch, annotator=args.annotator, out=args.out, host=args.host,
-              port=args.port, seed=args.seed, on_ready=lambda url: print(url, flush=True))
+        _serve_until_stopped(serve, args.batch, annotator=args.annotator, out=args.out,
+                             host=args.host, port=args.port, seed=args.seed)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
