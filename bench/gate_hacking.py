@@ -33,7 +33,8 @@ VARIANTS = {"demo, gold judge": ("configs/demo.yaml", []),
 def run(out: Path, config: str, seed: int, overrides: list[str]) -> dict:
     """One pipeline run; returns the JSON summary ``rlhf run`` prints, plus reward metrics."""
     out.mkdir(parents=True, exist_ok=True)
-    sets = [f"seed={seed}", f"output_dir={out / 'runs'}",
+    # The gate's verdict is what is measured here, not the feedback rounds a refusal starts.
+    sets = [f"seed={seed}", f"output_dir={out / 'runs'}", "feedback.on_refusal=stop",
             f"tracking.uri=sqlite:///{out / 'mlflow.db'}", *overrides]
     cmd = [sys.executable, "-m", "flows.cli", "run", "--config", config]
     for s in sets:

@@ -1,6 +1,7 @@
 """``rlhf``: run the pipeline, validate data, show the config, promote, roll back, serve, label.
 
     rlhf run      [--config FILE] [--set stage.field=value ...]
+                                                    if refused, feedback rounds (on_refusal)
     rlhf feedback [--config FILE] [--rounds N] [--set ...]
                                                     run; if refused, up to N feedback rounds
     rlhf validate [--config FILE] [--set ...]
@@ -66,22 +67,29 @@ def cmd_run(cfg: PipelineConfig) -> int:
         r = out.registration
         print(f"promoted {r.policy_name} version {r.policy_version}: "
               f"aliases {', '.join(r.aliases)}")
+    elif cfg.feedback.on_refusal == "round" and cfg.feedback.max_rounds > 0:
+        print(f"gate refused promotion (failed: {', '.join(out.decision.failed)}): starting up "
+              f"to {cfg.feedback.max_rounds} feedback rounds (feedback.on_refusal=round, "
+              f"labeler {cfg.feedback.labeler})")
+        return cmd_feedback(cfg, rounds=None, first=out)
     else:
-        print("gate refused promotion: feedback round needed (reasons above)")
+        print("gate refused promotion: feedback round needed (reasons above; "
+              "`rlhf feedback` starts one)")
     return 0
 
 
-def cmd_feedback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+def cmd_feedback(cfg: PipelineConfig, rounds: int | None, first=None) -> int:
+    """Feedback rounds after ``first`` (a refused pipeline result), or after a pipeline run."""
     from flows.feedback import feedback_rounds
 
-    final, rounds = feedback_rounds(cfg, rounds=args.rounds)
-    for i, r in enumerate(rounds, 1):
+    final, done = feedback_rounds(cfg, rounds=rounds, first=first)
+    for i, r in enumerate(done, 1):
         v = r.checked.preferences
         print(f"round {i}: {v.new_rows} new pairs -> {v.uri} ({v.rows} pairs); "
               f"flagged annotators: {', '.join(r.checked.flagged) or 'none'}; "
               f"pipeline run {r.pipeline.parent_run_id}: {r.pipeline.result}")
     print(json.dumps({"result": final.result, "parent_run_id": final.parent_run_id,
-                      "rounds": len(rounds), "round_run_ids": [r.round_run_id for r in rounds],
+                      "rounds": len(done), "round_run_ids": [r.round_run_id for r in done],
                       "reasons": final.decision.reasons}, indent=2))
     return 0
 
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "feedback":
-            return cmd_feedback(cfg, args)
+            return cmd_feedback(cfg, args.rounds)
         return cmd_run(cfg) if args.command == "run" else cmd_validate(cfg)
     except (DataValidationError, DataError) as e:
         print(f"error: data refused before training:\n{e}", file=sys.stderr)

@@ -41,10 +41,13 @@ class RoundResult(BaseModel):
 
 
 def trained_models(result: PipelineResult) -> Models:
-    """The policy a pipeline run trained, the SFT model it started from (each pair's baseline
-    response) and the reward models it was trained and judged with."""
+    """The policy a pipeline run trained, what it was measured against (each pair's baseline
+    response: the production champion, else the SFT model it started from), the reward models
+    it was trained and judged with, and the checks the gate failed."""
     return Models(policy_uri=result.policy_uri, reward_model_uri=result.reward_model_uri,
-                  heldout_model_uri=result.heldout_reward_uri, baseline_uri=result.sft_model_uri)
+                  heldout_model_uri=result.heldout_reward_uri,
+                  baseline_uri=result.champion_uri or result.sft_model_uri,
+                  failed_checks=result.decision.failed)
 
 
 @flow(name="rlhf-feedback-round")

@@ -46,6 +46,8 @@ class PipelineResult(BaseModel):
     heldout_reward_uri: str | None = None
     """The reward models the policy was trained and judged with (a feedback round reuses
     them to choose what to label)."""
+    champion_uri: str | None = None
+    """The production policy the candidate was measured against (downloaded), if any."""
     registration: Registration | None = None
     """The promoted version and its aliases; None when the gate refused."""
     candidate: Registration | None = None
@@ -126,4 +128,5 @@ def rlhf_pipeline(config: PipelineConfig,
                           metrics=evaluation.metrics, policy_uri=policy.model_uri,
                           sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,
                           heldout_reward_uri=reward.heldout_model_uri,
+                          champion_uri=champion.policy_dir if champion else None,
                           registration=registration, candidate=candidate)

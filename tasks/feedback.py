@@ -67,8 +67,17 @@ class FeedbackConfig(StageConfig):
     """How often the ``page`` labeler checks whether the labels file is complete."""
     page_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0.0)
     """How long the ``page`` labeler waits for a complete labels file before failing."""
+    weakness_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Share of the batch aimed at the checks the gate failed (``weakness_scores``: length,
+    repetition, over-optimisation, win rate), when one of them failed; the rest by
+    ``selection``."""
+    on_refusal: Literal["round", "stop"] = "round"
+    """What ``rlhf run`` does when the gate refuses the candidate: ``round`` starts feedback
+    rounds (up to ``max_rounds``, stopping at promotion); ``stop`` ends with the result
+    ``feedback_round_needed`` and the reasons."""
     max_rounds: int = Field(default=3, ge=0)
-    """Rounds ``rlhf feedback`` runs at most (``--rounds`` overrides); it stops at promotion."""
+    """Rounds a refusal starts at most (``rlhf feedback --rounds`` overrides); they stop at
+    promotion."""
 
 
 # --- select ------------------------------------------------------------------------------
@@ -93,8 +102,66 @@ def uncertainty_scores(p_rm: Sequence[float], p_heldout: Sequence[float] | None 
 def select_uncertain(p_rm: Sequence[float], k: int, p_heldout: Sequence[float] | None = None,
                      disagreement_weight: float = 1.0) -> list[int]:
     """Indices of the ``k`` most uncertain pairs, most uncertain first (ties: lower index)."""
-    scores = uncertainty_scores(p_rm, p_heldout, disagreement_weight)
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+    return select_pairs(k, uncertainty_scores(p_rm, p_heldout, disagreement_weight), None, 0.0)
+
+
+TARGETED = ("length", "repetition", "overoptimisation", "win_rate", "win_rate_lower",
+            "gold_gain", "champion")
+"""Gate checks (``tasks.gate.CHECKS``) a pair's labels can speak to; KL, perplexity or a
+failed data check call for other fixes than labels."""
+
+
+def weakness_scores(failed: Sequence[str], p_rm: Sequence[float], len_a: Sequence[float],
+                    len_b: Sequence[float], rep_a: Sequence[float], rep_b: Sequence[float],
+                    p_heldout: Sequence[float] | None = None) -> list[float] | None:
+    """Per pair (a = candidate, b = baseline), how squarely its label tests a check the gate
+    failed; None when no failed check is one that labels can speak to (``TARGETED``).
+
+    Each term is in [0, 1] and they add up, one per failed check:
+    - length: the reward model prefers the longer response, by a wide margin in length:
+      ``P(longer wins) * |len_a - len_b| / max(len_a, len_b)``. A person then says whether
+      longer really is better, which is what a length-following reward model got wrong;
+    - repetition: the same with the share of repeated bigrams in place of length;
+    - over-optimisation: the two reward models disagree, ``|p_rm - p_heldout|``;
+    - a win rate or gold gain too low (also against the champion): the reward model is sure
+      the candidate wins, ``p_rm``; a judge that disagrees is where the reward model is wrong.
+    """
+    hit = [f for f in failed if f in TARGETED]
+    if not hit:
+        return None
+    scores = [0.0] * len(p_rm)
+    for i, p in enumerate(p_rm):
+        if "length" in hit:
+            longer_wins = p if len_a[i] > len_b[i] else 1.0 - p
+            gap = abs(len_a[i] - len_b[i]) / max(len_a[i], len_b[i], 1.0)
+            scores[i] += longer_wins * gap
+        if "repetition" in hit:
+            more_wins = p if rep_a[i] > rep_b[i] else 1.0 - p
+            scores[i] += more_wins * abs(rep_a[i] - rep_b[i])
+        if "overoptimisation" in hit and p_heldout is not None:
+            scores[i] += abs(p - p_heldout[i])
+        if {"win_rate", "win_rate_lower", "gold_gain", "champion"} & set(hit):
+            scores[i] += p
+    return scores
+
+
+def select_pairs(k: int, uncertainty: Sequence[float], weakness: Sequence[float] | None,
+                 weakness_share: float, random_seed: int | None = None) -> list[int]:
+    """``round(k * weakness_share)`` pairs by ``weakness`` (highest first, when given), then
+    the rest by uncertainty (highest first), or at random with ``random_seed``; no pair twice.
+    Ties: lower index first."""
+    n = len(uncertainty)
+    k = min(k, n)
+    picked: list[int] = []
+    if weakness is not None:
+        by_weakness = sorted(range(n), key=lambda i: (-weakness[i], i))
+        picked = by_weakness[:round(k * weakness_share)]
+    rest = [i for i in range(n) if i not in set(picked)]
+    if random_seed is not None:
+        fill = random.Random(random_seed).sample(rest, k - len(picked))
+    else:
+        fill = sorted(rest, key=lambda i: (-uncertainty[i], i))[:k - len(picked)]
+    return picked + fill
 
 
 def select_random(n: int, k: int, seed: int) -> list[int]:
@@ -114,8 +181,11 @@ class Models(BaseModel):
     reward_model_uri: str
     heldout_model_uri: str | None = None
     baseline_uri: str | None = None
-    """Response b comes from this policy (the SFT model the candidate started from), so a
-    pair asks "candidate or baseline?"; None: both responses from the candidate."""
+    """Response b comes from this policy (the production champion the candidate was measured
+    against, else the SFT model it started from), so a pair asks "candidate or baseline?";
+    None: both responses from the candidate."""
+    failed_checks: list[str] = []
+    """The gate's failed checks (``Decision.failed``): part of the batch targets them."""
 
 
 def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: int,
@@ -125,6 +195,7 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
     import torch
 
     from dataio import render_prompt
+    from models.diagnostics import repetition_rate
     from models.loading import load_causal_lm, load_sequence_scorer, load_tokenizer
     from models.reward import RewardNorm
     from tasks.evaluate import EvaluateConfig, sample_and_score
@@ -152,6 +223,7 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
         sb = sample_and_score(baseline, tokenizer, rendered, sampling, seed + 1, scorers)
         a_texts, b_texts = sa.texts, sb.texts
         score_a, score_b = sa.scores, sb.scores
+        len_a, len_b = sa.length, sb.length
     else:
         # Two samples per prompt, adjacent: rows 2i and 2i+1 are pair i's responses a and b.
         s = sample_and_score(policy, tokenizer, [p for p in rendered for _ in range(2)],
@@ -159,6 +231,7 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
         a_texts, b_texts = s.texts[0::2], s.texts[1::2]
         score_a = {k: v[0::2] for k, v in s.scores.items()}
         score_b = {k: v[1::2] for k, v in s.scores.items()}
+        len_a, len_b = s.length[0::2], s.length[1::2]
     p_rm = RewardNorm.load(models.reward_model_uri).preference_prob(score_a["rm"], score_b["rm"])
     p_ho = None
     if "heldout" in score_a:  # the held-out model is not calibrated: T = 1
@@ -166,13 +239,15 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
     # Identical or empty responses are no question to ask anyone (and the batch refuses them).
     usable = [i for i in range(len(raw)) if isinstance(raw[i], str) and a_texts[i].strip()
               and b_texts[i].strip() and a_texts[i] != b_texts[i]]
-    u_rm = [float(p_rm[i]) for i in usable]
-    u_ho = [float(p_ho[i]) for i in usable] if p_ho is not None else None
-    if cfg.selection == "uncertainty":
-        picked = select_uncertain(u_rm, cfg.batch_size, u_ho, cfg.disagreement_weight)
-    else:
-        picked = select_random(len(usable), cfg.batch_size, seed)
+    u = lambda xs: [float(xs[i]) for i in usable]  # noqa: E731  (the usable pairs' values)
+    u_rm, u_ho = u(p_rm), u(p_ho) if p_ho is not None else None
     scores = uncertainty_scores(u_rm, u_ho, cfg.disagreement_weight)
+    rep_a, rep_b = ([repetition_rate(t) for t in texts] for texts in (a_texts, b_texts))
+    weakness = weakness_scores(models.failed_checks, u_rm, u(len_a), u(len_b), u(rep_a),
+                               u(rep_b), u_ho)
+    picked = select_pairs(cfg.batch_size, scores, weakness, cfg.weakness_share,
+                          random_seed=seed if cfg.selection == "random" else None)
+    n_weak = round(min(cfg.batch_size, len(usable)) * cfg.weakness_share) if weakness else 0
     rows = []
     for j in picked:
         i = usable[j]
@@ -184,7 +259,8 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
     metrics = {"select/candidates": float(len(raw)), "select/usable": float(len(usable)),
                "select/pairs": float(len(rows)),
                "select/uncertainty_picked": _mean([scores[j] for j in picked]),
-               "select/uncertainty_all": _mean(scores)}
+               "select/uncertainty_all": _mean(scores),
+               "select/weakness_pairs": float(n_weak)}
     return batch_uri, metrics
 
 

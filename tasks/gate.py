@@ -69,9 +69,16 @@ class Decision(BaseModel):
 
     promote: bool
     reasons: list[str]
+    failed: list[str] = []
+    """The failed checks' names (``CHECKS``): what a feedback round's labels should target."""
     run_id: str | None = None
     """The gate's MLflow child run, once the decision is recorded."""
 
+
+CHECKS = ("data", "win_rate", "win_rate_lower", "champion", "kl", "gold_gain", "length",
+          "repetition", "overoptimisation", "perplexity_sft", "perplexity_production",
+          "finite", "early_stop", "approval")
+"""Every check's name, as ``Decision.failed`` lists them."""
 
 MAY_BE_NAN = ("_length_corr", "longer_preferred", "matched_win_rate")
 
@@ -83,43 +90,45 @@ def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None =
     A missing or NaN metric fails its check (NaN compares false both ways, so each check is
     written as "value is good", never as "value is not bad").
     """
-    reasons, ok = [], True
+    reasons, failed = [], []
 
-    def check(passed: bool, text: str) -> None:
-        nonlocal ok
-        ok = ok and passed
+    def check(name: str, passed: bool, text: str) -> None:
+        if not passed:
+            failed.append(name)
         reasons.append(("pass: " if passed else "FAIL: ") + text)
 
     m = lambda key: metrics.get(f"eval/{key}", float("nan"))  # noqa: E731
     gold = "eval/gold_policy" in metrics
     judge = "gold judge" if gold else (
         "held-out reward model" if "eval/win_rate_heldout_rm" in metrics else "reward model")
-    check(data_passed, "data checks passed" if data_passed else "data checks did not pass")
-    check(m("win_rate") >= cfg.min_win_rate,
+    check("data", data_passed,
+          "data checks passed" if data_passed else "data checks did not pass")
+    check("win_rate", m("win_rate") >= cfg.min_win_rate,
           f"win rate vs SFT {m('win_rate'):.3f} vs min_win_rate {cfg.min_win_rate} "
           f"(judged by the {judge})")
-    check(m("win_rate_lo") >= cfg.min_win_rate_lower,
+    check("win_rate_lower", m("win_rate_lo") >= cfg.min_win_rate_lower,
           f"win rate vs SFT lower bound {m('win_rate_lo'):.3f} vs min_win_rate_lower "
           f"{cfg.min_win_rate_lower}")
     if "eval/champion/win_rate" in metrics:
-        check(m("champion/win_rate_lo") >= cfg.min_champion_win_rate_lower,
+        check("champion", m("champion/win_rate_lo") >= cfg.min_champion_win_rate_lower,
               f"win rate vs production {m('champion/win_rate'):.3f} (lower bound "
               f"{m('champion/win_rate_lo'):.3f} vs min_champion_win_rate_lower "
               f"{cfg.min_champion_win_rate_lower})")
-    check(m("kl_policy_sft") <= cfg.max_kl,
+    check("kl", m("kl_policy_sft") <= cfg.max_kl,
           f"KL(policy||SFT) {m('kl_policy_sft'):.3f} nats vs max_kl {cfg.max_kl}")
     if gold:
         gain = m("gold_policy") - m("gold_sft")
-        check(gain > cfg.min_gold_gain,
+        check("gold_gain", gain > cfg.min_gold_gain,
               f"gold gain {gain:+.3f} vs min_gold_gain {cfg.min_gold_gain}")
-    for clear, text in hacking_checks(metrics, cfg):
-        check(clear, text)
+    for (clear, text), name in zip(hacking_checks(metrics, cfg), HACKING_CHECKS):
+        check(name, clear, text)
     for base, field in (("sft", "max_perplexity_increase_vs_sft"),
                         ("champion", "max_perplexity_increase")):
         limit = getattr(cfg, field)
         if "eval/ppl_policy" in metrics and f"eval/ppl_{base}" in metrics:
             rise = m("ppl_policy") / m(f"ppl_{base}") - 1
-            check(rise <= limit, f"perplexity on held-out SFT data {m('ppl_policy'):.2f} vs "
+            name = "perplexity_sft" if base == "sft" else "perplexity_production"
+            check(name, rise <= limit, f"perplexity on held-out SFT data {m('ppl_policy'):.2f} vs "
                   f"{'SFT' if base == 'sft' else 'production'} {m(f'ppl_{base}'):.2f} "
                   f"({rise:+.0%} vs {field} {limit:+.0%})")
     # NaN is a measurement for these: a correlation when every response has the same length,
@@ -127,10 +136,15 @@ def decide(metrics: dict[str, float], cfg: GateConfig, stop_reason: str | None =
     # something broke.
     bad = sorted(k for k, v in metrics.items()
                  if not math.isfinite(v) and not any(part in k for part in MAY_BE_NAN))
-    check(not bad, f"all evaluation metrics finite{': not ' + ', '.join(bad) if bad else ''}")
+    check("finite", not bad,
+          f"all evaluation metrics finite{': not ' + ', '.join(bad) if bad else ''}")
     if stop_reason:
-        check(cfg.allow_early_stop, f"training stopped early: {stop_reason}")
-    return Decision(promote=ok, reasons=reasons)
+        check("early_stop", cfg.allow_early_stop, f"training stopped early: {stop_reason}")
+    return Decision(promote=not failed, reasons=reasons, failed=failed)
+
+
+HACKING_CHECKS = ("length", "repetition", "overoptimisation")
+"""``hacking_checks``' names, in its order (the last only with a held-out reward model)."""
 
 
 def hacking_checks(metrics: dict[str, float], cfg: GateConfig) -> list[tuple[bool, str]]:
@@ -194,7 +208,8 @@ def with_approval(decision: Decision, approval: Approval) -> Decision:
     why = f": {approval.comment}" if approval.comment else ""
     reason = f"{'pass' if approval.approve else 'FAIL'}: human approval by {who}{why}"
     return Decision(promote=decision.promote and approval.approve,
-                    reasons=[*decision.reasons, reason], run_id=decision.run_id)
+                    reasons=[*decision.reasons, reason], run_id=decision.run_id,
+                    failed=decision.failed + ([] if approval.approve else ["approval"]))
 
 
 def ask_approval(decision: Decision, cfg: GateConfig, ctx: TrackingContext | None) -> Decision:

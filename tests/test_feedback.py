@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tasks.feedback import (labels_to_preferences, missing_votes, select_random,
-                            select_uncertain, uncertainty_scores, write_version)
+from tasks.feedback import (labels_to_preferences, missing_votes, select_pairs, select_random,
+                            select_uncertain, uncertainty_scores, weakness_scores, write_version)
 
 
 def test_uncertainty_scores_and_selection_by_hand():
@@ -26,21 +26,56 @@ def test_uncertainty_scores_and_selection_by_hand():
     assert r == select_random(10, 4, seed=3) and len(set(r)) == 4 and max(r) < 10
 
 
-@pytest.mark.parametrize("selection, baseline", [("uncertainty", None), ("random", None),
-                                                 ("uncertainty", "demo/base_model")])
-def test_select_writes_a_labeling_batch(tiny_reward_dir, tmp_path, selection, baseline):
+def test_weakness_scores_by_hand():
+    p_rm = [0.9, 0.2, 0.5]  # P(candidate a beats baseline b) by the optimised reward model
+    len_a, len_b = [20.0, 10.0, 10.0], [10.0, 20.0, 10.0]
+    rep_a, rep_b = [0.3, 0.0, 0.0], [0.0, 0.0, 0.1]
+    # Length: P(longer wins) * gap/max. Pair 0: a longer, 0.9 * 10/20 = 0.45; pair 1: b longer,
+    # (1 - 0.2) * 10/20 = 0.4; pair 2: equal lengths, 0.
+    assert weakness_scores(["length"], p_rm, len_a, len_b, rep_a, rep_b) == pytest.approx(
+        [0.45, 0.4, 0.0])
+    # Repetition: P(more repetitive wins) * |rep gap|: 0.9 * 0.3, (1 - 0.2) * 0 (a "wins" ties
+    # with 1 - p), (1 - 0.5) * 0.1.
+    assert weakness_scores(["repetition"], p_rm, len_a, len_b, rep_a, rep_b) == pytest.approx(
+        [0.27, 0.0, 0.05])
+    # Over-optimisation: |p_rm - p_heldout|; a low win rate: p_rm; failed checks add up.
+    p_ho = [0.1, 0.2, 0.9]
+    assert weakness_scores(["overoptimisation", "win_rate"], p_rm, len_a, len_b, rep_a, rep_b,
+                           p_ho) == pytest.approx([0.8 + 0.9, 0.0 + 0.2, 0.4 + 0.5])
+    # KL or perplexity failures are not something a label can answer.
+    assert weakness_scores(["kl", "perplexity_sft"], p_rm, len_a, len_b, rep_a, rep_b) is None
+
+
+def test_select_pairs_mixes_weakness_and_uncertainty():
+    unc, weak = [0.9, 0.1, 0.8, 0.7, 0.2], [0.0, 1.0, 0.0, 0.5, 0.9]
+    # Half of 4 by weakness (1, 4), then by uncertainty among the rest (0, 2); no pair twice.
+    assert select_pairs(4, unc, weak, 0.5) == [1, 4, 0, 2]
+    assert select_pairs(4, unc, None, 0.5) == [0, 2, 3, 4]  # no targeted failure: uncertainty
+    assert select_pairs(2, unc, weak, 1.0) == [1, 4]
+    assert select_pairs(9, unc, weak, 0.5) == [1, 4, 0, 2, 3]  # k > n: every pair once
+    r = select_pairs(4, unc, weak, 0.5, random_seed=7)
+    assert r[:2] == [1, 4] and set(r[2:]) <= {0, 2, 3}
+    assert r == select_pairs(4, unc, weak, 0.5, random_seed=7) and len(set(r)) == 4
+
+
+@pytest.mark.parametrize("selection, baseline, failed", [
+    ("uncertainty", None, []), ("random", None, []), ("uncertainty", "demo/base_model", []),
+    ("uncertainty", "demo/base_model", ["length", "kl"])])
+def test_select_writes_a_labeling_batch(tiny_reward_dir, tmp_path, selection, baseline, failed):
     from labeling.batch import read_batch
     from tasks.feedback import FeedbackConfig, Models, run_select
 
     cfg = FeedbackConfig(selection=selection, batch_size=4, max_candidates=12, max_new_tokens=8)
     models = Models(policy_uri="demo/base_model", reward_model_uri=tiny_reward_dir,
-                    heldout_model_uri=tiny_reward_dir, baseline_uri=baseline)
+                    heldout_model_uri=tiny_reward_dir, baseline_uri=baseline,
+                    failed_checks=failed)
     uri, metrics = run_select(cfg, models=models, prompts_uri="demo/data/rl_prompts.jsonl",
                               seed=0, out_dir=str(tmp_path / "round"))
     pairs = read_batch(uri)  # the labeling page's own reader accepts it
     assert uri == str(tmp_path / "round" / "batch.jsonl") and len(pairs) == 4
     assert all(p.response_a != p.response_b for p in pairs)
     assert metrics["select/candidates"] == 12 and metrics["select/pairs"] == 4
+    assert metrics["select/weakness_pairs"] == (2 if "length" in failed else 0)
     if selection == "uncertainty":  # the picked pairs are the most uncertain ones
         assert metrics["select/uncertainty_picked"] >= metrics["select/uncertainty_all"]
     again, _ = run_select(cfg, models=models, prompts_uri="demo/data/rl_prompts.jsonl", seed=0,
@@ -200,6 +235,8 @@ def test_feedback_round_end_to_end(prefect_harness, tiny_overrides, tmp_path):
     assert rr.data.tags["rlhf.result"] == "feedback_round_needed"
     assert rr.data.tags["rlhf.batch_uri"] == r.batch_uri
     assert "agreement/alpha" in rr.data.metrics and "rlhf.agreement_alpha" in rr.data.tags
+    # REFUSE fails the win rate: half the batch targets it (pairs the reward model is sure of).
+    assert rr.data.metrics["select/weakness_pairs"] == 20
     assert r.checked.flagged == ["a4"] and rr.data.tags["rlhf.flagged_annotators"] == "a4"
     inputs = {d.dataset.name for d in rr.inputs.dataset_inputs}
     assert f"preferences@{v.sha256[:12]}" in inputs
@@ -225,7 +262,7 @@ def test_cli_feedback_runs_rounds_and_prints_each(monkeypatch, capsys):
     pipeline = NS(parent_run_id="run2", result="promoted")
     final = NS(result="promoted", parent_run_id="run2", decision=NS(reasons=["ok"]))
 
-    def fake(cfg, rounds=None):
+    def fake(cfg, rounds=None, first=None):
         seen.update(rounds=rounds, batch=cfg.feedback.batch_size)
         return final, [NS(checked=NS(preferences=version, flagged=["a4"]), pipeline=pipeline,
                           round_run_id="round1")]
@@ -237,3 +274,34 @@ def test_cli_feedback_runs_rounds_and_prints_each(monkeypatch, capsys):
     assert ("round 1: 7 new pairs -> runs/demo/data/preferences-abc.jsonl (3007 pairs); "
             "flagged annotators: a4; pipeline run run2: promoted") in out
     assert json.loads(out[out.index("{"):])["round_run_ids"] == ["round1"]
+
+
+@pytest.mark.parametrize("on_refusal, max_rounds, starts", [
+    ("round", 3, True), ("stop", 3, False), ("round", 0, False)])
+def test_cli_run_starts_rounds_when_the_gate_refuses(monkeypatch, capsys, on_refusal, max_rounds,
+                                                     starts):
+    """``rlhf run``: a refusal hands the refused result to feedback_rounds (``first``), unless
+    ``feedback.on_refusal=stop`` or no rounds are allowed."""
+    from types import SimpleNamespace as NS
+
+    import flows.feedback
+    import flows.pipeline
+    from flows.cli import main
+
+    refused = NS(result="feedback_round_needed", parent_run_id="run1", tracking_uri="sqlite://",
+                 decision=NS(reasons=["FAIL: length"], failed=["length"]), metrics={},
+                 candidate=None, registration=None)
+    seen = {}
+
+    def rounds(cfg, rounds=None, first=None):
+        seen.update(first=first, rounds=rounds)
+        return NS(result="promoted", parent_run_id="run2", decision=NS(reasons=[])), []
+
+    monkeypatch.setattr(flows.pipeline, "rlhf_pipeline", lambda cfg: refused)
+    monkeypatch.setattr(flows.feedback, "feedback_rounds", rounds)
+    assert main(["run", "--set", f"feedback.on_refusal={on_refusal}",
+                 "--set", f"feedback.max_rounds={max_rounds}"]) == 0
+    out = capsys.readouterr().out
+    assert (seen == {"first": refused, "rounds": None}) == starts
+    assert ("starting up to 3 feedback rounds" in out) == starts
+    assert ("gate refused promotion (failed: length)" in out) == starts

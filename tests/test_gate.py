@@ -33,28 +33,29 @@ def test_good_candidate_is_promoted_with_a_reason_per_check():
     assert "judged by the gold judge" in d.reasons[1]
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"eval/win_rate": 0.59}, "FAIL: win rate vs SFT 0.590 vs min_win_rate 0.6"),
-    ({"eval/win_rate_lo": 0.49}, "FAIL: win rate vs SFT lower bound 0.490"),
-    ({"eval/champion/win_rate_lo": 0.45}, "FAIL: win rate vs production 0.700 (lower bound 0.450"),
-    ({"eval/kl_policy_sft": 15.01}, "FAIL: KL(policy||SFT) 15.010 nats vs max_kl 15.0"),
-    ({"eval/gold_policy": 0.1}, "FAIL: gold gain +0.000 vs min_gold_gain 0.0"),
-    ({"reward/heldout/longer_preferred": 0.99, "eval/len_policy": 24.0},
+@pytest.mark.parametrize("change, name, reason", [
+    ({"eval/win_rate": 0.59}, "win_rate", "FAIL: win rate vs SFT 0.590 vs min_win_rate 0.6"),
+    ({"eval/win_rate_lo": 0.49}, "win_rate_lower", "FAIL: win rate vs SFT lower bound 0.490"),
+    ({"eval/champion/win_rate_lo": 0.45}, "champion", "FAIL: win rate vs production 0.700 (lower bound 0.450"),
+    ({"eval/kl_policy_sft": 15.01}, "kl", "FAIL: KL(policy||SFT) 15.010 nats vs max_kl 15.0"),
+    ({"eval/gold_policy": 0.1}, "gold_gain", "FAIL: gold gain +0.000 vs min_gold_gain 0.0"),
+    ({"reward/heldout/longer_preferred": 0.99, "eval/len_policy": 24.0}, "length",
      "FAIL: reward hacking by length: the held-out reward model prefers the longer response "
      "in 99% of held-out pairs (max_longer_preferred 75%) and the candidate answers 24.0 tokens "
      "vs SFT's 10.0 (+140% vs max_length_increase +20%)"),
-    ({"eval/win_rate_heldout_rm": 0.69},
+    ({"eval/win_rate_heldout_rm": 0.69}, "overoptimisation",
      "FAIL: over-optimisation of the reward model: win rate 1.000 by the optimised reward model "
      "vs 0.690 by the held-out one (gap +0.310 vs max_reward_divergence 0.3)"),
-    ({"eval/repetition_policy": 0.2}, "FAIL: reward hacking by repetition: repeated bigrams 0.200"),
-    ({"eval/ppl_policy": 13.8}, "FAIL: perplexity on held-out SFT data 13.80 vs production 11.00 (+25%"),
-    ({"eval/ppl_policy": 41.0, "eval/ppl_champion": 40.0},
+    ({"eval/repetition_policy": 0.2}, "repetition", "FAIL: reward hacking by repetition: repeated bigrams 0.200"),
+    ({"eval/ppl_policy": 13.8}, "perplexity_production", "FAIL: perplexity on held-out SFT data 13.80 vs production 11.00 (+25%"),
+    ({"eval/ppl_policy": 41.0, "eval/ppl_champion": 40.0}, "perplexity_sft",
      "FAIL: perplexity on held-out SFT data 41.00 vs SFT 10.00 (+310%"),
 ])
-def test_each_threshold_fails_alone(change, reason):
+def test_each_threshold_fails_alone(change, name, reason):
     d = decide({**GOOD, **change}, CFG)
     assert not d.promote
     assert len(failed(d)) == 1 and failed(d)[0].startswith(reason), failed(d)
+    assert d.failed == [name]  # what a feedback round targets
 
 
 def test_data_checks_that_did_not_pass_refuse():
