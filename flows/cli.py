@@ -12,6 +12,8 @@
     rlhf serve    [--alias ALIAS] [--port P] [--host H] [--poll-seconds S] [--config FILE]
     rlhf label    BATCH [--annotator NAME] [--out LABELS] [--port P] [--host H] [--seed S]
                                                     the labeling page; needs no config
+    rlhf schedule [--config FILE] [--set ...] [--pool P] [--only NAME] [--worker]
+                                                    deploy deploy/prefect.yaml to PREFECT_API_URL
 
 The registry commands read the tracking URI and registered names from the config.
 Exit codes: 0 success, 2 bad config, refused data (nothing trained) or a registry request
@@ -175,6 +177,102 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+SCHEDULE_FILE = "deploy/prefect.yaml"
+SCHEDULE_POOL = "rlhf-local"
+
+
+def deploy_spec(spec: dict, names: list[str], pool: str | None, params: dict | None) -> dict:
+    """``deploy/prefect.yaml`` narrowed to ``names``, with the work pool and the run
+    parameters (config path, overrides) filled in. ``prefect deploy --all`` ignores CLI
+    options such as ``--params`` and ``--pool`` ("These options will be ignored"), and one
+    ``prefect deploy --name`` per deployment would import the flows once each (~10 s here)."""
+    import copy
+
+    spec = copy.deepcopy(spec)
+    spec["deployments"] = [d for d in spec.get("deployments") or [] if d["name"] in names]
+    for d in spec["deployments"]:
+        if params:
+            d["parameters"] = {**(d.get("parameters") or {}), **params}
+        if pool:
+            d["work_pool"] = {**(d.get("work_pool") or {}), "name": pool}
+    return spec
+
+
+def ensure_process_pool(name: str) -> None:
+    """Create a process work pool named ``name`` unless one exists (what `prefect work-pool
+    create --type process` does; `--overwrite` would reset an existing pool's settings)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type="process",
+                base_job_template=ProcessWorker.get_default_base_job_template()))
+            print(f"created process work pool {name}")
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Deploy the deployments of ``deploy/prefect.yaml`` (run from the repository root) with
+    a config path and overrides as parameters, creating the process work pool if missing;
+    with ``--worker``, then run a worker of that pool in the foreground."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        print("error: PREFECT_API_URL is not set. Schedules need a running Prefect server "
+              "(the temporary one of `rlhf run` creates no scheduled runs): start one with "
+              "`prefect server start`, then export "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        return 2
+    try:
+        spec = yaml.safe_load(open(args.prefect_file, encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        print(f"error: {args.prefect_file}: {e} (run from the repository root)", file=sys.stderr)
+        return 2
+    names = [d["name"] for d in spec.get("deployments") or []]
+    unknown = sorted(set(args.only) - set(names))
+    if unknown:
+        print(f"error: {args.prefect_file}: no deployment named {', '.join(unknown)} "
+              f"(it has {', '.join(names)})", file=sys.stderr)
+        return 2
+    params = None
+    if args.config is not None or args.overrides:
+        config = args.config or DEFAULT_CONFIG
+        load_config(config, args.overrides)  # refuse a bad config now, not at 2 a.m.
+        params = {"config_path": config, "overrides": args.overrides}
+    pool = args.pool or (spec["deployments"][0].get("work_pool") or {}).get("name") or SCHEDULE_POOL
+    ensure_process_pool(pool)
+    prefect = [sys.executable, "-m", "prefect"]
+    # Entrypoints and the pull step's `pwd` are relative to the working directory (the
+    # repository root), not to the file, so the filled-in copy can live anywhere.
+    with tempfile.TemporaryDirectory() as tmp:
+        filled = os.path.join(tmp, "prefect.yaml")
+        with open(filled, "w", encoding="utf-8") as f:
+            yaml.safe_dump(deploy_spec(spec, args.only or names, args.pool, params), f,
+                           sort_keys=False)
+        cmd = prefect + ["--no-prompt", "deploy", "--all", "--prefect-file", filled]
+        if subprocess.run(cmd).returncode:
+            print(f"error: prefect deploy of {args.prefect_file} failed (output above)",
+                  file=sys.stderr)
+            return 1
+    print(f"deployed {', '.join(args.only or names)} from {args.prefect_file} to {api}; "
+          f"work pool {pool}")
+    if not args.worker:
+        print(f"runs start when a worker polls the pool: rlhf schedule --worker, or "
+              f"prefect worker start --pool {pool}")
+        return 0
+    sys.stdout.flush()
+    os.execv(sys.executable, prefect + ["worker", "start", "--pool", pool])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +318,22 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
     label.add_argument("--seed", type=int, default=0,
                        help="seed of which response is shown on the left (default 0)")
+    sched = sub.add_parser("schedule", help="deploy the recurring runs of deploy/prefect.yaml "
+                                            "to PREFECT_API_URL; --worker also runs a worker")
+    sched.add_argument("--config", default=None,
+                       help="config path the runs use, relative to the repository root "
+                            "(default: the prefect.yaml's parameters, configs/demo.yaml)")
+    sched.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="STAGE.FIELD=VALUE", help="override one field in every run")
+    sched.add_argument("--prefect-file", default=SCHEDULE_FILE,
+                       help=f"deployments file (default {SCHEDULE_FILE})")
+    sched.add_argument("--only", action="append", default=[], metavar="NAME",
+                       help="deploy only this deployment (nightly, weekly; repeatable)")
+    sched.add_argument("--pool", default=None,
+                       help=f"process work pool (default the file's, {SCHEDULE_POOL}); "
+                            "created if missing")
+    sched.add_argument("--worker", action="store_true",
+                       help="after deploying, run a worker of the pool in the foreground")
     return parser
 
 
@@ -231,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "label":
         return cmd_label(args)
+    if args.command == "schedule":
+        try:
+            return cmd_schedule(args)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -1,0 +1,78 @@
+"""Entry points for Prefect deployments (``deploy/prefect.yaml``): a config path plus overrides.
+
+A deployment's parameters must be JSON a scheduler or the UI can fill in, so these thin flows
+take ``config_path`` and ``overrides`` (the same ``stage.field=value`` strings as ``rlhf run
+--set``), load the config with ``flows.config.load_config`` and call the existing flows
+unchanged: ``scheduled_pipeline`` runs ``rlhf_pipeline``, ``scheduled_feedback`` runs
+``feedback_rounds`` (the pipeline, then feedback rounds while the gate refuses).
+
+Two runs must never write the same registered model at once (the gate moves its aliases,
+a feedback round versions its data). Each deployment has ``concurrency_limit: 1`` (Prefect
+enqueues a second run of the same deployment), but the nightly pipeline and the feedback
+deployment are two deployments; so each entry point also holds one slot of a global
+concurrency limit named after the registered policy for its whole run. Only the entry points
+take it: ``feedback_rounds`` calls ``rlhf_pipeline`` inside, which would otherwise wait on its
+own slot forever.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prefect import flow, get_run_logger
+
+from flows.config import load_config
+from flows.feedback import feedback_rounds
+from flows.pipeline import PipelineResult, rlhf_pipeline
+
+
+def registry_limit_name(policy_name: str) -> str:
+    """The global concurrency limit that guards one registered model (Prefect names allow
+    no ``/`` or ``%``, registered-model names may hold them)."""
+    return "rlhf-registry-" + re.sub(r"[^A-Za-z0-9_.-]", "-", policy_name)
+
+
+def ensure_registry_limit(policy_name: str) -> str:
+    """Create the registered model's limit (1 slot) if it is missing; returns its name.
+    Prefect 3.9 refuses slots of a limit that does not exist (``create_if_missing`` is
+    deprecated on /v2/concurrency_limits/increment), and creating it here means a deployment
+    made with plain ``prefect deploy`` is guarded too, not only one made by ``rlhf schedule``."""
+    from prefect.client.orchestration import get_client
+
+    name = registry_limit_name(policy_name)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    return name
+
+
+def _registry_slot(policy_name: str):
+    from prefect.concurrency.sync import concurrency
+
+    name = ensure_registry_limit(policy_name)
+    get_run_logger().info("waiting for the %s slot (one run per registered model)", name)
+    # strict: a slot we cannot take must stop the run, not let it write the registry unguarded.
+    # The lease (300 s) is renewed while the run lives; a crashed run frees it when it lapses.
+    return concurrency(name, occupy=1, strict=True)
+
+
+@flow(name="rlhf-scheduled-pipeline")
+def scheduled_pipeline(config_path: str = "configs/demo.yaml",
+                       overrides: list[str] | None = None) -> PipelineResult:
+    """The pipeline on ``config_path`` (relative to the checkout) with ``overrides``
+    (``stage.field=value``, as ``rlhf run --set``)."""
+    cfg = load_config(config_path, overrides)
+    with _registry_slot(cfg.registry.policy_name):
+        return rlhf_pipeline(cfg)
+
+
+@flow(name="rlhf-scheduled-feedback")
+def scheduled_feedback(config_path: str = "configs/demo.yaml",
+                       overrides: list[str] | None = None,
+                       rounds: int | None = None) -> PipelineResult:
+    """``rlhf feedback``: the pipeline, then up to ``rounds`` feedback rounds (default
+    ``feedback.max_rounds``) while the gate refuses; returns the last pipeline run's result."""
+    cfg = load_config(config_path, overrides)
+    with _registry_slot(cfg.registry.policy_name):
+        final, done = feedback_rounds(cfg, rounds=rounds)
+    get_run_logger().info("%d feedback round(s); last run %s", len(done), final.result)
+    return final
