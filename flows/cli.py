@@ -249,7 +249,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         load_config(config, args.overrides)  # refuse a bad config now, not at 2 a.m.
         params = {"config_path": config, "overrides": args.overrides}
     pool = args.pool or (spec["deployments"][0].get("work_pool") or {}).get("name") or SCHEDULE_POOL
-    ensure_process_pool(pool)
+    import httpx
+
+    try:
+        ensure_process_pool(pool)
+    except httpx.HTTPError as e:  # a connection refused, or an error status from the server
+        print(f"error: Prefect server at {api}: {e}", file=sys.stderr)
+        return 1
     prefect = [sys.executable, "-m", "prefect"]
     # Entrypoints and the pull step's `pwd` are relative to the working directory (the
     # repository root), not to the file, so the filled-in copy can live anywhere.

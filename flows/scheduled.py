@@ -18,6 +18,7 @@ own slot forever.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 from prefect import flow, get_run_logger
 
@@ -45,14 +46,19 @@ def ensure_registry_limit(policy_name: str) -> str:
     return name
 
 
+@contextmanager
 def _registry_slot(policy_name: str):
+    """Hold the registered model's slot for the block; waits while another run holds it."""
     from prefect.concurrency.sync import concurrency
 
     name = ensure_registry_limit(policy_name)
-    get_run_logger().info("waiting for the %s slot (one run per registered model)", name)
+    log = get_run_logger()
+    log.info("waiting for the %s slot (one run per registered model)", name)
     # strict: a slot we cannot take must stop the run, not let it write the registry unguarded.
     # The lease (300 s) is renewed while the run lives; a crashed run frees it when it lapses.
-    return concurrency(name, occupy=1, strict=True)
+    with concurrency(name, occupy=1, strict=True):
+        log.info("holding the %s slot", name)
+        yield
 
 
 @flow(name="rlhf-scheduled-pipeline")

@@ -113,6 +113,13 @@ def test_schedule_deploy_spec_fills_parameters_and_pool():
     assert spec["deployments"][0]["parameters"]["config_path"] == "configs/demo.yaml"
 
 
+def test_registry_limit_name_is_a_valid_prefect_name():
+    from flows.scheduled import registry_limit_name
+
+    assert registry_limit_name("rlhf-policy") == "rlhf-registry-rlhf-policy"
+    assert registry_limit_name("team/rlhf policy%2") == "rlhf-registry-team-rlhf-policy-2"
+
+
 def test_prefect_yaml_schedules_and_limits():
     """What the deploy file promises: one deployment per flow entry point, nightly cron for
     the pipeline, its own schedule for the feedback flow, one run at a time, ENQUEUE."""
@@ -200,7 +207,8 @@ def test_schedule_scheduled_run_executed_by_worker(prefect_server, tiny_override
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert parents[0].data.tags["rlhf.result"] in ("promoted", "feedback_round_needed")
 
-        # The registered model's limit exists (1 slot) and was given back.
+        # The run held the registered model's slot, which exists (1 slot) and was given back.
+        assert "holding the rlhf-registry-rlhf-policy slot" in log.read_text()
         r = httpx.get(f"{api}/v2/concurrency_limits/rlhf-registry-rlhf-policy", timeout=5)
         assert r.status_code == 200, r.text
         assert r.json()["limit"] == 1 and r.json()["active_slots"] == 0
