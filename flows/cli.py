@@ -225,7 +225,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
     import yaml
 
-    api = os.environ.get("PREFECT_API_URL")
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url  # PREFECT_API_URL, from the environment or a profile
     if not api:
         print("error: PREFECT_API_URL is not set. Schedules need a running Prefect server "
               "(the temporary one of `rlhf run` creates no scheduled runs): start one with "

@@ -84,11 +84,14 @@ def prefect_server(tmp_path):
         _stop(proc)
 
 
-def test_cli_schedule_without_server_exits_2(monkeypatch, capsys):
+def test_cli_schedule_without_server_exits_2(capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.cli import main
 
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    assert main(["schedule"]) == 2
+    # No API URL from the environment, a profile or the session's test harness.
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["schedule"]) == 2
     assert "PREFECT_API_URL is not set" in capsys.readouterr().err
 
 
