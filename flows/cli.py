@@ -55,6 +55,7 @@ def field_docs(model: type, prefix: str = "") -> list[str]:
 
 
 def cmd_run(cfg: PipelineConfig) -> int:
+    from flows.feedback import rounds_on_refusal
     from flows.pipeline import rlhf_pipeline
 
     out = rlhf_pipeline(cfg)
@@ -69,7 +70,7 @@ def cmd_run(cfg: PipelineConfig) -> int:
         r = out.registration
         print(f"promoted {r.policy_name} version {r.policy_version}: "
               f"aliases {', '.join(r.aliases)}")
-    elif cfg.feedback.on_refusal == "round" and cfg.feedback.max_rounds > 0:
+    elif rounds_on_refusal(cfg, out):
         print(f"gate refused promotion (failed: {', '.join(out.decision.failed)}): starting up "
               f"to {cfg.feedback.max_rounds} feedback rounds (feedback.on_refusal=round, "
               f"labeler {cfg.feedback.labeler})")

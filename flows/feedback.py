@@ -102,6 +102,14 @@ def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
                        pipeline=result, config=next_cfg)
 
 
+def rounds_on_refusal(config: PipelineConfig, result: PipelineResult) -> bool:
+    """Whether a run that ended with ``result`` goes on to feedback rounds: refused, with
+    ``feedback.on_refusal: round`` and rounds to spend (``rlhf run`` and the nightly
+    deployment both follow this)."""
+    f = config.feedback
+    return result.result != "promoted" and f.on_refusal == "round" and f.max_rounds > 0
+
+
 @flow(name="rlhf-feedback-rounds")
 def feedback_rounds(config: PipelineConfig, rounds: int | None = None,
                     first: PipelineResult | None = None) -> tuple[PipelineResult, list[RoundResult]]:

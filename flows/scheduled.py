@@ -3,8 +3,9 @@
 A deployment's parameters must be JSON a scheduler or the UI can fill in, so these thin flows
 take ``config_path`` and ``overrides`` (the same ``stage.field=value`` strings as ``rlhf run
 --set``), load the config with ``flows.config.load_config`` and call the existing flows
-unchanged: ``scheduled_pipeline`` runs ``rlhf_pipeline``, ``scheduled_feedback`` runs
-``feedback_rounds`` (the pipeline, then feedback rounds while the gate refuses).
+unchanged: ``scheduled_pipeline`` does what ``rlhf run`` does (``rlhf_pipeline``, then feedback
+rounds if the gate refuses and ``feedback.on_refusal`` says so), ``scheduled_feedback`` what
+``rlhf feedback`` does (``feedback_rounds``: the pipeline, then rounds while the gate refuses).
 
 Two runs must never write the same registered model at once (the gate moves its aliases,
 a feedback round versions its data). Each deployment has ``concurrency_limit: 1`` (Prefect
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from prefect import flow, get_run_logger
 
 from flows.config import load_config
-from flows.feedback import feedback_rounds
+from flows.feedback import feedback_rounds, rounds_on_refusal
 from flows.pipeline import PipelineResult, rlhf_pipeline
 
 
@@ -39,10 +40,19 @@ def ensure_registry_limit(policy_name: str) -> str:
     deprecated on /v2/concurrency_limits/increment), and creating it here means a deployment
     made with plain ``prefect deploy`` is guarded too, not only one made by ``rlhf schedule``."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     name = registry_limit_name(policy_name)
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+        try:
+            client.read_global_concurrency_limit_by_name(name)  # as it is: never reset it
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
     return name
 
 
@@ -64,11 +74,17 @@ def _registry_slot(policy_name: str):
 @flow(name="rlhf-scheduled-pipeline")
 def scheduled_pipeline(config_path: str = "configs/demo.yaml",
                        overrides: list[str] | None = None) -> PipelineResult:
-    """The pipeline on ``config_path`` (relative to the checkout) with ``overrides``
-    (``stage.field=value``, as ``rlhf run --set``)."""
+    """``rlhf run``: the pipeline on ``config_path`` (relative to the checkout) with
+    ``overrides`` (``stage.field=value``, as ``--set``); if the gate refuses and
+    ``feedback.on_refusal`` is ``round``, feedback rounds until promotion or
+    ``feedback.max_rounds``. Returns the last pipeline run's result."""
     cfg = load_config(config_path, overrides)
     with _registry_slot(cfg.registry.policy_name):
-        return rlhf_pipeline(cfg)
+        result = rlhf_pipeline(cfg)
+        if rounds_on_refusal(cfg, result):
+            result, done = feedback_rounds(cfg, first=result)
+            get_run_logger().info("%d feedback round(s); last run %s", len(done), result.result)
+    return result
 
 
 @flow(name="rlhf-scheduled-feedback")

@@ -142,10 +142,28 @@ def test_prefect_yaml_schedules_and_limits():
         assert set(d["parameters"]) <= set(flow.parameters.properties)
 
 
+def test_schedule_nightly_rounds_on_refusal_as_rlhf_run():
+    """The nightly entry point goes on to feedback rounds exactly when `rlhf run` does."""
+    from types import SimpleNamespace as NS
+
+    from flows.feedback import rounds_on_refusal
+
+    def cfg(on_refusal, max_rounds):
+        return NS(feedback=NS(on_refusal=on_refusal, max_rounds=max_rounds))
+
+    refused, promoted = NS(result="feedback_round_needed"), NS(result="promoted")
+    assert rounds_on_refusal(cfg("round", 2), refused)
+    assert not rounds_on_refusal(cfg("round", 2), promoted)
+    assert not rounds_on_refusal(cfg("stop", 2), refused)
+    assert not rounds_on_refusal(cfg("round", 0), refused)
+
+
 def test_schedule_scheduled_run_executed_by_worker(prefect_server, tiny_overrides, tmp_path):
     from mlflow import MlflowClient
 
     api, env, server = prefect_server
+    # A refused tiny run ends there (the rounds have their own end-to-end test).
+    tiny_overrides = tiny_overrides + ["feedback.on_refusal=stop"]
     log = tmp_path / "schedule.log"
     # Deploys both deployments of deploy/prefect.yaml (tiny config as their parameters), then
     # becomes a worker of the process pool.
