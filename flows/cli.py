@@ -12,6 +12,9 @@
     rlhf serve    [--alias ALIAS] [--port P] [--host H] [--poll-seconds S] [--config FILE]
     rlhf label    BATCH [--annotator NAME] [--out LABELS] [--port P] [--host H] [--seed S]
                                                     the labeling page; needs no config
+    rlhf label    BATCH --label-studio URL [--token-env VAR] [--title T] [--votes N]
+                  [--out LABELS] [--seed S]         push the batch to Label Studio (once),
+                                                    export its annotations as our labels
     rlhf schedule [--config FILE] [--set ...] [--pool P] [--only NAME] [--worker]
                                                     deploy deploy/prefect.yaml to PREFECT_API_URL
 
@@ -165,10 +168,38 @@ def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label_studio(args: argparse.Namespace) -> int:
+    """Push the batch to Label Studio (the first time; later runs resume its project), export
+    what has been annotated so far into our labels file and say how far it is."""
+    from labeling.batch import read_batch
+    from labeling.label_studio import (LabelStudio, project_title, pull_labels, push_batch,
+                                       read_labels, token_from_env)
+    from tasks.feedback import missing_votes
+
+    client = LabelStudio(args.label_studio, token_from_env(args.token_env))
+    project = push_batch(client, args.batch, title=project_title(args.title, args.batch),
+                         votes=args.votes, seed=args.seed)
+    out = pull_labels(client, project, args.batch, args.out)
+    ids = [p.pair_id for p in read_batch(args.batch)]
+    missing = missing_votes(ids, read_labels(out), project.votes)
+    print(f"Label Studio project {project.project_id} ({project.title!r}): label at "
+          f"{project.labeling_url}")
+    print(f"{len(ids) - len(missing)}/{len(ids)} pairs have {project.votes} votes; "
+          f"{len(read_labels(out))} labels -> {out}")
+    return 0
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     from dataio import DataError
+    from labeling.label_studio import LabelStudioError
     from labeling.server import serve
 
+    if args.label_studio:
+        try:
+            return cmd_label_studio(args)
+        except (DataError, LabelStudioError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         _serve_until_stopped(serve, args.batch, annotator=args.annotator, out=args.out,
                              host=args.host, port=args.port, seed=args.seed)
@@ -315,6 +346,8 @@ def _parser() -> argparse.ArgumentParser:
     serve_args.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     serve_args.add_argument("--poll-seconds", type=float, default=10.0,
                             help="how often to check whether the alias moved (default 10)")
+    from labeling import label_studio as ls  # stdlib only: cheap at parser time
+
     label = sub.add_parser("label", help="label pairs of a batch in the browser")
     label.add_argument("batch", help="JSONL file of {pair_id, prompt, response_a, response_b}")
     label.add_argument("--annotator", default=os.environ.get("USER") or "annotator",
@@ -327,6 +360,17 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
     label.add_argument("--seed", type=int, default=0,
                        help="seed of which response is shown on the left (default 0)")
+    label.add_argument("--label-studio", default=None, metavar="URL",
+                       help="label in the Label Studio at URL instead of the page: push the "
+                            "batch as a project (once), export its annotations to LABELS "
+                            "(default BATCH's stem + .label-studio.labels.jsonl)")
+    label.add_argument("--token-env", default=ls.DEFAULT_TOKEN_ENV, metavar="VAR",
+                       help="environment variable holding the Label Studio token "
+                            "(default LABEL_STUDIO_API_KEY)")
+    label.add_argument("--title", default=ls.DEFAULT_TITLE,
+                       help="Label Studio project title; the batch's folder name is appended")
+    label.add_argument("--votes", type=int, default=3,
+                       help="annotations per pair Label Studio asks for (default 3)")
     sched = sub.add_parser("schedule", help="deploy the recurring runs of deploy/prefect.yaml "
                                             "to PREFECT_API_URL; --worker also runs a worker")
     sched.add_argument("--config", default=None,

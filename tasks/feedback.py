@@ -9,7 +9,8 @@ check the labels and write a new version of the preference dataset.
    reward models are a query-by-committee of two, sec. 3.2). ``random`` is the baseline.
 2. **batch**: the chosen pairs as a labeling batch (``labeling/batch.py``).
 3. **label**: any ``Labeler`` (``label(batch_uri) -> labels_uri``): simulated annotators or
-   the labeling page (``rlhf label``); later Label Studio or a judge model (ROADMAP.md).
+   the labeling page (``rlhf label``) or a Label Studio project (``labeling/label_studio.py``);
+   later a judge model (ROADMAP.md).
 4. **check and version**: majority vote -> preference pairs, votes -> ``preference_labels``
    rows; the validation stage checks them (label suite, annotator agreement); then old pairs +
    new pairs are written as a new content-addressed file ``preferences-<sha12>.jsonl`` (the old
@@ -32,6 +33,7 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from dataio import jsonl_bytes, local_path, read_records, write_jsonl_atomic
+from labeling.label_studio import DEFAULT_TITLE, DEFAULT_TOKEN_ENV
 from tasks.base import StageConfig, TrackingContext
 
 
@@ -54,9 +56,11 @@ class FeedbackConfig(StageConfig):
     """Sampling temperature for candidate responses."""
     sample_batch_size: int = Field(default=32, ge=1)
     """Sequences per generation/scoring batch."""
-    labeler: Literal["simulated", "page"] = "page"
+    labeler: Literal["simulated", "page", "label_studio"] = "page"
     """``simulated``: annotators simulated from a gold judge (demo and benchmarks); ``page``:
-    people label the batch with ``rlhf label BATCH`` and the round waits for the labels file."""
+    people label the batch with ``rlhf label BATCH`` and the round waits for the labels file;
+    ``label_studio``: the round pushes the batch to the Label Studio at
+    ``label_studio_url`` as a project and waits until people have annotated every task."""
     votes_per_pair: int = Field(default=3, ge=1)
     """Votes per pair (distinct annotators); the majority makes chosen/rejected (odd avoids
     ties, which are dropped)."""
@@ -64,9 +68,19 @@ class FeedbackConfig(StageConfig):
     """``module:function`` the simulated annotators vote on (Bradley-Terry on its scores);
     null: ``evaluate.gold_judge``."""
     page_poll_seconds: float = Field(default=10.0, gt=0.0)
-    """How often the ``page`` labeler checks whether the labels file is complete."""
+    """How often the ``page`` and ``label_studio`` labelers check whether the labels are
+    complete."""
     page_timeout_seconds: float = Field(default=7 * 24 * 3600.0, gt=0.0)
-    """How long the ``page`` labeler waits for a complete labels file before failing."""
+    """How long the ``page`` and ``label_studio`` labelers wait for complete labels before
+    failing."""
+    label_studio_url: str = "http://localhost:8080"
+    """Label Studio's address (``labeler: label_studio``)."""
+    label_studio_token_env: str = DEFAULT_TOKEN_ENV
+    """Environment variable holding the Label Studio API token (personal access token or
+    legacy token); the token itself never goes in a config file or a log."""
+    label_studio_title: str = DEFAULT_TITLE
+    """Label Studio project title; the round's folder name (``round-<run id>``) is appended,
+    cut to Label Studio's 50 characters."""
     weakness_share: float = Field(default=0.5, ge=0.0, le=1.0)
     """Share of the batch aimed at the checks the gate failed (``weakness_scores``: length,
     repetition, over-optimisation, win rate), when one of them failed; the rest by
@@ -256,6 +270,11 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     batch_uri = str(Path(out_dir) / "batch.jsonl")
     write_jsonl_atomic(batch_uri, rows)
+    # The same batch as Label Studio's task JSON, for a person who imports it in its UI (the
+    # label_studio labeler pushes the same tasks through the API itself).
+    from labeling.label_studio import write_tasks_file
+
+    write_tasks_file(batch_uri, seed)
     metrics = {"select/candidates": float(len(raw)), "select/usable": float(len(usable)),
                "select/pairs": float(len(rows)),
                "select/uncertainty_picked": _mean([scores[j] for j in picked]),
@@ -271,7 +290,7 @@ def _mean(xs: Sequence[float]) -> float:
 # --- labelers ----------------------------------------------------------------------------
 
 class Labeler(Protocol):
-    """Anyone who labels a batch: page, simulated annotators, later Label Studio or a judge."""
+    """Anyone who labels a batch: page, Label Studio, simulated annotators, later a judge."""
 
     def label(self, batch_uri: str) -> str:
         """Label every pair of the batch; returns the labels file's URI (``labeling/batch.py``)."""
@@ -353,21 +372,73 @@ class PageLabeler:
     def label(self, batch_uri: str) -> str:
         from labeling.batch import default_labels_path
 
-        deadline = time.monotonic() + self.timeout
-        while True:
-            missing = self.missing(batch_uri)
-            if not missing:
-                return str(default_labels_path(local_path(batch_uri)))
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{batch_uri}: {sum(missing.values())} votes still missing "
-                                   f"on {len(missing)} pairs after {self.timeout:.0f} s "
-                                   f"(label with: rlhf label {batch_uri} --annotator NAME)")
-            time.sleep(self.poll)
+        wait_for_votes(lambda: self.missing(batch_uri), self.poll, self.timeout,
+                       f"{batch_uri}", f"label with: rlhf label {batch_uri} --annotator NAME")
+        return str(default_labels_path(local_path(batch_uri)))
+
+
+def wait_for_votes(missing, poll: float, timeout: float, what: str, how: str) -> None:
+    """Call ``missing()`` (pair_id -> votes missing) every ``poll`` seconds until it is empty;
+    ``TimeoutError`` saying what is missing and ``how`` to give it after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = missing()
+        if not left:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: {sum(left.values())} votes still missing on "
+                               f"{len(left)} pairs after {timeout:.0f} s ({how})")
+        time.sleep(poll)
+
+
+class LabelStudioLabeler:
+    """People label the batch in a Label Studio: ``label`` creates a project for the batch
+    (pairwise A/B config, ``votes_per_pair`` annotations per task) and imports its pairs, or
+    resumes the project this batch was pushed to before; then it exports the annotations every
+    ``poll_seconds`` into ``<batch stem>.label-studio.labels.jsonl`` (our labels format) until
+    every pair has ``votes_per_pair`` votes from distinct people, and fails with what is missing
+    and where to label after ``timeout_seconds``. ``rlhf label BATCH --label-studio URL`` does
+    one such push-and-export by hand. The token is read from ``$token_env`` when labeling
+    starts, never stored."""
+
+    def __init__(self, url: str, token_env: str, title: str, votes_per_pair: int,
+                 poll_seconds: float, timeout_seconds: float, seed: int = 0):
+        self.url, self.token_env, self.title = url, token_env, title
+        self.votes, self.poll, self.timeout, self.seed = (votes_per_pair, poll_seconds,
+                                                          timeout_seconds, seed)
+
+    def label(self, batch_uri: str) -> str:
+        import logging
+
+        from labeling.batch import read_batch
+        from labeling.label_studio import (LabelStudio, project_title, pull_labels, push_batch,
+                                           read_labels, token_from_env)
+
+        client = LabelStudio(self.url, token_from_env(self.token_env))
+        project = push_batch(client, batch_uri, title=project_title(self.title, batch_uri),
+                             votes=self.votes, seed=self.seed)
+        ids = [p.pair_id for p in read_batch(batch_uri)]
+        logging.getLogger("rlhf.feedback").info(
+            "batch %s is Label Studio project %d: label at %s (%d votes per pair)",
+            batch_uri, project.project_id, project.labeling_url, self.votes)
+        out = {}
+
+        def missing() -> dict[str, int]:
+            out["path"] = pull_labels(client, project, batch_uri)
+            return missing_votes(ids, read_labels(out["path"]), self.votes)
+
+        wait_for_votes(missing, self.poll, self.timeout, f"{batch_uri}",
+                       f"label at {project.labeling_url}; the same batch resumes this project")
+        return out["path"]
 
 
 def make_labeler(cfg: FeedbackConfig, *, judge: str | None, seed: int) -> Labeler:
     if cfg.labeler == "page":
         return PageLabeler(cfg.votes_per_pair, cfg.page_poll_seconds, cfg.page_timeout_seconds)
+    if cfg.labeler == "label_studio":
+        return LabelStudioLabeler(cfg.label_studio_url, cfg.label_studio_token_env,
+                                  cfg.label_studio_title, cfg.votes_per_pair,
+                                  cfg.page_poll_seconds, cfg.page_timeout_seconds, seed)
     judge = cfg.simulated_judge or judge
     if not judge:
         raise ValueError("feedback.labeler=simulated needs feedback.simulated_judge or "
