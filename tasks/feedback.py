@@ -408,8 +408,6 @@ class LabelStudioLabeler:
                                                           timeout_seconds, seed)
 
     def label(self, batch_uri: str) -> str:
-        import logging
-
         from labeling.batch import read_batch
         from labeling.label_studio import (LabelStudio, project_title, pull_labels, push_batch,
                                            read_labels, token_from_env)
@@ -418,7 +416,7 @@ class LabelStudioLabeler:
         project = push_batch(client, batch_uri, title=project_title(self.title, batch_uri),
                              votes=self.votes, seed=self.seed)
         ids = [p.pair_id for p in read_batch(batch_uri)]
-        logging.getLogger("rlhf.feedback").info(
+        _logger().info(
             "batch %s is Label Studio project %d: label at %s (%d votes per pair)",
             batch_uri, project.project_id, project.labeling_url, self.votes)
         out = {}
@@ -430,6 +428,20 @@ class LabelStudioLabeler:
         wait_for_votes(missing, self.poll, self.timeout, f"{batch_uri}",
                        f"label at {project.labeling_url}; the same batch resumes this project")
         return out["path"]
+
+
+def _logger():
+    """The Prefect run's logger inside a round (its lines reach the terminal and the UI), a
+    plain one outside any run (tests, scripts)."""
+    import logging
+
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("rlhf.feedback")
 
 
 def make_labeler(cfg: FeedbackConfig, *, judge: str | None, seed: int) -> Labeler:

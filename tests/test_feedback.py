@@ -73,6 +73,9 @@ def test_select_writes_a_labeling_batch(tiny_reward_dir, tmp_path, selection, ba
                               seed=0, out_dir=str(tmp_path / "round"))
     pairs = read_batch(uri)  # the labeling page's own reader accepts it
     assert uri == str(tmp_path / "round" / "batch.jsonl") and len(pairs) == 4
+    # ... and the same batch as Label Studio's task JSON, for an import by hand
+    from labeling.label_studio import tasks_for
+    assert json.load(open(tmp_path / "round" / "batch.label-studio.json")) == tasks_for(pairs, 0)
     assert all(p.response_a != p.response_b for p in pairs)
     assert metrics["select/candidates"] == 12 and metrics["select/pairs"] == 4
     assert metrics["select/weakness_pairs"] == (2 if "length" in failed else 0)

@@ -10,6 +10,7 @@ Without the venv these tests fail (CI's ``.ci/run`` creates it); set
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -204,8 +205,9 @@ class Person:
 
 def test_round_trip_through_a_real_label_studio(label_studio, tmp_path, monkeypatch, capsys):
     from flows.cli import main
+    from flows.config import load_config
     from labeling.label_studio import labels_path
-    from tasks.feedback import LabelStudioLabeler, labels_to_preferences
+    from tasks.feedback import LabelStudioLabeler, labels_to_preferences, make_labeler
     from tasks.validation import ValidationConfig, run_validation
 
     pairs = _pairs(12)
@@ -215,8 +217,14 @@ def test_round_trip_through_a_real_label_studio(label_studio, tmp_path, monkeypa
     # Seed 2 shows the kind review on the left of 6 of the 12 pairs: someone who always clicks
     # "left" agrees with the others half the time, as a coin would.
     assert sum(_good_side(t["data"]) == "left" for t in tasks_for(pairs, seed=2)) == 6
-    labeler = LabelStudioLabeler(label_studio, "LS_TEST_TOKEN", "rlhf test", votes_per_pair=4,
-                                 poll_seconds=0.2, timeout_seconds=0.5, seed=2)
+    # The labeler as `rlhf feedback --set feedback.labeler=label_studio ...` makes it.
+    cfg = load_config("configs/demo.yaml", [
+        "feedback.labeler=label_studio", f"feedback.label_studio_url={label_studio}",
+        "feedback.label_studio_token_env=LS_TEST_TOKEN", "feedback.label_studio_title=rlhf test",
+        "feedback.votes_per_pair=4", "feedback.page_poll_seconds=0.2",
+        "feedback.page_timeout_seconds=0.5"])
+    labeler = make_labeler(cfg.feedback, judge=None, seed=2)
+    assert isinstance(labeler, LabelStudioLabeler)
     # Nobody has labeled yet: the round waits, then says where to label and how to resume.
     with pytest.raises(TimeoutError, match=r"48 votes still missing on 12 pairs .*label at "
                                            rf"{label_studio}/projects/\d+/data"):
@@ -248,7 +256,17 @@ def test_round_trip_through_a_real_label_studio(label_studio, tmp_path, monkeypa
             assert f"Label Studio project {state['project_id']} ('rlhf test round-abc123')" in out
             assert f"0/12 pairs have 4 votes; 24 labels -> {labels_path(batch)}" in out
 
-    labels_uri = labeler.label(batch)  # complete now: the same project, exported
+    log, said = logging.getLogger("rlhf.feedback"), []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:  # (pytest's caplog sees nothing here: Prefect's logging config owns the root logger)
+        labels_uri = labeler.label(batch)  # complete now: the same project, exported
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(logging.NOTSET)
+    assert any(f"label at {label_studio}/projects/{state['project_id']}/data" in m for m in said)
     assert labels_uri == str(labels_path(batch))
     labels = [json.loads(line) for line in open(labels_uri)]
     assert sorted((l["pair_id"], l["annotator_id"], l["preferred"], l["a_shown_first"])
