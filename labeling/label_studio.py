@@ -49,8 +49,10 @@ LABEL_CONFIG = """<View>
   <Header value="Which response is better?"/>
   <Text name="prompt" value="$prompt"/>
   <View style="display: flex; gap: 1em;">
-    <View style="flex: 1;"><Header value="Left" size="5"/><Text name="left" value="$left"/></View>
-    <View style="flex: 1;"><Header value="Right" size="5"/><Text name="right" value="$right"/></View>
+    <View style="flex: 1;"><Header value="Left" size="5"/>
+      <Text name="left" value="$left"/></View>
+    <View style="flex: 1;"><Header value="Right" size="5"/>
+      <Text name="right" value="$right"/></View>
   </View>
   <Pairwise name="preferred" toName="left,right"/>
 </View>"""
@@ -61,7 +63,12 @@ DEFAULT_TOKEN_ENV = "LABEL_STUDIO_API_KEY"  # the variable label-studio-sdk read
 
 
 class LabelStudioError(RuntimeError):
-    """A request Label Studio refused or could not answer; the message says which and why."""
+    """A request Label Studio refused or could not answer; the message says which and why,
+    ``status`` is the HTTP status (None when there was no answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def token_from_env(var: str) -> str:
@@ -104,12 +111,12 @@ class LabelStudio:
         except _Unauthorized:
             if not _is_jwt(self._token):
                 raise LabelStudioError(f"Label Studio at {self.url} refused the token "
-                                       f"(401): wrong or revoked token?") from None
+                                       f"(401): wrong or revoked token?", 401) from None
             try:  # the access token expired (5 minutes): exchange the refresh token again
                 return self._send(method, path + query, body, self._auth(refresh=True))
             except _Unauthorized:
                 raise LabelStudioError(f"Label Studio at {self.url} refused the token "
-                                       f"(401): wrong or revoked token?") from None
+                                       f"(401): wrong or revoked token?", 401) from None
 
     def _send(self, method: str, path: str, body: Any, auth: str | None) -> Any:
         headers = {"Accept": "application/json"}
@@ -133,11 +140,12 @@ class LabelStudio:
             except ValueError:
                 detail = detail[:300]
             raise LabelStudioError(f"Label Studio at {self.url}: {method} {path.split('?')[0]} "
-                                   f"-> {e.code}: {detail}") from None
+                                   f"-> {e.code}: {detail}", e.code) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise LabelStudioError(f"cannot reach Label Studio at {self.url} ({reason}): is it "
-                                   f"running? (.venv-label-studio/bin/label-studio start)") from None
+            raise LabelStudioError(
+                f"cannot reach Label Studio at {self.url} ({reason}): is it running? "
+                f"(.venv-label-studio/bin/label-studio start)") from None
         return json.loads(raw) if raw else None
 
     # --- the few calls a round needs --------------------------------------------------------
@@ -153,7 +161,7 @@ class LabelStudio:
         try:
             return self.request("GET", f"/api/projects/{project_id}")
         except LabelStudioError as e:
-            if "-> 404" in str(e):
+            if e.status == 404:
                 return None
             raise
 

@@ -3,7 +3,7 @@ started on 127.0.0.1, a batch pushed as a project, annotations submitted by peop
 through the API as the browser submits them, exported and read back into our labels, which
 then pass the validation stage's label suite and flag the careless annotator.
 
-Without the venv these tests fail (CI's ``.ci/run`` creates it); set
+Without the venv these tests fail (``make test``, and so CI, creates it); set
 ``RLHF_SKIP_LABEL_STUDIO=1`` to skip them on a machine that has none.
 """
 
@@ -131,7 +131,7 @@ def label_studio(tmp_path_factory):
     if not exe.exists():
         if os.environ.get("RLHF_SKIP_LABEL_STUDIO") == "1":
             pytest.skip("RLHF_SKIP_LABEL_STUDIO=1 and no Label Studio venv")
-        pytest.fail(f"{exe} is missing: run `bash labeling/label_studio_env.sh` (CI's .ci/run "
+        pytest.fail(f"{exe} is missing: run `bash labeling/label_studio_env.sh` (`make test` "
                     f"does), or set RLHF_SKIP_LABEL_STUDIO=1 to skip these tests")
     data = tmp_path_factory.mktemp("label_studio")
     template = VENV / "template-data" / "label_studio.sqlite3"
