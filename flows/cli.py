@@ -174,7 +174,7 @@ def cmd_label_studio(args: argparse.Namespace) -> int:
     from labeling.batch import read_batch
     from labeling.label_studio import (LabelStudio, project_title, pull_labels, push_batch,
                                        read_labels, token_from_env)
-    from tasks.feedback import missing_votes
+    from tasks.labelers import missing_votes
 
     client = LabelStudio(args.label_studio, token_from_env(args.token_env))
     project = push_batch(client, args.batch, title=project_title(args.title, args.batch),

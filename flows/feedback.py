@@ -22,8 +22,8 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig
 from flows.pipeline import PipelineResult, rlhf_pipeline
-from tasks.feedback import (CheckedLabels, Models, check_task, label_task, make_labeler,
-                            select_task)
+from tasks.feedback import CheckedLabels, Models, check_task, label_task, select_task
+from tasks.labelers import make_labeler
 from tasks.tracking import pipeline_run
 
 

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from tasks.feedback import (labels_to_preferences, missing_votes, select_pairs, select_random,
-                            select_uncertain, uncertainty_scores, weakness_scores, write_version)
+from tasks.feedback import (labels_to_preferences, select_pairs, select_random, select_uncertain,
+                            uncertainty_scores, weakness_scores, write_version)
+from tasks.labelers import missing_votes
 
 
 def test_uncertainty_scores_and_selection_by_hand():
@@ -101,7 +102,7 @@ def _batch(tmp_path, n=60):
 
 def test_simulated_labeler_careful_agree_careless_does_not(tmp_path):
     from demo.judge import sentiment_judge
-    from tasks.feedback import SimulatedLabeler
+    from tasks.labelers import SimulatedLabeler
 
     uri, rows = _batch(tmp_path, 200)
     labeler = SimulatedLabeler("demo.judge:sentiment_judge", votes_per_pair=5, seed=0)
@@ -135,7 +136,8 @@ def test_page_labeler_completeness_check():
 
 
 def test_page_labeler_times_out_then_finds_labels(tmp_path):
-    from tasks.feedback import PageLabeler, write_jsonl_atomic
+    from dataio import write_jsonl_atomic
+    from tasks.labelers import PageLabeler
 
     uri, rows = _batch(tmp_path, 2)
     page = PageLabeler(votes_per_pair=1, poll_seconds=0.01, timeout_seconds=0.05)

@@ -207,7 +207,8 @@ def test_round_trip_through_a_real_label_studio(label_studio, tmp_path, monkeypa
     from flows.cli import main
     from flows.config import load_config
     from labeling.label_studio import labels_path
-    from tasks.feedback import LabelStudioLabeler, labels_to_preferences, make_labeler
+    from tasks.feedback import labels_to_preferences
+    from tasks.labelers import LabelStudioLabeler, make_labeler
     from tasks.validation import ValidationConfig, run_validation
 
     pairs = _pairs(12)
