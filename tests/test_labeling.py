@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -19,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from browser import headless_chromium, start_reader, stop, wait_line
 from dataio import DataError
 from labeling.batch import (LabelStore, a_shown_first, default_labels_path, read_batch)
 from labeling.server import open_server
@@ -190,88 +187,8 @@ def test_labels_file_of_another_batch_refused(tmp_path):
 
 # --- the page, in headless Chromium -------------------------------------------------------
 
-class DevTools:
-    """The few Chrome DevTools Protocol calls the test needs, over one page's websocket."""
-
-    def __init__(self, ws_url: str):
-        from websockets.sync.client import connect
-
-        self.ws = connect(ws_url, max_size=None, open_timeout=10)
-        self.next_id = 0
-
-    def send(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:  # events arrive in between; skip them
-            message = json.loads(self.ws.recv(timeout=10))
-            if message.get("id") == self.next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message["result"]
-
-    def eval(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result["result"].get("value")
-
-    def key(self, key: str) -> None:
-        code, vk, text = KEYS[key]
-        self.send("Input.dispatchKeyEvent", type="keyDown", key=key, code=code,
-                  windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk, **({"text": text} if text
-                                                                       else {}))
-        self.send("Input.dispatchKeyEvent", type="keyUp", key=key, code=code,
-                  windowsVirtualKeyCode=vk, nativeVirtualKeyCode=vk)
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-KEYS = {"1": ("Digit1", 49, "1"), "2": ("Digit2", 50, "2"), "u": ("KeyU", 85, "u"),
-        "ArrowLeft": ("ArrowLeft", 37, ""), "ArrowRight": ("ArrowRight", 39, ""),
-        "Backspace": ("Backspace", 8, "")}
-
-
-def start_reader(stream) -> queue.Queue:
-    """Lines of a pipe, read by a thread (so the child never blocks on a full pipe)."""
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in iter(stream.readline, ""):
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
-def wait_line(lines: queue.Queue, marker: str, deadline: float, what: str) -> str:
-    seen = []
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        if marker in line:
-            return line.strip()
-    raise AssertionError(f"{what} did not print {marker!r} in time; it printed:\n"
-                         + "".join(seen[-20:]))
-
-
-def stop(proc: subprocess.Popen, group: bool = False) -> None:
-    if proc.poll() is None:
-        (os.killpg(proc.pid, signal.SIGTERM) if group else proc.terminate())
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            (os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill())
-            proc.wait(timeout=10)
-
-
 @pytest.mark.timeout(120)
 def test_label_a_batch_by_keyboard_in_headless_chromium(tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.fail("chromium is not on PATH: install it (apt-get install -y chromium); "
-                    ".ci/run does this before the tests")
     deadline = time.monotonic() + 60
     pairs = make_pairs(6)
     batch = write_jsonl(tmp_path / "batch.jsonl", pairs)
@@ -281,77 +198,59 @@ def test_label_a_batch_by_keyboard_in_headless_chromium(tmp_path):
         [sys.executable, "-m", "flows.cli", "label", str(batch), "--annotator", "kim",
          "--out", str(labels), "--port", "0"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
-    browser = subprocess.Popen(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--no-default-browser-check", "--disable-extensions", "--disable-dev-shm-usage",
-         f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    devtools = None
     try:
-        url = wait_line(start_reader(server.stdout), "?token=", deadline, "rlhf label")
-        assert url.startswith("http://127.0.0.1:")
-        ws = wait_line(start_reader(browser.stderr), "DevTools listening on", deadline,
-                       "chromium").split("listening on ")[1]
-        port = ws.split(":")[2].split("/")[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-            page = next(t for t in json.load(r) if t["type"] == "page")
-        devtools = DevTools(page["webSocketDebuggerUrl"])
-        devtools.send("Page.enable")
-        devtools.send("Page.navigate", url=url)
-
-        def wait_page(condition: str, what: str):
-            while time.monotonic() < deadline:
-                value = devtools.eval(condition)
-                if value:
-                    return value
-                time.sleep(0.05)
-            raise AssertionError(f"page never {what}; body: "
-                                 f"{devtools.eval('document.body.innerText')!r}")
-
-        by_id = {p["pair_id"]: p for p in pairs}
-        expected: dict[str, tuple[str, bool]] = {}  # pair_id -> (preferred, a_shown_first)
-        order: list[str] = []
-        shown_first = set()
-        for key in ("1", "ArrowRight", "1", "u", "ArrowRight", "2", "ArrowLeft", "ArrowRight"):
-            state = wait_page("document.body.dataset.state === 'ready' && JSON.stringify("
-                              "[document.body.dataset.pairId, document.getElementById('left')"
-                              ".textContent, document.getElementById('progress').textContent])",
-                              "showed a pair")
-            pair_id, left, progress = json.loads(state)
-            assert progress == f"{len(order)} / 6"
-            pair = by_id[pair_id]
-            assert left in (pair["response_a"], pair["response_b"])
-            a_first = left == pair["response_a"]
-            shown_first.add(a_first)
-            if key == "u":
-                undone = order.pop()
-                del expected[undone]
-            else:
-                assert pair_id == f"p{len(order) + 1}"
-                side_left = key in ("1", "ArrowLeft")
-                expected[pair_id] = ("response_a" if side_left == a_first else "response_b",
-                                     a_first)
-                order.append(pair_id)
-            devtools.key(key)
-            wait_page(f"document.getElementById('progress').textContent !== '{progress}'",
-                      f"moved on after {key!r}")
-        wait_page("document.body.dataset.state === 'done' && "
-                  "document.body.innerText.includes('done')", "showed done")
-        assert devtools.eval("document.getElementById('progress').textContent") == "6 / 6"
-        assert shown_first == {True, False}, "the seeded order should put A left and right"
-
-        rows = [json.loads(l) for l in labels.read_text().splitlines()]
-        assert [r["pair_id"] for r in rows] == [f"p{i}" for i in range(1, 7)]
-        assert {r["pair_id"]: (r["preferred"], r["a_shown_first"]) for r in rows} == expected
-        assert all(r["annotator_id"] == "kim" for r in rows)
-        # p3 was chosen left, undone, then chosen right: the label is the right one only.
-        p3_first = expected["p3"][1]
-        assert expected["p3"][0] == ("response_b" if p3_first else "response_a")
-        assert time.monotonic() < deadline
+        with headless_chromium(tmp_path, deadline) as devtools:
+            url = wait_line(start_reader(server.stdout), "?token=", deadline, "rlhf label")
+            assert url.startswith("http://127.0.0.1:")
+            devtools.send("Page.navigate", url=url)
+            label_by_keyboard(devtools, pairs, labels, deadline)
     finally:
-        if devtools is not None:
-            devtools.close()
-        stop(browser, group=True)
         stop(server)
     assert server.returncode == 0, "rlhf label should exit cleanly on SIGTERM"
+
+
+def label_by_keyboard(devtools, pairs: list[dict], labels: Path, deadline: float) -> None:
+    """Choose, undo and move through the six pairs by keyboard; check the labels file."""
+    def wait_page(condition: str, what: str):
+        return devtools.wait(condition, what, deadline, poll=0.05)
+
+    by_id = {p["pair_id"]: p for p in pairs}
+    expected: dict[str, tuple[str, bool]] = {}  # pair_id -> (preferred, a_shown_first)
+    order: list[str] = []
+    shown_first = set()
+    for key in ("1", "ArrowRight", "1", "u", "ArrowRight", "2", "ArrowLeft", "ArrowRight"):
+        state = wait_page("document.body.dataset.state === 'ready' && JSON.stringify("
+                          "[document.body.dataset.pairId, document.getElementById('left')"
+                          ".textContent, document.getElementById('progress').textContent])",
+                          "showed a pair")
+        pair_id, left, progress = json.loads(state)
+        assert progress == f"{len(order)} / 6"
+        pair = by_id[pair_id]
+        assert left in (pair["response_a"], pair["response_b"])
+        a_first = left == pair["response_a"]
+        shown_first.add(a_first)
+        if key == "u":
+            undone = order.pop()
+            del expected[undone]
+        else:
+            assert pair_id == f"p{len(order) + 1}"
+            side_left = key in ("1", "ArrowLeft")
+            expected[pair_id] = ("response_a" if side_left == a_first else "response_b",
+                                 a_first)
+            order.append(pair_id)
+        devtools.key(key)
+        wait_page(f"document.getElementById('progress').textContent !== '{progress}'",
+                  f"moved on after {key!r}")
+    wait_page("document.body.dataset.state === 'done' && "
+              "document.body.innerText.includes('done')", "showed done")
+    assert devtools.eval("document.getElementById('progress').textContent") == "6 / 6"
+    assert shown_first == {True, False}, "the seeded order should put A left and right"
+
+    rows = [json.loads(l) for l in labels.read_text().splitlines()]
+    assert [r["pair_id"] for r in rows] == [f"p{i}" for i in range(1, 7)]
+    assert {r["pair_id"]: (r["preferred"], r["a_shown_first"]) for r in rows} == expected
+    assert all(r["annotator_id"] == "kim" for r in rows)
+    # p3 was chosen left, undone, then chosen right: the label is the right one only.
+    p3_first = expected["p3"][1]
+    assert expected["p3"][0] == ("response_b" if p3_first else "response_a")
+    assert time.monotonic() < deadline
