@@ -17,6 +17,9 @@
                                                     export its annotations as our labels
     rlhf schedule [--config FILE] [--set ...] [--pool P] [--only NAME] [--worker]
                                                     deploy deploy/prefect.yaml to PREFECT_API_URL
+    rlhf ui       [--config FILE] [--port P] [--host H]
+                                                    MLflow's UI on the tracking store; links
+                                                    Prefect's UI when a server is configured
 
 The registry commands read the tracking URI and registered names from the config.
 Exit codes: 0 success, 2 bad config, refused data (nothing trained) or a registry request
@@ -144,18 +147,19 @@ def cmd_rollback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_until_stopped(serve, *args, **kwargs) -> None:
+def _serve_until_stopped(serve, *args, **kwargs):
     """Run a server in the foreground with request logging; SIGTERM stops it as Ctrl-C does
-    (the server closes; ``rlhf serve`` then removes its downloaded versions)."""
+    (the server closes; ``rlhf serve`` then removes its downloaded versions). Returns what
+    ``serve`` returns, None when stopped."""
     import logging
     import signal
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        serve(*args, on_ready=lambda line: print(line, flush=True), **kwargs)
+        return serve(*args, on_ready=lambda line: print(line, flush=True), **kwargs)
     except KeyboardInterrupt:
-        pass
+        return None
 
 
 def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
@@ -313,6 +317,19 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     os.execv(sys.executable, prefect + ["worker", "start", "--pool", pool])
 
 
+def cmd_ui(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    from tasks.tracking import tracking_uri
+    from tasks.ui import UiError, serve_ui
+
+    try:
+        code = _serve_until_stopped(serve_ui, tracking_uri(cfg.tracking.uri),
+                                    cfg.tracking.experiment, host=args.host, port=args.port)
+    except UiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return code or 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,7 +341,8 @@ def _parser() -> argparse.ArgumentParser:
                         ("models", "list the policy's registry versions, aliases and metrics"),
                         ("promote", "point an alias at a policy version"),
                         ("rollback", "point an alias back at the version it named before"),
-                        ("serve", "serve the version an alias names; follows the alias")):
+                        ("serve", "serve the version an alias names; follows the alias"),
+                        ("ui", "MLflow's UI on the tracking store (and where Prefect's is)")):
         p = commands[name] = sub.add_parser(name, help=help_)
         p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML file (default {DEFAULT_CONFIG})")
         p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -346,6 +364,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_args.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     serve_args.add_argument("--poll-seconds", type=float, default=10.0,
                             help="how often to check whether the alias moved (default 10)")
+    ui_args = commands["ui"]
+    ui_args.add_argument("--host", default="127.0.0.1",
+                         help="interface for mlflow server (default 127.0.0.1; no authentication)")
+    ui_args.add_argument("--port", type=int, default=5000, help="port (0: any free one)")
     from labeling import label_studio as ls  # stdlib only: cheap at parser time
 
     label = sub.add_parser("label", help="label pairs of a batch in the browser")
@@ -417,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
+    if args.command == "ui":
+        return cmd_ui(cfg, args)
     if args.command in REGISTRY_COMMANDS:
         from release.aliases import RegistryError
 

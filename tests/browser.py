@@ -104,11 +104,12 @@ def wait_line(lines: queue.Queue, marker: str, deadline: float, what: str) -> st
                          + "".join(seen[-20:]))
 
 
-def stop(proc: subprocess.Popen, group: bool = False) -> None:
+def stop(proc: subprocess.Popen, group: bool = False, timeout: float = 10) -> None:
+    """SIGTERM (to the process group with ``group``), then SIGKILL after ``timeout`` s."""
     if proc.poll() is None:
         (os.killpg(proc.pid, signal.SIGTERM) if group else proc.terminate())
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             (os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill())
             proc.wait(timeout=10)
