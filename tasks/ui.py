@@ -135,6 +135,12 @@ def serve_ui(tracking_uri: str, experiment: str, *, host: str = "127.0.0.1", por
     ``on_ready``. Returns mlflow server's exit code (0 when we stopped it)."""
     prefect = prefect_ui_url()
     if is_server_uri(tracking_uri):
+        # Fail fast with a plain message (MLflow's client would retry for minutes).
+        try:
+            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=10):
+                pass
+        except (urllib.error.URLError, OSError) as e:
+            raise UiError(f"the tracking server {tracking_uri} does not answer: {e}") from None
         exp_id = experiment_id(tracking_uri, experiment)
         links = UiLinks(tracking_uri, exp_id and experiment_url(tracking_uri, exp_id), prefect)
         for line in links.lines(experiment):
@@ -142,7 +148,8 @@ def serve_ui(tracking_uri: str, experiment: str, *, host: str = "127.0.0.1", por
         return 0
     exp_id = experiment_id(tracking_uri, experiment)
     port = port or free_port(host)
-    base = f"http://{host}:{port}"
+    # Bound to every interface, it is still reached (and linked) through loopback here.
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
     # Its own process group, so stopping it also stops the uvicorn worker it starts.
     proc = subprocess.Popen(server_command(tracking_uri, host, port),
                             env=server_env(dict(os.environ)), start_new_session=True)

@@ -39,7 +39,7 @@ def test_job_runner_off_unless_asked_for():
 
 
 @pytest.mark.timeout(300)
-def test_port_in_use_is_a_clear_error_and_leaves_nothing_running(tmp_path):
+def test_unreachable_mlflow_is_a_clear_error_and_leaves_nothing_running(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -52,6 +52,10 @@ def test_port_in_use_is_a_clear_error_and_leaves_nothing_running(tmp_path):
     # mlflow server (and any uvicorn it started) is gone.
     assert not [c for c in map(_cmdline, Path("/proc").glob("[0-9]*/cmdline"))
                 if "mlflow" in " ".join(c) and f"--port\0{port}" in "\0".join(c)]
+    # Nor a link to a tracking server that does not answer (the port is closed now).
+    with pytest.raises(UiError, match=f"tracking server http://127.0.0.1:{port} does not"):
+        serve_ui(f"http://127.0.0.1:{port}", "none", on_ready=printed.append)
+    assert printed == []
 
 
 def _cmdline(path: Path) -> list[str]:
@@ -115,6 +119,10 @@ def test_rlhf_ui_shows_the_pipeline_runs_and_kl_chart_in_chromium(prefect_harnes
         prefect = wait_line(lines, "Prefect UI: ", deadline, "rlhf ui")
         assert prefect == f"Prefect UI: {api.removesuffix('/api')}"
         server_ready = time.monotonic() - started
+        # A tracking server (this one, now) is linked, not served a second time.
+        linked = []
+        assert serve_ui(base, cfg.tracking.experiment, on_ready=linked.append) == 0
+        assert linked[:2] == [f"MLflow UI: {base}", f"experiment rlhf-demo: {link}"]
 
         with headless_chromium(tmp_path, deadline, window=(1400, 900)) as page:
             page.send("Page.navigate", url=link)
