@@ -367,7 +367,8 @@ def _parser() -> argparse.ArgumentParser:
     ui_args = commands["ui"]
     ui_args.add_argument("--host", default="127.0.0.1",
                          help="interface for mlflow server (default 127.0.0.1; no authentication)")
-    ui_args.add_argument("--port", type=int, default=5000, help="port (0: any free one)")
+    ui_args.add_argument("--port", type=int, default=5000,
+                         help="port (default 5000, MLflow's; 0: any free one)")
     from labeling import label_studio as ls  # stdlib only: cheap at parser time
 
     label = sub.add_parser("label", help="label pairs of a batch in the browser")
