@@ -159,20 +159,13 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
         a_texts, b_texts = s.texts[0::2], s.texts[1::2]
         score_a = {k: v[0::2] for k, v in s.scores.items()}
         score_b = {k: v[1::2] for k, v in s.scores.items()}
-    p_rm = RewardNorm.load(models.reward_model_uri).preference_prob(score_a["rm"], score_b["rm"])
-    p_ho = None
-    if "heldout" in score_a:  # the held-out model is not calibrated: T = 1
-        p_ho = torch.sigmoid(score_a["heldout"] - score_b["heldout"])
     # Identical or empty responses are no question to ask anyone (and the batch refuses them).
     usable = [i for i in range(len(raw)) if isinstance(raw[i], str) and a_texts[i].strip()
               and b_texts[i].strip() and a_texts[i] != b_texts[i]]
-    u_rm = [float(p_rm[i]) for i in usable]
-    u_ho = [float(p_ho[i]) for i in usable] if p_ho is not None else None
-    if cfg.selection == "uncertainty":
-        picked = select_uncertain(u_rm, cfg.batch_size, u_ho, cfg.disagreement_weight)
-    else:
-        picked = select_random(len(usable), cfg.batch_size, seed)
-    scores = uncertainty_scores(u_rm, u_ho, cfg.disagreement_weight)
+    keep = torch.tensor(usable, dtype=torch.long)
+    picked, scores = choose_pairs(cfg, RewardNorm.load(models.reward_model_uri),
+                                  {k: v[keep] for k, v in score_a.items()},
+                                  {k: v[keep] for k, v in score_b.items()}, seed)
     rows = []
     for j in picked:
         i = usable[j]
@@ -186,6 +179,29 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
                "select/uncertainty_picked": _mean([scores[j] for j in picked]),
                "select/uncertainty_all": _mean(scores)}
     return batch_uri, metrics
+
+
+def choose_pairs(cfg: FeedbackConfig, norm, score_a: dict[str, Any], score_b: dict[str, Any],
+                 seed: int) -> tuple[list[int], list[float]]:
+    """Which candidate pairs to label: (``cfg.batch_size`` indices by ``cfg.selection``, every
+    candidate's uncertainty score). Apart from sampling so a benchmark can run it on any pool.
+
+    ``score_a``/``score_b``: raw scores (N,) of responses a and b by ``"rm"`` (the policy's
+    reward model, calibrated by ``norm``, a ``RewardNorm``) and optionally ``"heldout"``.
+    """
+    import torch
+
+    p_rm = norm.preference_prob(score_a["rm"], score_b["rm"])  # (N,)
+    p_ho = None
+    if "heldout" in score_a:  # the held-out model is not calibrated: T = 1
+        p_ho = torch.sigmoid(score_a["heldout"] - score_b["heldout"])  # (N,)
+    u_rm = [float(p) for p in p_rm]
+    u_ho = [float(p) for p in p_ho] if p_ho is not None else None
+    if cfg.selection == "uncertainty":
+        picked = select_uncertain(u_rm, cfg.batch_size, u_ho, cfg.disagreement_weight)
+    else:
+        picked = select_random(len(u_rm), cfg.batch_size, seed)
+    return picked, uncertainty_scores(u_rm, u_ho, cfg.disagreement_weight)
 
 
 def _mean(xs: Sequence[float]) -> float:
