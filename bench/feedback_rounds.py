@@ -44,6 +44,7 @@ import json
 import math
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -159,10 +160,16 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         for r, budget in enumerate(args.new_labels[1:], start=1):
             t0 = time.perf_counter()
             k = budget - args.new_labels[r - 1]
-            s_a, s_b = score(rm, remaining)
+            cands = remaining
+            if strategy == "uncertainty" and args.candidates:
+                # As a round does (feedback.max_candidates): the most uncertain of a fresh random
+                # subset, not of everything, which mixes some randomness into the batch.
+                cands = sorted(random.Random(1000 * seed + r).sample(
+                    remaining, min(args.candidates, len(remaining))))
+            s_a, s_b = score(rm, cands)
             scores_a, scores_b = {"rm": s_a}, {"rm": s_b}
             if strategy == "uncertainty":
-                scores_a["heldout"], scores_b["heldout"] = score(ho, remaining)
+                scores_a["heldout"], scores_b["heldout"] = score(ho, cands)
             fcfg = FeedbackConfig(selection=strategy, batch_size=k, labeler="simulated",
                                   disagreement_weight=args.disagreement_weight)
             picked, _ = choose_pairs(fcfg, RewardNorm(temperature=temp), scores_a, scores_b,
@@ -170,14 +177,14 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
             # The reward model's own doubt (1 - |2p - 1|) about the picked pairs, both ways.
             p_rm = RewardNorm(temperature=temp).preference_prob(s_a, s_b).tolist()
             doubt = uncertainty_scores([p_rm[j] for j in picked])
-            batch = [pool[remaining[j]] for j in picked]
+            batch = [pool[cands[j]] for j in picked]
             round_dir = Path(args.out) / f"seed{seed}" / strategy / f"round{r}"
             batch_uri = str(round_dir / "batch.jsonl")
             write_jsonl_atomic(batch_uri, batch)
             labels_uri = SimulatedLabeler(JUDGE, fcfg.votes_per_pair,
                                           seed=1000 * seed + r).label(batch_uri)
             new_pairs, _ = labels_to_preferences(batch, read_records(labels_uri))
-            by_id = {row["pair_id"]: remaining[j] for j, row in zip(picked, batch)}
+            by_id = {row["pair_id"]: cands[j] for j, row in zip(picked, batch)}
             gold_agree = []  # does the majority pick the gold judge's pick? (ties left out)
             for pair in new_pairs:
                 i = by_id[pair["pair_id"]]
@@ -186,8 +193,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
                     gold_agree.append(a_chosen == (gold_a[i] > gold_b[i]))
             gold_gap = [abs(gold_a[i] - gold_b[i]) for i in by_id.values()]
             labeled += new_pairs
-            taken = set(picked)
-            remaining = [i for j, i in enumerate(remaining) if j not in taken]
+            taken = {cands[j] for j in picked}
+            remaining = [i for i in remaining if i not in taken]
             rm = train(labeled, seed)
             acc, temp = evalset.measure(rm, tok, rcfg.eval_batch_size)
             if strategy == "uncertainty" and r < len(args.new_labels) - 1:
@@ -238,6 +245,7 @@ def spawn_seed(args: argparse.Namespace, seed: int) -> dict:
            "--disagreement-weight", str(args.disagreement_weight),
            "--new-labels", *map(str, args.new_labels)]
     cmd += ["--pool", str(args.pool)] if args.pool else []
+    cmd += ["--candidates", str(args.candidates)] if args.candidates else []
     for s in args.set:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -354,6 +362,9 @@ def main() -> None:
                         help="labeled pairs the first reward model trains on")
     parser.add_argument("--pool", type=int, default=None,
                         help="unlabeled candidate pairs (default: all the seed set leaves)")
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="uncertainty picks among this many random pool pairs per round "
+                             "(feedback.max_candidates; default: the whole pool)")
     parser.add_argument("--epochs", type=float, default=2.0,
                         help="passes over the labeled pairs per reward-model training")
     parser.add_argument("--disagreement-weight", type=float, default=1.0,
@@ -386,14 +397,19 @@ def main() -> None:
     summary = summarize(runs, args.new_labels)
     wall = time.perf_counter() - t0
     load = os.getloadavg()
+    # CPU seconds of this process and the seed processes: on a shared machine, the cost that
+    # does not depend on how busy the others keep the cores.
+    cpu = sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime")
+              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     result = {"settings": {k: v for k, v in vars(args).items() if k != "one_seed"},
-              "wall_seconds": wall, "sft_seconds": sft_seconds,
+              "wall_seconds": wall, "cpu_seconds": cpu, "sft_seconds": sft_seconds,
               "load_average_at_end": load, "cpus": os.cpu_count(),
               "summary": summary, "runs": runs}
     (out / "feedback_rounds.json").write_text(json.dumps(result, indent=2))
     report = report_md(summary, args.new_labels)
     report += (f"\n{len(runs)} seeds; wall {wall / 60:.1f} min (SFT {sft_seconds:.0f} s), "
-               f"{os.cpu_count()} CPUs, load average at the end {load[0]:.1f}\n")
+               f"CPU {cpu:.0f} s, {os.cpu_count()} CPUs, load average at the end "
+               f"{load[0]:.1f}\n")
     (out / "report.md").write_text(report)
     plot(runs, summary, args.new_labels, out / "feedback_rounds.png")
     print(report)
