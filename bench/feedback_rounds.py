@@ -14,8 +14,10 @@ Everything but the loop is library code:
 - **Pool**: the remaining pairs with their labels dropped and a/b in random order: the
   unlabeled candidates a round may ask about.
 - **Rounds**: the new labels grow through ``--new-labels`` (cumulative; 0 32 64 128 256 is
-  rounds of 32, 32, 64 and 128). Each round scores the pool with the current reward model
-  (seed s; temperature fitted on the eval pairs as the reward stage does) and, for
+  rounds of 32, 32, 64 and 128). Each round scores the pool (``--candidates N``: a fresh
+  random N of it, as a round ranks ``feedback.max_candidates``) with the current reward model
+  (seed s; temperature fitted on the eval pairs as the reward stage does: it changes no
+  accuracy, only how the margin and disagreement terms weigh against each other) and, for
   ``uncertainty``, with a held-out one (seed s + 1) as ``tasks.reward`` trains it; then
   ``tasks.feedback.choose_pairs`` picks the batch (``uncertainty``: calibrated P(a > b) nearest
   0.5 plus the two models' disagreement; ``random``: seeded random). The batch is written as a
