@@ -243,22 +243,16 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
         score_a = {k: v[0::2] for k, v in s.scores.items()}
         score_b = {k: v[1::2] for k, v in s.scores.items()}
         len_a, len_b = s.length[0::2], s.length[1::2]
-    p_rm = RewardNorm.load(models.reward_model_uri).preference_prob(score_a["rm"], score_b["rm"])
-    p_ho = None
-    if "heldout" in score_a:  # the held-out model is not calibrated: T = 1
-        p_ho = torch.sigmoid(score_a["heldout"] - score_b["heldout"])
     # Identical or empty responses are no question to ask anyone (and the batch refuses them).
     usable = [i for i in range(len(raw)) if isinstance(raw[i], str) and a_texts[i].strip()
               and b_texts[i].strip() and a_texts[i] != b_texts[i]]
-    u = lambda xs: [float(xs[i]) for i in usable]  # noqa: E731  (the usable pairs' values)
-    u_rm, u_ho = u(p_rm), u(p_ho) if p_ho is not None else None
-    scores = uncertainty_scores(u_rm, u_ho, cfg.disagreement_weight)
-    rep_a, rep_b = ([repetition_rate(t) for t in texts] for texts in (a_texts, b_texts))
-    weakness = weakness_scores(models.failed_checks, u_rm, u(len_a), u(len_b), u(rep_a),
-                               u(rep_b), u_ho)
-    picked = select_pairs(cfg.batch_size, scores, weakness, cfg.weakness_share,
-                          random_seed=seed if cfg.selection == "random" else None)
-    n_weak = round(min(cfg.batch_size, len(usable)) * cfg.weakness_share) if weakness else 0
+    keep = torch.tensor(usable, dtype=torch.long)
+    rep_a, rep_b = (torch.tensor([repetition_rate(t) for t in texts]) for texts in (a_texts,
+                                                                                   b_texts))
+    picked, scores, n_weak = choose_pairs(
+        cfg, RewardNorm.load(models.reward_model_uri), {k: v[keep] for k, v in score_a.items()},
+        {k: v[keep] for k, v in score_b.items()}, seed, failed=models.failed_checks,
+        lengths=(len_a[keep], len_b[keep]), repetition=(rep_a[keep], rep_b[keep]))
     rows = []
     for j in picked:
         i = usable[j]
@@ -278,6 +272,39 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
                "select/uncertainty_all": _mean(scores),
                "select/weakness_pairs": float(n_weak)}
     return batch_uri, metrics
+
+
+def choose_pairs(cfg: FeedbackConfig, norm, score_a: dict[str, Any], score_b: dict[str, Any],
+                 seed: int, failed: Sequence[str] = (), lengths: tuple | None = None,
+                 repetition: tuple | None = None) -> tuple[list[int], list[float], int]:
+    """Which candidate pairs to label: (``cfg.batch_size`` indices, every candidate's
+    uncertainty score, how many were picked for the gate's failed checks). Apart from
+    sampling so a benchmark can run it on any pool.
+
+    ``score_a``/``score_b``: raw scores (N,) of responses a and b by ``"rm"`` (the policy's
+    reward model, calibrated by ``norm``, a ``RewardNorm``) and optionally ``"heldout"``.
+    ``failed``: the gate's failed checks; with ``lengths``/``repetition`` ((N,) for a, (N,)
+    for b) a ``cfg.weakness_share`` of the batch targets them (``weakness_scores``), the rest
+    goes by ``cfg.selection``.
+    """
+    import torch
+
+    p_rm = norm.preference_prob(score_a["rm"], score_b["rm"])  # (N,)
+    p_ho = None
+    if "heldout" in score_a:  # the held-out model is not calibrated: T = 1
+        p_ho = torch.sigmoid(score_a["heldout"] - score_b["heldout"])  # (N,)
+    u_rm = [float(p) for p in p_rm]
+    u_ho = [float(p) for p in p_ho] if p_ho is not None else None
+    scores = uncertainty_scores(u_rm, u_ho, cfg.disagreement_weight)
+    weakness = None
+    if failed and lengths is not None and repetition is not None:
+        fl = lambda xs: [float(x) for x in xs]  # noqa: E731
+        weakness = weakness_scores(failed, u_rm, fl(lengths[0]), fl(lengths[1]),
+                                   fl(repetition[0]), fl(repetition[1]), u_ho)
+    picked = select_pairs(cfg.batch_size, scores, weakness, cfg.weakness_share,
+                          random_seed=seed if cfg.selection == "random" else None)
+    n_weak = round(min(cfg.batch_size, len(u_rm)) * cfg.weakness_share) if weakness else 0
+    return picked, scores, n_weak
 
 
 def _mean(xs: Sequence[float]) -> float:
