@@ -54,6 +54,11 @@ class TrackingConfig(StageConfig):
     """Tracking URI; empty means ``MLFLOW_TRACKING_URI`` or else ``sqlite:///mlflow.db``."""
     experiment: str = "rlhf-pipeline"
     """MLflow experiment name; one parent run per pipeline run goes here."""
+    artifact_location: str | None = None
+    """Where a new experiment's artifacts go (e.g. ``s3://bucket/mlflow``, written with this
+    machine's AWS credentials); empty: beside a SQLite database (``<its folder>/mlruns``), or
+    wherever an ``mlflow server`` keeps them (proxied: clients need no storage credentials).
+    An existing experiment keeps the location it was created with."""
 
 
 class PipelineConfig(StageConfig):

@@ -1,0 +1,91 @@
+"""``s3://`` in the data layer against a real S3 endpoint (moto's server on a free port):
+reading JSONL, Parquet and ``datasets`` directories through the ETag-keyed cache, content
+hashes equal to the local file's, atomic writes, and refusals that name the URI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+
+from dataio import (DataError, content_hash, exists, join, local_path, read_records,
+                    write_jsonl_atomic)
+from flows.cli import main
+
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "data"
+
+
+def test_jsonl_parquet_and_datasets_dir_read_like_local_files(s3_server, tmp_path):
+    c, b = s3_server.client(), s3_server.bucket
+    c.upload_file(str(DEMO / "eval_prompts.jsonl"), b, "t1/eval_prompts.jsonl")
+    rows = [{"prompt": "The film is", "chosen": " great.", "rejected": " bad."}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "p.parquet")
+    c.upload_file(str(tmp_path / "p.parquet"), b, "t1/p.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "ds")
+    for f in (tmp_path / "ds").rglob("*"):
+        if f.is_file():
+            c.upload_file(str(f), b, f"t1/ds/{f.relative_to(tmp_path / 'ds').as_posix()}")
+
+    uri = f"s3://{b}/t1/eval_prompts.jsonl"
+    assert read_records(uri) == read_records(str(DEMO / "eval_prompts.jsonl"))
+    # Same bytes, same hash: a dataset copied to S3 keeps its data.*.sha256 tags.
+    assert content_hash(uri) == content_hash(str(DEMO / "eval_prompts.jsonl"))
+    assert read_records(f"s3://{b}/t1/p.parquet") == rows
+    assert read_records(f"s3://{b}/t1/ds") == rows == read_records(f"s3://{b}/t1/ds/")
+    assert content_hash(f"s3://{b}/t1/ds") == content_hash(str(tmp_path / "ds"))
+
+    # The cache is keyed by ETag: an unchanged object is the same local file, a new one is new.
+    first = local_path(uri)
+    assert local_path(uri) == first and first.is_relative_to(s3_server.env["RLHF_CACHE_DIR"])
+    c.put_object(Bucket=b, Key="t1/eval_prompts.jsonl", Body=b'{"prompt": "changed"}\n')
+    assert local_path(uri) != first and read_records(uri) == [{"prompt": "changed"}]
+
+
+def test_write_exists_and_join(s3_server):
+    base = f"s3://{s3_server.bucket}/t2/"
+    uri = join(base, "feedback", "batch.jsonl")
+    assert uri == f"s3://{s3_server.bucket}/t2/feedback/batch.jsonl"
+    assert join("/tmp/x", "a", "b.jsonl") == "/tmp/x/a/b.jsonl"
+    assert not exists(uri)
+    write_jsonl_atomic(uri, [{"pair_id": "p1", "prompt": "café"}], head=b'{"pair_id": "p0"}\n')
+    assert exists(uri) and exists(join(base, "feedback"))
+    body = s3_server.client().get_object(Bucket=s3_server.bucket, Key="t2/feedback/batch.jsonl")
+    assert body["Body"].read() == '{"pair_id": "p0"}\n{"pair_id": "p1", "prompt": "café"}\n'.encode()
+    assert read_records(uri) == [{"pair_id": "p0"}, {"pair_id": "p1", "prompt": "café"}]
+
+
+def test_missing_bucket_key_and_credentials_are_named(s3_server, monkeypatch):
+    b = s3_server.bucket
+    with pytest.raises(DataError, match=r"^s3://no-such-bucket/x.jsonl: rule file_exists: "
+                                        r"bucket 'no-such-bucket' does not exist$"):
+        read_records("s3://no-such-bucket/x.jsonl")
+    with pytest.raises(DataError, match=rf"^s3://{b}/nope.jsonl: rule file_exists: file not found"):
+        read_records(f"s3://{b}/nope.jsonl")
+    with pytest.raises(DataError, match=r"rule file_exists: bucket 'no-such-bucket'"):
+        write_jsonl_atomic("s3://no-such-bucket/x.jsonl", [{"a": 1}])
+    with pytest.raises(DataError, match=r"^s3://: rule uri_scheme: an S3 URI names a bucket"):
+        read_records("s3://")
+    with pytest.raises(DataError, match=r"^gs://b/x: rule uri_scheme: unsupported URI scheme"):
+        read_records("gs://b/x")
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(DataError, match=rf"^s3://{b}/x.jsonl: rule s3_access: no AWS credentials"):
+        read_records(f"s3://{b}/x.jsonl")
+
+
+def test_cli_refuses_a_missing_s3_dataset_with_exit_2(s3_server, prefect_harness, capsys,
+                                                      tmp_path):
+    missing = f"s3://{s3_server.bucket}/absent/sft.jsonl"
+    code = main(["validate", "--config", "configs/demo.yaml", "--set", f"data.sft={missing}",
+                 "--set", f"output_dir={tmp_path}/runs"])
+    out = capsys.readouterr()
+    assert code == 2
+    assert f"{missing}" in out.out + out.err and "file_exists" in out.out + out.err
+    assert "Traceback" not in out.out + out.err
+    assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in out.out + out.err
