@@ -143,15 +143,12 @@ def postgres():
 
 def create_database(pg: Postgres, name: str) -> str:
     """A new database on ``pg``; -> its SQLAlchemy URL."""
-    import psycopg2
+    import psycopg
 
-    conn = psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, dbname="postgres")
-    try:
-        conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
+    # autocommit: CREATE DATABASE cannot run inside a transaction.
+    with psycopg.connect(host=pg.host, port=pg.port, user=pg.user, dbname="postgres",
+                         autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
     return pg.url(name)
 
 

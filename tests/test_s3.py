@@ -89,3 +89,27 @@ def test_cli_refuses_a_missing_s3_dataset_with_exit_2(s3_server, prefect_harness
     assert f"{missing}" in out.out + out.err and "file_exists" in out.out + out.err
     assert "Traceback" not in out.out + out.err
     assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in out.out + out.err
+
+
+def test_labeling_an_s3_batch_needs_a_local_labels_file(s3_server, tmp_path):
+    from labeling.server import open_server
+
+    uri = f"s3://{s3_server.bucket}/t3/batch.jsonl"
+    write_jsonl_atomic(uri, [{"pair_id": "p1", "prompt": "The film", "response_a": " good.",
+                              "response_b": " bad."}])
+    with pytest.raises(DataError, match=rf"^{uri}: rule uri_scheme: .*give --out LABELS"):
+        open_server(uri, annotator="alice")
+    server = open_server(uri, annotator="alice", out=str(tmp_path / "labels.jsonl"))
+    try:
+        assert server.session.progress()["total"] == 1
+    finally:
+        server.server_close()
+
+
+def test_output_dir_on_s3_is_refused_naming_the_field():
+    from flows.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"output_dir: .*'s3://b/runs': stage outputs are "
+                                          r"local folders"):
+        load_config("configs/demo.yaml", ["output_dir=s3://b/runs"])
+    assert load_config("configs/demo.yaml", ["output_dir=file:///tmp/r"]).output_dir == "/tmp/r"
