@@ -43,6 +43,13 @@ def local_path(uri: str) -> Path:
     return Path(uri)
 
 
+def openable(location: str) -> str:
+    """What a library that opens locations itself (``from_pretrained``) should get: an
+    ``s3://`` model directory's cached local copy; anything else (a local path, a hub id) as
+    given."""
+    return str(local_path(location)) if location.startswith("s3://") else location
+
+
 def exists(uri: str) -> bool:
     """Whether a file, directory, S3 object or S3 prefix is there (without downloading it)."""
     if uri.startswith("s3://"):

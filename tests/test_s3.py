@@ -113,3 +113,19 @@ def test_output_dir_on_s3_is_refused_naming_the_field():
                                           r"local folders"):
         load_config("configs/demo.yaml", ["output_dir=s3://b/runs"])
     assert load_config("configs/demo.yaml", ["output_dir=file:///tmp/r"]).output_dir == "/tmp/r"
+
+
+def test_a_base_model_directory_on_s3_loads_from_its_cached_copy(s3_server):
+    from dataio import openable
+    from models.loading import load_causal_lm, load_tokenizer
+
+    base = Path(__file__).resolve().parents[1] / "demo" / "base_model"
+    for f in base.iterdir():
+        s3_server.client().upload_file(str(f), s3_server.bucket, f"models/base/{f.name}")
+    uri = f"s3://{s3_server.bucket}/models/base"
+    local = openable(uri)
+    assert sorted(p.name for p in Path(local).iterdir()) == sorted(p.name for p in base.iterdir())
+    assert openable("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"  # hub ids pass through
+    tok = load_tokenizer(local)
+    assert tok("The acting")["input_ids"] == load_tokenizer(str(base))("The acting")["input_ids"]
+    assert load_causal_lm(local).num_parameters() == load_causal_lm(str(base)).num_parameters()
