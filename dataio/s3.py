@@ -156,15 +156,3 @@ def put_bytes(uri: str, data: bytes) -> None:
     except Exception as e:
         raise _refuse(uri, e) from None
 
-
-def upload_dir(local: str | Path, uri: str) -> None:
-    """Every file under ``local`` to ``uri/<relative path>`` (a stage's output folder)."""
-    bucket, key = split(uri)
-    client = _client()
-    for p in sorted(Path(local).rglob("*")):
-        if p.is_file():
-            dest = f"{key.rstrip('/')}/{p.relative_to(local).as_posix()}".lstrip("/")
-            try:
-                client.upload_file(str(p), bucket, dest)
-            except Exception as e:
-                raise _refuse(f"{SCHEME}{bucket}/{dest}", e) from None
