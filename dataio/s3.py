@@ -95,12 +95,6 @@ def _listing(uri: str) -> tuple[str | None, list[tuple[str, str]]]:
     return exact, under
 
 
-def exists(uri: str) -> bool:
-    """Whether an object, or any object under ``uri/``, exists (a missing bucket is an error)."""
-    exact, under = _listing(uri)
-    return exact is not None or bool(under)
-
-
 def fetch(uri: str) -> Path:
     """A local copy of the object ``uri`` names, or a directory of the objects under it."""
     bucket, key = split(uri)

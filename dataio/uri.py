@@ -50,23 +50,6 @@ def openable(location: str) -> str:
     return str(local_path(location)) if location.startswith("s3://") else location
 
 
-def exists(uri: str) -> bool:
-    """Whether a file, directory, S3 object or S3 prefix is there (without downloading it)."""
-    if uri.startswith("s3://"):
-        from dataio import s3
-
-        return s3.exists(uri)
-    return local_path(uri).exists()
-
-
-def join(uri: str, *parts: str) -> str:
-    """``uri/part/...`` for a local path or an ``s3://`` URI (``Path`` would turn ``s3://b``
-    into ``s3:/b``)."""
-    if uri.startswith("s3://"):
-        return "/".join([uri.rstrip("/"), *(str(p).strip("/") for p in parts)])
-    return str(Path(uri).joinpath(*parts))
-
-
 def content_hash(uri: str) -> str:
     """sha256 of a file's bytes, or of a directory's files (names and bytes, sorted)."""
     path = local_path(uri)
