@@ -25,10 +25,6 @@ from dataio.uri import DataError
 SCHEME = "s3://"
 
 
-def is_s3(uri: str) -> bool:
-    return uri.startswith(SCHEME)
-
-
 def split(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; a URI without a bucket is refused."""
     bucket, _, key = uri[len(SCHEME):].partition("/")
