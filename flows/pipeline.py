@@ -70,7 +70,8 @@ def rlhf_pipeline(config: PipelineConfig,
     """Run every stage once; returns the gate's decision and where everything went.
     ``tags`` go on the parent run (e.g. the feedback round that started it)."""
     c, seed, root = config, config.seed, Path(config.output_dir) / config.name
-    with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c, tags=tags) as run:
+    with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c, tags=tags,
+                      artifacts=c.tracking.artifact_location) as run:
         ctx = run.ctx
         # With quarantine on, `checked.data` points at clean copies: train on those, never the
         # originals (which stay byte-identical).

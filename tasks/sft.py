@@ -15,7 +15,7 @@ from typing import Any
 from prefect import task
 from pydantic import Field
 
-from dataio import DataError, content_hash, read_records
+from dataio import DataError, content_hash, openable, read_records
 from tasks.base import (BaseModelConfig, LoraSettings, ModelResult, StageConfig, TrackingContext,
                         peft_config)
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
@@ -95,9 +95,10 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
             split = data.train_test_split(test_size=cfg.eval_fraction, seed=seed)
             data, eval_data = split["train"], split["test"]
 
-        tokenizer = load_tokenizer(base_model.path, base_model.revision, base_model.trust_remote_code,
+        base = openable(base_model.path)  # an s3:// base model: its cached local copy
+        tokenizer = load_tokenizer(base, base_model.revision, base_model.trust_remote_code,
                                    chat_template=base_model.chat_template)
-        model = load_causal_lm(base_model.path, base_model.revision, base_model.trust_remote_code)
+        model = load_causal_lm(base, base_model.revision, base_model.trust_remote_code)
         max_length = min(cfg.max_length, tokenizer.model_max_length)
         callback = trainer_metrics_callback("sft", run.info.run_id)
         with tempfile.TemporaryDirectory() as scratch:
