@@ -17,6 +17,7 @@ from tasks.base import BaseModelConfig, StageConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.feedback import FeedbackConfig
 from tasks.gate import GateConfig
+from tasks.launch import LaunchConfig
 from tasks.policy import PolicyConfig
 from tasks.register import RegistryConfig
 from tasks.reward import RewardConfig
@@ -67,6 +68,8 @@ class PipelineConfig(StageConfig):
     output_dir: str = "runs"
     """Local directory (URI-ready) for stage outputs; one subfolder per pipeline run."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    """Training stages in several processes (GPUs) under ``accelerate launch``."""
     data: DataConfig
     base_model: BaseModelConfig
     validation: ValidationConfig = Field(default_factory=ValidationConfig)

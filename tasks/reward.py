@@ -12,6 +12,7 @@ Outputs in ``out_dir``: RM weights (safetensors), tokenizer, ``reward_calibratio
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from typing import Any
@@ -21,6 +22,8 @@ from prefect import task
 from dataio import (DataError, content_hash, explicit_prompts, is_conversational, preference_rows,
                     read_records, render_prompt)
 from tasks.base import LoraSettings, ModelResult, StageConfig, TrackingContext, peft_config
+from tasks.distributed import is_main_process
+from tasks.launch import LaunchConfig, run_stage
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
 
@@ -204,9 +207,12 @@ def train_reward_model(cfg: RewardConfig, *, sft_model_uri: str, tokenizer, trai
 
 def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_uri: str,
                rl_prompts_uri: str, out_dir: str, seed: int,
-               ctx: TrackingContext) -> RewardResult:
+               ctx: TrackingContext) -> RewardResult | None:
     """Train, calibrate and normalise a reward model from the SFT checkpoint at ``sft_model_uri``
-    (and a held-out one from another seed, saved beside it as ``<out_dir>-heldout``)."""
+    (and a held-out one from another seed, saved beside it as ``<out_dir>-heldout``).
+
+    Under ``accelerate launch`` every process trains both models (the trainer splits the
+    batches); the main one then calibrates, normalises, saves and logs, the others return None."""
     import datasets
     import mlflow
     import torch
@@ -216,16 +222,25 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
     from models.reward import (RewardNorm, expected_calibration_error, fit_temperature,
                                preference_accuracy, preference_nll)
 
-    with stage_run(ctx, "reward", cfg, seed) as run:
+    main = is_main_process()
+    with stage_run(ctx, "reward", cfg, seed) if main else contextlib.nullcontext() as run:
         for name, uri in (("preferences", train_uri), ("eval_pairs", eval_uri),
                           ("rl_prompts", rl_prompts_uri)):
-            mlflow.set_tag(f"data.{name}.sha256", content_hash(uri))
+            if main:
+                mlflow.set_tag(f"data.{name}.sha256", content_hash(uri))
         tokenizer = load_tokenizer(sft_model_uri)
         train = datasets.Dataset.from_list(preference_rows(read_records(train_uri), train_uri,
                                                            cfg.margin))
         model, train_loss = train_reward_model(
             cfg, sft_model_uri=sft_model_uri, tokenizer=tokenizer, train=train, seed=seed,
-            callback=trainer_metrics_callback("reward", run.info.run_id))
+            callback=trainer_metrics_callback("reward", run.info.run_id) if main else None)
+        heldout = None
+        if cfg.heldout_seed_offset is not None:  # trained here: training needs every process
+            heldout, heldout_loss = train_reward_model(cfg, sft_model_uri=sft_model_uri,
+                                                       tokenizer=tokenizer, train=train,
+                                                       seed=seed + cfg.heldout_seed_offset)
+        if not main:
+            return None
 
         # Held-out pairs: accuracy and calibration (an implicit prompt split off as in training).
         max_length = min(cfg.max_length, tokenizer.model_max_length)
@@ -281,13 +296,10 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
                             "eval_nll": metrics["reward/eval_nll"],
                             "normalize_samples": cfg.normalize_samples})
         heldout_dir = None
-        if cfg.heldout_seed_offset is not None:
-            heldout, loss = train_reward_model(cfg, sft_model_uri=sft_model_uri,
-                                               tokenizer=tokenizer, train=train,
-                                               seed=seed + cfg.heldout_seed_offset)
+        if heldout is not None:
             h_c = score_id_lists(heldout, tokenizer, chosen, cfg.eval_batch_size)
             h_r = score_id_lists(heldout, tokenizer, rejected, cfg.eval_batch_size)
-            metrics.update({"reward/heldout/train_loss": loss,
+            metrics.update({"reward/heldout/train_loss": heldout_loss,
                             "reward/heldout/eval_accuracy": preference_accuracy(h_c, h_r),
                             "reward/heldout/longer_preferred": longer_preferred(h_c, h_r, len_c,
                                                                                 len_r)})
@@ -301,4 +313,8 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
                             heldout_model_uri=heldout_dir)
 
 
-reward_task = task(name="reward")(run_reward)
+@task(name="reward")
+def reward_task(cfg: RewardConfig, *, launch: LaunchConfig | None = None,
+                **inputs) -> RewardResult:
+    """``run_reward`` here, or in ``launch.num_processes`` processes (``tasks/launch.py``)."""
+    return run_stage(launch, "reward", cfg=cfg, **inputs)

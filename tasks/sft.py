@@ -8,6 +8,7 @@ only by default; TRL appends EOS to every completion, so the policy learns where
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from pydantic import Field
 from dataio import DataError, content_hash, read_records
 from tasks.base import (BaseModelConfig, LoraSettings, ModelResult, StageConfig, TrackingContext,
                         peft_config)
+from tasks.distributed import is_main_process
+from tasks.launch import LaunchConfig, run_stage
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
 
@@ -76,8 +79,11 @@ def sft_rows(records: list[dict[str, Any]], uri: str) -> list[dict[str, Any]]:
 
 
 def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_dir: str,
-            seed: int, ctx: TrackingContext) -> SFTResult:
-    """Fine-tune ``base_model`` on ``data_uri``; save weights + tokenizer to ``out_dir``."""
+            seed: int, ctx: TrackingContext) -> SFTResult | None:
+    """Fine-tune ``base_model`` on ``data_uri``; save weights + tokenizer to ``out_dir``.
+
+    Under ``accelerate launch`` every process trains (the trainer splits the batches); the
+    main one logs, saves and returns the result, the others return None."""
     import datasets
     import mlflow
     import transformers
@@ -85,8 +91,10 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
 
     from models.loading import load_causal_lm, load_tokenizer
 
-    with stage_run(ctx, "sft", cfg, seed) as run:
-        mlflow.set_tag("data.sft.sha256", content_hash(data_uri))
+    main = is_main_process()
+    with stage_run(ctx, "sft", cfg, seed) if main else contextlib.nullcontext() as run:
+        if main:
+            mlflow.set_tag("data.sft.sha256", content_hash(data_uri))
         transformers.set_seed(seed)
         rows = sft_rows(read_records(data_uri), data_uri)
         data = datasets.Dataset.from_list(rows)
@@ -99,7 +107,7 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
                                    chat_template=base_model.chat_template)
         model = load_causal_lm(base_model.path, base_model.revision, base_model.trust_remote_code)
         max_length = min(cfg.max_length, tokenizer.model_max_length)
-        callback = trainer_metrics_callback("sft", run.info.run_id)
+        callbacks = [trainer_metrics_callback("sft", run.info.run_id)] if main else []
         with tempfile.TemporaryDirectory() as scratch:
             args = trainer_args(
                 trl.SFTConfig, scratch, seed, max_steps=cfg.max_steps,
@@ -115,15 +123,17 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
             )
             trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
                                      eval_dataset=eval_data, processing_class=tokenizer,
-                                     callbacks=[callback],
+                                     callbacks=callbacks,
                                      peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
             train_out = trainer.train()
             metrics = {"sft/train_loss": train_out.training_loss,
                        "sft/train_runtime_s": train_out.metrics.get("train_runtime", 0.0)}
-            if "sft/loss" in callback.last:
-                metrics["sft/final_loss"] = callback.last["sft/loss"]
-            if eval_data is not None:
+            if callbacks and "sft/loss" in callbacks[0].last:
+                metrics["sft/final_loss"] = callbacks[0].last["sft/loss"]
+            if eval_data is not None:  # every process: the trainer splits and gathers it
                 metrics["sft/eval_loss"] = trainer.evaluate()["eval_loss"]
+        if not main:
+            return None
 
         model = trainer.model
         if cfg.lora is not None:
@@ -140,4 +150,7 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
                          metrics=metrics, num_train_examples=len(data), heldout_uri=heldout_uri)
 
 
-sft_task = task(name="sft")(run_sft)
+@task(name="sft")
+def sft_task(cfg: SFTConfig, *, launch: LaunchConfig | None = None, **inputs) -> SFTResult:
+    """``run_sft`` here, or in ``launch.num_processes`` processes (``tasks/launch.py``)."""
+    return run_stage(launch, "sft", cfg=cfg, **inputs)
