@@ -30,11 +30,14 @@ class PPOConfig(StageConfig):
     total_episodes: int = 16384
     """Episodes (sampled responses) in the whole stage; updates = total_episodes / batch_size."""
     batch_size: int = 64
-    """Episodes per rollout batch (one PPO update)."""
+    """Episodes per rollout batch (one PPO update), over all processes of a launch: each of
+    N processes samples batch_size / N of them."""
     mini_batch_size: int = 16
     """Episodes per optimiser step within a PPO epoch."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per mini-batch (mini_batch_size must divide evenly)."""
+    """Micro-batches per mini-batch (mini_batch_size must divide evenly). Under ``accelerate
+    launch`` with N processes each runs max(1, this / N) of them on its mini_batch_size / N
+    episodes: a micro-batch is never larger than in one process."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     learning_rate: float = 3e-6

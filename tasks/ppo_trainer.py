@@ -262,6 +262,15 @@ def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
     return ro
 
 
+def local_accumulation(cfg: PPOConfig, world: int) -> int:
+    """Micro-batches per mini-batch in each of ``world`` processes: they share the
+    ``gradient_accumulation_steps`` micro-batches (at least one each), so a micro-batch (the
+    memory of one forward pass) is never larger than in one process. When ``world`` divides
+    it, the mean of the micro-batch losses is the one-process loss, micro-batch for
+    micro-batch (tests/test_multigpu.py checks the weights against one process)."""
+    return max(1, cfg.gradient_accumulation_steps // world)
+
+
 def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                optimizer: torch.optim.Optimizer, gen: torch.Generator,
                scaler: torch.amp.GradScaler | None = None,
@@ -275,7 +284,8 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
     world = dp.world_size if dp is not None else 1
     B = ro.response_ids.shape[0]
     mini = cfg.mini_batch_size // world
-    micro = mini // cfg.gradient_accumulation_steps
+    accum = local_accumulation(cfg, world)
+    micro = mini // accum
     params = models.trainable_params()
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
@@ -299,7 +309,7 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                     kl_term = masked_mean(kl_estimate(logp, mb.ref_logprobs, cfg.kl_estimator),
                                           mb.response_mask)
                     loss = loss + beta * kl_term
-                scaled = loss / cfg.gradient_accumulation_steps
+                scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 for k, v in {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
                              "policy/entropy": entropy, "loss/policy": pl.loss,
@@ -355,10 +365,10 @@ def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], se
     if cfg.mini_batch_size % cfg.gradient_accumulation_steps or cfg.batch_size % cfg.mini_batch_size:
         raise ValueError("ppo: batch_size must be a multiple of mini_batch_size, and "
                          "mini_batch_size of gradient_accumulation_steps")
-    if cfg.mini_batch_size % world or (cfg.mini_batch_size // world) % cfg.gradient_accumulation_steps:
-        raise ValueError(f"ppo: mini_batch_size {cfg.mini_batch_size} must split over {world} "
-                         f"processes into shares that are multiples of gradient_accumulation_steps "
-                         f"({cfg.gradient_accumulation_steps})")
+    accum = local_accumulation(cfg, world)
+    if cfg.mini_batch_size % world or (cfg.mini_batch_size // world) % accum:
+        raise ValueError(f"ppo: mini_batch_size {cfg.mini_batch_size} must split evenly over "
+                         f"{world} processes, each share into {accum} micro-batches")
     device = models.device
     n_updates = max(1, cfg.total_episodes // cfg.batch_size)
     state = init_train_state(cfg, models, prompts, seed, n_updates)
