@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -37,6 +38,34 @@ def is_main_process() -> bool:
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def sharded_weights() -> bool:
+    """True in an FSDP or ZeRO-3 launch: no process holds the whole model while training."""
+    return _flag("ACCELERATE_USE_FSDP") or (
+        _flag("ACCELERATE_USE_DEEPSPEED")
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
+def refuse_sharded_lora(lora) -> None:
+    """LoRA with sharded weights would save adapters alone, which our stages do not merge."""
+    if lora is not None and sharded_weights():
+        raise ValueError("LoRA under an FSDP or ZeRO-3 launch is not supported: use "
+                         "deploy/accelerate/ddp.yaml or deepspeed_zero2.yaml, or no LoRA")
+
+
+def trained_model(trainer, scratch: str, load: Callable[[str], Any]):
+    """A HF trainer's model with whole weights in the main process; None in the others.
+
+    Every process must call it: gathering sharded weights is a collective. DDP and ZeRO-1/2
+    keep whole weights in every process, so that is ``trainer.model``. FSDP and ZeRO-3 shard
+    them: ``trainer.save_model`` gathers them onto the main process (a full state dict) and
+    the main process loads them back with ``load(scratch)``.
+    """
+    if not sharded_weights():
+        return trainer.model if is_main_process() else None
+    trainer.save_model(scratch)
+    return load(scratch) if is_main_process() else None
 
 
 @dataclass(frozen=True)

@@ -179,13 +179,16 @@ def launch_stage(launch: LaunchConfig, stage: TrainingStage, inputs: dict[str, A
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
         answer = json.loads(result.read_text()) if result.exists() else None
+        errors = sorted(Path(tmp).glob(f"{result.name}.rank*.error"))
+        # The lowest rank that failed (often all of them, with the same error).
+        failure = (f"{errors[0].name.split('.')[-2]} failed:\n{errors[0].read_text()}"
+                   if errors else "")
     if answer is not None and "data_error" in answer:
         from dataio import DataError
 
         raise DataError(**answer["data_error"])  # bad input stays bad input: exit 2 in the CLI
     if rc != 0 or answer is None:
         raise LaunchError(f"{stage}: accelerate launch with {launch.num_processes} processes "
-                          f"exited with status {rc}"
-                          f"{'' if answer else ' and no result'}; its last lines:\n"
-                          + "\n".join(tail))
+                          f"exited with status {rc}{'' if answer else ' and no result'}; "
+                          + (failure or "its last lines:\n" + "\n".join(tail)))
     return TypeAdapter(result_type).validate_python(answer["result"])

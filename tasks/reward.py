@@ -121,13 +121,18 @@ def make_trainer_class():
     from accelerate.utils import is_peft_model
     from trl import RewardTrainer
 
-    from models.reward import pairwise_loss, score_sequences
+    from models.reward import pairwise_loss, score_sequences, score_sequences_through
 
     class MaskPooledRewardTrainer(RewardTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if model.training else "eval"
-            scorer = model.get_base_model() if is_peft_model(model) else model
-            rewards = score_sequences(scorer, inputs["input_ids"], inputs["attention_mask"])  # (2B,)
+            if model is self.model:  # one process (or evaluation): the model itself
+                scorer = model.get_base_model() if is_peft_model(model) else model
+                rewards = score_sequences(scorer, inputs["input_ids"], inputs["attention_mask"])
+            else:  # wrapped for data parallel training: its forward must run (see there)
+                inner = self.model.get_base_model() if is_peft_model(self.model) else self.model
+                rewards = score_sequences_through(model, inner, inputs["input_ids"],
+                                                  inputs["attention_mask"])  # (2B,)
             r_chosen, r_rejected = torch.chunk(rewards, 2)  # (B,), (B,)
             loss = pairwise_loss(r_chosen, r_rejected, inputs.get("margin"))
             if self.args.center_rewards_coefficient is not None:
@@ -175,12 +180,16 @@ def sample_policy_ids(sft_model_uri: str, tokenizer, prompts: list[Any], cfg: Re
 def train_reward_model(cfg: RewardConfig, *, sft_model_uri: str, tokenizer, train, seed: int,
                        callback=None):
     """A Bradley-Terry reward model trained from the SFT weights (score head seeded by
-    ``seed``); returns the model in eval mode (LoRA merged) and the mean training loss."""
+    ``seed``); returns the model in eval mode (LoRA merged) and the mean training loss.
+    Under ``accelerate launch`` every process trains and only the main one gets the model
+    (the others get None)."""
     import transformers
     import trl
 
     from models.loading import load_sequence_scorer
+    from tasks.distributed import refuse_sharded_lora, trained_model
 
+    refuse_sharded_lora(cfg.lora)
     transformers.set_seed(seed)  # before loading: the score head is freshly initialised
     model = load_sequence_scorer(sft_model_uri)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -199,7 +208,9 @@ def train_reward_model(cfg: RewardConfig, *, sft_model_uri: str, tokenizer, trai
             callbacks=[callback] if callback else [],
             peft_config=peft_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]))
         train_out = trainer.train()
-    model = trainer.model
+        model = trained_model(trainer, f"{scratch}/gathered", load_sequence_scorer)
+    if model is None:  # not the main process: it only helped train
+        return None, train_out.training_loss
     if cfg.lora is not None:
         model = model.merge_and_unload()
     return model.eval(), train_out.training_loss

@@ -19,7 +19,7 @@ from pydantic import Field
 from dataio import DataError, content_hash, read_records
 from tasks.base import (BaseModelConfig, LoraSettings, ModelResult, StageConfig, TrackingContext,
                         peft_config)
-from tasks.distributed import is_main_process
+from tasks.distributed import is_main_process, refuse_sharded_lora, trained_model
 from tasks.launch import LaunchConfig, run_stage
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
@@ -91,6 +91,7 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
 
     from models.loading import load_causal_lm, load_tokenizer
 
+    refuse_sharded_lora(cfg.lora)
     main = is_main_process()
     with stage_run(ctx, "sft", cfg, seed) if main else contextlib.nullcontext() as run:
         if main:
@@ -132,10 +133,10 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
                 metrics["sft/final_loss"] = callbacks[0].last["sft/loss"]
             if eval_data is not None:  # every process: the trainer splits and gathers it
                 metrics["sft/eval_loss"] = trainer.evaluate()["eval_loss"]
+            model = trained_model(trainer, f"{scratch}/gathered", load_causal_lm)
         if not main:
             return None
 
-        model = trainer.model
         if cfg.lora is not None:
             model = model.merge_and_unload()
         model.save_pretrained(out_dir)  # safetensors by default

@@ -3,13 +3,16 @@
 ``accelerate launch`` starts this in every process (``tasks/launch.py`` writes the request).
 It rebuilds the stage's typed inputs from JSON, runs ``run_<stage>`` and, in the main process,
 writes the typed result where the request says; a data error is written there too, so the
-parent raises it as the data error it is.
+parent raises it as the data error it is. Any other failure leaves its traceback beside the
+result (``<result>.rank<N>.error``), so the parent reports the error itself rather than the
+launcher's account of a failed child.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 import typing
 from pathlib import Path
 
@@ -18,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import BaseModel, TypeAdapter
 
     from dataio import DataError
-    from tasks.distributed import is_main_process
+    from tasks.distributed import is_main_process, process_index
     from tasks.launch import stage_function
 
     (request_path,) = argv if argv is not None else sys.argv[1:]
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             _write(out, {"data_error": {"uri": e.uri, "message": e.message, "rule": e.rule,
                                         "row": e.row}})
         return 2
+    except BaseException:
+        out.with_name(f"{out.name}.rank{process_index()}.error").write_text(traceback.format_exc())
+        raise
     if is_main_process():
         if not isinstance(result, BaseModel):
             raise TypeError(f"{request['stage']}: the main process returned {result!r}")

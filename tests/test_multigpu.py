@@ -176,3 +176,24 @@ def test_sft_and_ppo_launched_by_prefect_tasks_agree_with_one_process(
     assert abs(two_ppo.metrics["ppo/final_kl"] - one_ppo.metrics["ppo/final_kl"]) < 0.5
     _, sft_runs = _child_runs(two_ctx, "sft")
     assert len(sft_runs) == 1
+
+
+def test_reward_scores_through_a_wrapper_equal_the_direct_scores():
+    """The reward trainer under DDP scores through the wrapper's forward (its gradient hooks
+    need it); the scores must be the ones ``score_sequences`` gives, padding included."""
+    import torch
+
+    from models.loading import load_sequence_scorer
+    from models.reward import score_sequences, score_sequences_through
+
+    torch.manual_seed(0)
+    rm = load_sequence_scorer(str(REPO / "demo" / "base_model")).eval()
+    rm.config.pad_token_id = 0
+    ids = torch.randint(1, 100, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    mask[1, -3:] = 0  # right padding
+    with torch.no_grad():
+        direct = score_sequences(rm, ids, mask)
+        through = score_sequences_through(rm, rm, ids, mask)  # the model as its own wrapper
+    assert torch.allclose(direct, through, atol=1e-6)
