@@ -28,7 +28,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tasks.base import StageConfig
 
@@ -62,6 +62,14 @@ class LaunchConfig(StageConfig):
     cpu: bool = False
     """Run the processes on CPU (gloo backend) even where GPUs are present: for tests and
     debugging. Without GPUs this is what happens anyway."""
+
+    @field_validator("config_file")
+    @classmethod
+    def _config_file_exists(cls, value: str | None) -> str | None:
+        # Checked with the rest of the config, before any stage runs (not an hour in).
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
 
     def applies_to(self, stage: str) -> bool:
         return self.num_processes > 1 and stage in self.stages
@@ -113,10 +121,8 @@ def launch_command(launch: LaunchConfig, request: Path, port: int | None) -> lis
 def _config_port(config_file: str) -> int | None:
     import yaml
 
-    path = Path(config_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"launch.config_file {config_file}: no such file")
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("main_process_port")
+    tree = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+    return tree.get("main_process_port")
 
 
 def _stage_logger():

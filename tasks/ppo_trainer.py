@@ -197,7 +197,7 @@ def restore_checkpoint(path: Path, models: PPOModels, state: TrainState,
         # Another number of processes than the run that saved it: no RNG state of ours there.
         rngs = per_rank[dp.rank] if len(per_rank) == dp.world_size else None
     if rngs is None:
-        torch.manual_seed(hash((ckpt["step"], dp.rank)) % 2 ** 31)
+        torch.manual_seed(1000003 * dp.rank + ckpt["step"])  # distinct per process and step
     else:
         torch.set_rng_state(rngs["torch_rng"])
         if "cuda_rng" in rngs and torch.cuda.is_available():

@@ -71,6 +71,8 @@ def test_pipeline_config_has_a_launch_section():
     assert cfg.launch.num_processes == 2 and cfg.launch.applies_to("policy")
     with pytest.raises(ConfigError, match="launch.num_processes"):
         load_config(REPO / "configs" / "demo.yaml", ["launch.num_processes=0"])
+    with pytest.raises(ConfigError, match="launch.config_file: .*no such file"):
+        load_config(REPO / "configs" / "demo.yaml", ["launch.config_file=deploy/nope.yaml"])
 
 
 def _env() -> dict[str, str]:
@@ -197,3 +199,34 @@ def test_reward_scores_through_a_wrapper_equal_the_direct_scores():
         direct = score_sequences(rm, ids, mask)
         through = score_sequences_through(rm, rm, ids, mask)  # the model as its own wrapper
     assert torch.allclose(direct, through, atol=1e-6)
+
+
+def test_stage_worker_hands_back_data_errors_and_tracebacks(make_ctx, tmp_path):
+    """What a launched process leaves for the parent when it fails: a data error as data (the
+    parent raises it again: exit 2 in the CLI), anything else as its traceback."""
+    from tasks import stage_worker
+
+    ctx = make_ctx("worker_errors")
+    result = tmp_path / "result.json"
+
+    def request(**inputs) -> str:
+        path = tmp_path / "request.json"
+        path.write_text(json.dumps({"stage": "sft", "result_path": str(result), "inputs": {
+            "cfg": {"max_steps": 1}, "out_dir": str(tmp_path / "sft"), "seed": 0,
+            "ctx": ctx.model_dump(), **inputs}}))
+        return str(path)
+
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"question": "no prompt or completion here"}\n')
+    code = stage_worker.main([request(base_model={"path": str(REPO / "demo" / "base_model")},
+                                      data_uri=str(wrong))])
+    assert code == 2
+    error = json.loads(result.read_text())["data_error"]
+    assert error["uri"] == str(wrong) and error["rule"] == "required_columns"
+
+    result.unlink()
+    with pytest.raises(OSError):
+        stage_worker.main([request(base_model={"path": str(tmp_path / "no_model")},
+                                   data_uri=str(REPO / "demo" / "data" / "sft.jsonl"))])
+    assert not result.exists()
+    assert "Traceback" in (tmp_path / "result.json.rank0.error").read_text()
