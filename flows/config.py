@@ -17,6 +17,7 @@ from tasks.base import BaseModelConfig, StageConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.feedback import FeedbackConfig
 from tasks.gate import GateConfig
+from tasks.launch import LaunchConfig
 from tasks.policy import PolicyConfig
 from tasks.register import RegistryConfig
 from tasks.reward import RewardConfig
@@ -74,6 +75,8 @@ class PipelineConfig(StageConfig):
     per pipeline run. Not ``s3://`` yet: every model a stage saves also goes to MLflow as an
     artifact, which an ``mlflow server`` or ``tracking.artifact_location`` puts on S3."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    """Training stages in several processes (GPUs) under ``accelerate launch``."""
     data: DataConfig
     base_model: BaseModelConfig
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
