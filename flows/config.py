@@ -71,9 +71,11 @@ class PipelineConfig(StageConfig):
     seed: int = 0
     """Global seed; every stage logs it and seeds torch, python and numpy from it."""
     output_dir: str = "runs"
-    """Local directory for stage outputs (checkpoints, saved models, reports); one subfolder
-    per pipeline run. Not ``s3://`` yet: every model a stage saves also goes to MLflow as an
-    artifact, which an ``mlflow server`` or ``tracking.artifact_location`` puts on S3."""
+    """Where stage outputs go (saved models, checkpoints, reports, feedback batches, dataset
+    versions), one subfolder per pipeline name: a local directory, or ``s3://bucket/prefix``
+    (stages then work in a local scratch folder under ``$RLHF_CACHE_DIR/outputs`` and each
+    finished stage is uploaded to ``<output_dir>/<name>/<stage>-<key>/``, its record last;
+    ``tasks.outputs``). Credentials come from the AWS environment or profile."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     """Training stages in several processes (GPUs) under ``accelerate launch``."""
@@ -91,12 +93,14 @@ class PipelineConfig(StageConfig):
 
     @field_validator("output_dir")
     @classmethod
-    def _local_output_dir(cls, value: str) -> str:
-        # Path("s3://b/x") is the local folder "s3:/b/x": refuse it rather than write there.
+    def _output_dir(cls, value: str) -> str:
+        # Path("gs://b/x") would be the local folder "gs:/b/x": refuse it rather than write there.
+        if value.startswith("s3://"):
+            if not value[len("s3://"):].partition("/")[0]:
+                raise ValueError(f"{value!r}: an S3 output_dir names a bucket: s3://bucket/prefix")
+            return value.rstrip("/")
         if "://" in value and not value.startswith("file://"):
-            raise ValueError(f"{value!r}: stage outputs are local folders for now; models reach "
-                             f"S3 as MLflow artifacts (tracking.artifact_location, or an mlflow "
-                             f"server with --artifacts-destination s3://...)")
+            raise ValueError(f"{value!r}: output_dir is a local folder or s3://bucket/prefix")
         return value.removeprefix("file://")
 
 
