@@ -36,6 +36,10 @@ class ValidationConfig(StageConfig):
 
     min_rows: int = Field(default=16, ge=0)
     """Fewest rows any dataset may have (after parsing)."""
+    max_row_bytes: int | None = Field(default=16 * 2**20, ge=1)
+    """Largest row in bytes (a JSONL line, or a Parquet/``datasets`` row's values); larger rows
+    are refused (rule ``max_row_bytes``) without being read into memory. 16 MiB holds a
+    128k-token conversation several times over; None: no limit."""
     min_rows_by_dataset: dict[str, int] = Field(default_factory=dict)
     """Per-dataset overrides of ``min_rows``, keyed by data config name (e.g. ``eval_prompts``)."""
     max_prompt_tokens: int | None = Field(default=None, ge=1)
@@ -278,7 +282,7 @@ def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
     hashes: dict[str, str] = {}
     for name, uri in uris.items():
         try:
-            loaded[name] = load(name, uri)
+            loaded[name] = load(name, uri, max_row_bytes=cfg.max_row_bytes)
         except DataError as e:
             report.failures.append(Failure(name, uri, e.rule, e.message))
             continue
