@@ -24,6 +24,7 @@ from tasks.base import stage_dir
 from tasks.evaluate import evaluate_task
 from tasks.gate import Decision, ask_approval, gate_task
 from tasks.policy import policy_task
+from tasks.refusal import accepted, refusals_as_failed
 from tasks.register import Registration, champion_task, promote_task, register_task
 from tasks.report import report_task
 from tasks.reward import reward_task
@@ -65,6 +66,7 @@ def next_step(registration: Registration | None) -> str:
 # No log_prints: it would turn the bytecode listings that `datasets` prints into its own
 # fingerprint buffer into thousands of Prefect log lines.
 @flow(name="rlhf-pipeline")
+@refusals_as_failed  # refused data: a Failed run with one line, not a traceback (tasks/refusal.py)
 def rlhf_pipeline(config: PipelineConfig,
                   tags: dict[str, str] | None = None) -> PipelineResult:
     """Run every stage once; returns the gate's decision and where everything went.
@@ -75,9 +77,9 @@ def rlhf_pipeline(config: PipelineConfig,
         ctx = run.ctx
         # With quarantine on, `checked.data` points at clean copies: train on those, never the
         # originals (which stay byte-identical).
-        checked = validation_task(c.validation, data=c.data.model_dump(),
-                                  tokenizer_path=c.base_model.path, out_dir=str(root), ctx=ctx,
-                                  chat_template=c.base_model.chat_template)
+        checked = accepted(validation_task(c.validation, data=c.data.model_dump(),
+                                           tokenizer_path=c.base_model.path, out_dir=str(root),
+                                           ctx=ctx, chat_template=c.base_model.chat_template))
         run.tag_data(checked.hashes)
         data, h = checked.data, checked.hashes
         sft = sft_task(c.sft, launch=c.launch, base_model=c.base_model, data_uri=data["sft"],

@@ -25,6 +25,7 @@ from data_checks.frames import (SPECS, Loaded, add_cross_file_flags, add_helpers
 from data_checks.report import DatasetSummary, Failure, Report
 from dataio import DataError, content_hash, openable
 from tasks.base import StageConfig, StageResult, TrackingContext
+from tasks.refusal import Refusal, refusals_returned
 
 STAGE = "validation"
 # Tokenizers report a huge sentinel (int(1e30)) as model_max_length when they know no limit.
@@ -83,7 +84,7 @@ class ValidationResult(StageResult):
     passed: bool
 
 
-class DataValidationError(Exception):
+class DataValidationError(Refusal):
     """A dataset broke its contract; ``str(e)`` names file, rows and rule, ``.report`` has it all."""
 
     def __init__(self, report: Report, report_path: str | None = None):
@@ -93,6 +94,18 @@ class DataValidationError(Exception):
         if report_path:
             msg += f"\n  report: {report_path}"
         super().__init__(msg)
+
+    @property
+    def headline(self) -> str:
+        """The count, the first violation and the report, on one line (a Prefect state message)."""
+        first = self.report.errors[0].line() if self.report.errors else ""
+        more = len(self.report.errors) - 1
+        return (f"{self.report.summary().splitlines()[0]}: {first}"
+                + (f" (and {more} more)" if more > 0 else "")
+                + (f"; report: {self.report_path}" if self.report_path else ""))
+
+    def __reduce__(self):  # picklable as Prefect result storage may need (args are not msg)
+        return type(self), (self.report, self.report_path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -351,4 +364,6 @@ def _log_input(ctx: TrackingContext, run_id: str, name: str, loaded: Loaded,
         mlflow.set_tag(f"data.{name}.log_input_error", str(e)[:250])
 
 
-validation_task = prefect.task(name="validation")(run_validation)
+# Refused data comes back as the task's value (the flow's `accepted` raises it), so Prefect
+# logs no traceback for it (tasks/refusal.py).
+validation_task = prefect.task(name="validation")(refusals_returned(run_validation))
