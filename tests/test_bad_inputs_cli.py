@@ -47,8 +47,8 @@ def all_files(tmp_path: Path, role: str, rows: list[dict], fmt: str) -> dict[str
     """The valid demo-sized base for every role (JSONL), with ``role`` replaced by ``rows``."""
     base = base_rows()
     data = {n: write_dataset(tmp_path, n, rs, "jsonl") for n, rs in base.items() if n != role}
-    data[role] = write_dataset(tmp_path / fmt, role, rows, fmt) if fmt != "jsonl" else \
-        write_dataset(tmp_path, role, rows, fmt)
+    (tmp_path / "bad").mkdir()
+    data[role] = write_dataset(tmp_path / "bad", role, rows, fmt)
     return data
 
 
@@ -66,10 +66,10 @@ def _latin1_chosen(rows):
     return rows
 
 
-# (command, role, format, edit, rule, row or None)
+# (command, role, format, edit, rule, row (or how the rows are named) or None)
 CASES = [
     ("run", "preference_labels", "jsonl", _surrogate_label, "valid_utf8_text", 4),
-    ("run", "sft", "parquet", _int_completions, "column_type", 1),
+    ("run", "sft", "parquet", _int_completions, "column_type", "40 rows (first 5: 1, 2, 3, 4, 5)"),
     ("feedback", "preferences", "datasets", _latin1_chosen, "utf8", 6),
     ("validate", "eval_prompts", "jsonl", lambda rows: rows[:3], "min_rows", None),
 ]
@@ -97,7 +97,7 @@ def test_cli_refuses_bad_input_cleanly(prefect_harness, tracking_uri, tmp_path, 
     err = proc.stderr
     assert proc.returncode == 2, err[-3000:]
     assert "Traceback" not in err and "NoneType: None" not in err, err[-3000:]
-    where = f"row {row}: " if row else ""
+    where = f"row {row}: " if isinstance(row, int) else f"{row}: " if row else ""
     violation = f"{data[role]}: {where}rule {rule}:"
     assert f"error: data refused before training:\n" in err, err[-3000:]
     assert violation in err, err[-3000:]
@@ -106,7 +106,9 @@ def test_cli_refuses_bad_input_cleanly(prefect_harness, tracking_uri, tmp_path, 
     report = err.split("\n  report: ")[1].split("\n")[0]
     assert Path(report).exists() and report.endswith("report.html")
     if command != "validate":
-        assert "Finished in state Failed('refused: data validation failed" in err, err[-3000:]
+        finished = [ln for ln in err.splitlines() if "Finished in state Failed(" in ln]
+        assert finished and all("refused: data validation failed" in ln for ln in finished), \
+            err[-3000:]
         client = MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(f"bad-{case}")
         stages = {r.info.run_name for r in client.search_runs([exp.experiment_id])}
