@@ -19,8 +19,8 @@ from dataio import content_hash
 from tasks.validation import DataValidationError, ValidationConfig, run_validation
 
 
-def write_base(tmp_path: Path, fmt: str = "jsonl",
-               rows: dict[str, list[dict]] | None = None) -> dict[str, str]:
+def write_base(tmp_path: Path, rows: dict[str, list[dict]] | None = None,
+               fmt: str = "jsonl") -> dict[str, str]:
     rows = rows or base_rows()
     return {name: write_dataset(tmp_path, name, rs, fmt) for name, rs in rows.items()}
 
@@ -210,7 +210,7 @@ def test_corpus_has_enough_distinct_defects():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_valid_base_passes(tmp_path, fmt):
-    data = write_base(tmp_path, fmt)
+    data = write_base(tmp_path, fmt=fmt)
     result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
                             out_dir=str(tmp_path / "out"), ctx=None)
     assert result.passed and set(result.hashes) == set(data) == set(ROLES)
