@@ -215,7 +215,9 @@ def _quarantine(cfg: ValidationConfig, loaded: Loaded, summary: DatasetSummary,
     qpath, cpath = qdir / f"{loaded.name}.jsonl", cdir / f"{loaded.name}.jsonl"
     with (qpath.open("wb") as q, cpath.open("wb") as c,
           (qdir / f"{loaded.name}.reasons.jsonl").open("w", encoding="utf-8") as why):
-        if loaded.raw_lines is not None:  # JSONL: copy the bytes exactly as they were
+        # JSONL: copy the bytes exactly as they were. A row over max_row_bytes was never read,
+        # so it is in neither file; reasons.jsonl lists it.
+        if loaded.raw_lines is not None:
             for row, raw in loaded.raw_lines.items():
                 (q if row in bad else c).write(raw if raw.endswith(b"\n") else raw + b"\n")
         else:

@@ -1,8 +1,11 @@
 """A corpus of bad inputs, each refused by the validation stage with the right rule named.
 
 The corpus is generated into tmp_path from the DEFECTS table: a small valid dataset set
-(``write_base``) with one defect applied. Each case asserts the refusal names the rule (and
-the row, where the rule is row-level) and that no input file changed by a single byte.
+(``bad_corpus.base_rows``) with one defect applied, written as JSONL, Parquet and a `datasets`
+directory wherever the defect can exist in that format (``bad_corpus.formats_of``). Each case
+asserts the refusal names the rule (and the row, where the rule is row-level) and that no
+input file changed by a single byte. The defects any file can have, in every role, are in
+``test_bad_inputs_every_role.py``.
 """
 
 from __future__ import annotations
