@@ -1,6 +1,7 @@
 """Expected refusals: bad input stops a Prefect run with one line, not a traceback.
 
-A refusal (``Refusal``, e.g. ``DataValidationError``, or ``dataio.DataError``) says the user's
+A refusal (``Refusal``: ``DataValidationError``, ``flows.config.ConfigError``; or
+``dataio.DataError``) says the user's
 input is wrong, and names file, row and rule; a traceback says the code is, and is kept for
 that. Prefect logs an exception raised in a task or a flow with its traceback, once per level
 (prefect 3.9 ``task_engine.handle_retry``: ``exc_info=True``; ``flow_engine.run_context``:
