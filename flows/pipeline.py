@@ -54,6 +54,8 @@ class PipelineResult(BaseModel):
     """The promoted version and its aliases; None when the gate refused."""
     candidate: Registration | None = None
     """The evaluated policy's registry version (alias ``candidate``), promoted or not."""
+    reused: dict[str, str] = {}
+    """Stage -> the earlier MLflow run it was reused from (its key was unchanged)."""
 
 
 def next_step(registration: Registration | None) -> str:
@@ -126,4 +128,5 @@ def rlhf_pipeline(config: PipelineConfig,
                           sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,
                           heldout_reward_uri=reward.heldout_model_uri,
                           champion_uri=champion.policy_dir if champion else None,
-                          registration=registration, candidate=candidate)
+                          registration=registration, candidate=candidate,
+                          reused=stages.reused)

@@ -28,6 +28,11 @@ class StageConfig(BaseModel):
         (``tasks.cache``): all of it, unless a config knows better."""
         return self.model_dump(mode="json")
 
+    def code_modules(self) -> list[str]:
+        """Modules this config names by string (e.g. a judge's ``module:function``), whose
+        source keys the stage like its own code (``tasks.cache.code_version``)."""
+        return []
+
 
 class BaseModelConfig(StageConfig):
     """The model every stage starts from."""

@@ -9,9 +9,10 @@ A stage's key is the sha256 of
 - its **inputs**, that is the task's parameters except ``ctx`` (a new parent run every run)
   and ``out_dir`` (named after the key): configs as JSON (``StageConfig.key_dump``, so a
   policy config keys only the chosen algorithm's settings), typed upstream results as JSON,
-  and every file or directory input (``*_uri``, ``*_path``, ``data``, ``base_model.path``)
-  by the sha256 of its bytes. Content, not upstream keys: an upstream stage that re-runs and
-  writes the same bytes leaves its downstream stages reused.
+  and every file or directory input (``*_uri``, ``*_path``, ``data``, ``base_model.path``, a
+  ``chat_template`` file) by the sha256 of its bytes, and the code version of any module a
+  config names (``StageConfig.code_modules``: the gold judge). Content, not upstream keys: an
+  upstream stage that re-runs and writes the same bytes leaves its downstream stages reused.
 
 We chose source hashing over a hand-bumped ``CODE_VERSION`` per stage: a forgotten bump
 silently reuses a model trained by old code, the very failure this module exists to prevent;
@@ -85,7 +86,10 @@ def fingerprint(uri: str | None) -> str | None:
         path = local_path(uri)
     except DataError:
         return f"uri:{uri}"
-    if not path.exists():
+    try:
+        if not path.exists():
+            return f"uri:{uri}"
+    except OSError:  # not a path at all: e.g. a chat template written out in the config
         return f"uri:{uri}"
     files = ([path] if path.is_file() else
              sorted(p for p in path.rglob("*") if p.is_file() and p.name != RESULT_FILE))
@@ -98,16 +102,20 @@ def fingerprint(uri: str | None) -> str | None:
 
 
 def _is_file_input(name: str) -> bool:
-    return name.endswith(("_uri", "_path")) or name == "data"
+    """Parameters that name files or directories (``chat_template``: a path, or the template
+    itself, which then stands for itself)."""
+    return name.endswith(("_uri", "_path")) or name in ("data", "chat_template")
 
 
 def key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     """The task's inputs as the key sees them: JSON, with file inputs replaced by content."""
     def canon(name: str, value: Any) -> Any:
         if isinstance(value, BaseModelConfig):
-            return {**value.key_dump(), "path.sha256": fingerprint(value.path)}
+            return {**value.key_dump(), "path.sha256": fingerprint(value.path),
+                    "chat_template.sha256": fingerprint(value.chat_template)}
         if isinstance(value, StageConfig):
-            return value.key_dump()
+            return {**value.key_dump(),
+                    **{f"code:{m}": code_version(m) for m in value.code_modules()}}
         if isinstance(value, BaseModel):
             return value.model_dump(mode="json")
         if _is_file_input(name) and isinstance(value, dict):

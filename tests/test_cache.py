@@ -48,6 +48,25 @@ def test_directory_fingerprint_covers_names_and_bytes_but_not_the_result_record(
     (model / "tokenizer.json").write_text("{}")
     assert cache.fingerprint(str(model)) != before
     assert cache.fingerprint("Qwen/Qwen2.5-0.5B") == "uri:Qwen/Qwen2.5-0.5B"  # a hub id
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}" * 20  # not a path
+    assert cache.fingerprint(template) == f"uri:{template}"
+
+
+def test_base_model_is_keyed_by_its_files_and_its_chat_template_file(tmp_path):
+    from tasks.base import BaseModelConfig
+
+    model = tmp_path / "base"
+    shutil.copytree("demo/base_model", model)
+    template = tmp_path / "chat.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    key = lambda: cache.key_inputs({"base_model": BaseModelConfig(  # noqa: E731
+        path=str(model), chat_template=str(template))})
+    first = key()
+    template.write_text("{{ messages[-1]['content'] }}")
+    second = key()
+    assert second != first
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")
+    assert key() != second
 
 
 def test_policy_key_covers_only_the_chosen_algorithm():
@@ -57,6 +76,14 @@ def test_policy_key_covers_only_the_chosen_algorithm():
     edited_ppo = PolicyConfig.model_validate({"ppo": {"learning_rate": 1e-4}})
     assert ppo.key_dump() != edited_ppo.key_dump()
     assert ppo.key_dump() != PolicyConfig(algorithm="dpo").key_dump()
+
+
+def test_gold_judge_code_keys_the_evaluation():
+    from tasks.evaluate import EvaluateConfig
+
+    judged = cache.key_inputs({"cfg": EvaluateConfig(gold_judge="demo.judge:score")})["cfg"]
+    assert judged["code:demo.judge"] == cache.code_version("demo.judge")
+    assert not any(k.startswith("code:") for k in cache.key_inputs({"cfg": EvaluateConfig()})["cfg"])
 
 
 def test_code_version_follows_imports_inside_functions(tmp_path, monkeypatch):
@@ -144,6 +171,7 @@ def test_rerun_reuses_exactly_the_unchanged_stages(prefect_harness, tiny_overrid
     headline = runs["sft"].data.metrics
     assert "sft/train_loss" in headline and headline.items() <= first_runs["sft"].data.metrics.items()
     assert _mtimes(root) == written
+    assert again.reused == {stage: first_runs[stage].info.run_id for stage in STAGES}
     assert again.candidate.reused
     assert again.candidate.policy_version == first.candidate.policy_version
     assert len(client.search_model_versions(f"name='{cfg.registry.policy_name}'")) == versions
