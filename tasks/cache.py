@@ -191,6 +191,17 @@ def library_versions() -> dict[str, str | None]:
     return found
 
 
+def flat_inputs(fn, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` by parameter name, a ``**kwargs`` parameter's entries spread out (a task
+    ``f(cfg, *, launch, **inputs)`` is keyed, and called, by the names it passes on)."""
+    var_kw = [n for n, p in inspect.signature(fn).parameters.items()
+              if p.kind is inspect.Parameter.VAR_KEYWORD]
+    flat = {k: v for k, v in inputs.items() if k not in var_kw}
+    for name in var_kw:
+        flat.update(inputs.get(name) or {})
+    return flat
+
+
 def stage_key(stage: str, module: str, inputs: dict[str, Any]) -> str:
     """The stage's key: sha256 of its name, code version and keyed inputs."""
     blob = json.dumps({"stage": stage, "code": code_version(module),
@@ -213,7 +224,7 @@ class StageKey(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str:
-        key = stage_key(self.stage, self.module, inputs)
+        key = stage_key(self.stage, self.module, flat_inputs(task_ctx.task.fn, inputs))
         return f"{stage_folder(self.stage, key)}/{RESULT_FILE}"
 
 
@@ -266,10 +277,13 @@ class Stages:
         bound = signature.bind_partial(*args, **kwargs)
         # Defaults passed explicitly: Prefect's cache policy then sees the same inputs.
         bound.apply_defaults()
-        inputs = bound.arguments
+        inputs = flat_inputs(stage_task.fn, bound.arguments)
         key = stage_key(stage, module, inputs)
         folder = self.root / stage_folder(stage, key)
-        extra = {"ctx": self.ctx, **({"out_dir": str(folder)} if "out_dir" in signature.parameters else {})}
+        # A task passing ``**inputs`` on to its stage function (tasks/launch.py) takes one too.
+        takes_out_dir = "out_dir" in signature.parameters or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+        extra = {"ctx": self.ctx, **({"out_dir": str(folder)} if takes_out_dir else {})}
         configured = stage_task.with_options(
             cache_policy=StageKey(stage=stage, module=module), persist_result=True,
             result_storage=self.root.resolve(), result_serializer="json")
