@@ -80,6 +80,13 @@ def refusals_returned(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except REFUSALS as e:
+            # A refusal is no result to cache (tasks.cache: a finished stage's record): the
+            # next run must judge the input again, whatever was fixed since.
+            from prefect.transactions import get_transaction
+
+            txn = get_transaction()
+            if txn is not None:
+                txn.write_on_commit = False
             return Refused(e)
 
     return _with_signature(run, fn)
