@@ -107,12 +107,14 @@ def cmd_feedback(cfg: PipelineConfig, rounds: int | None, first=None) -> int:
 
 
 def cmd_validate(cfg: PipelineConfig) -> int:
+    from tasks.outputs import OutputRoot
     from tasks.validation import run_validation
 
+    # An s3:// output_dir: the report goes to the local scratch folder (a check, not a stage).
     result = run_validation(cfg.validation, data=cfg.data.model_dump(),
                             tokenizer_path=cfg.base_model.path,
                             chat_template=cfg.base_model.chat_template,
-                            out_dir=os.path.join(cfg.output_dir, cfg.name), ctx=None)
+                            out_dir=str(OutputRoot.of(cfg.output_dir, cfg.name).local), ctx=None)
     print(json.dumps(result.model_dump(mode="json"), indent=2, default=str))
     print("all datasets passed validation")
     return 0

@@ -20,9 +20,11 @@ profile); nothing here reads or logs them.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel
@@ -65,6 +67,17 @@ class S3ResultStorage(WritableFileSystem):
         return self.write_path(path, content)
 
 
+def saved_storage(remote: str) -> S3ResultStorage:
+    """The S3 result storage block for ``remote``, saved on the Prefect server: Prefect 3.9
+    refuses a block that is not (``Task.__init__``: "Result storage configuration must be
+    persisted server-side"). The block holds the base URI only, never credentials; its name
+    is derived from the URI, so every run of a pipeline overwrites the same document."""
+    digest = hashlib.sha256(remote.encode()).hexdigest()[:12]
+    storage = S3ResultStorage(basepath=remote)
+    storage.save(f"rlhf-outputs-{digest}", overwrite=True)
+    return storage
+
+
 def scratch_base() -> Path:
     """``$RLHF_CACHE_DIR/outputs``, else ``~/.cache/rlhf-pipeline/outputs`` (beside
     ``dataio.s3``'s download cache)."""
@@ -92,7 +105,7 @@ class OutputRoot:
 
     def result_storage(self) -> Path | S3ResultStorage:
         """Prefect ``result_storage`` for the stage records: the output folder itself."""
-        return S3ResultStorage(basepath=self.remote) if self.remote else self.local.resolve()
+        return saved_storage(self.remote) if self.remote else self.local.resolve()
 
     def uri(self, relative: str | Path) -> str:
         """Where ``relative`` (a path under the output folder) lives once published."""
@@ -139,21 +152,27 @@ class OutputRoot:
             s3.upload(path, self.uri(relative))
         return self.uri(relative)
 
-    def localize(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Inputs with this pipeline's published ``s3://`` outputs (upstream models, files)
-        replaced by their cached local copies, so stages and ``from_pretrained`` open local
-        paths; anything else (a user's ``s3://`` dataset, read by ``dataio`` itself) as
-        given."""
+    def localize(self, value: Any) -> Any:
+        """``value`` with this pipeline's published ``s3://`` outputs (upstream models, files;
+        also inside a dict) replaced by their cached local copies, so stages and
+        ``from_pretrained`` open local paths; anything else (a user's ``s3://`` dataset, read
+        by ``dataio`` itself) as given."""
         if self.remote is None:
-            return inputs
-        mine = self.remote + "/"
-
-        def local(value: Any) -> Any:
-            if isinstance(value, str) and value.startswith(mine):
-                return openable(value)
-            if isinstance(value, dict):
-                return {k: local(v) for k, v in value.items()}
             return value
+        if isinstance(value, str) and value.startswith(self.remote + "/"):
+            return openable(value)
+        if isinstance(value, dict):
+            return {k: self.localize(v) for k, v in value.items()}
+        return value
 
-        return {k: local(v) for k, v in inputs.items()}
+    def publishing(self, fn: Callable[..., Any], folder: str | Path) -> Callable[..., Any]:
+        """``fn`` (a stage task's function) with its S3 inputs localized and its outputs
+        published. Inside the task, so Prefect persists the published result, and persists
+        it only after every upload has finished: the record is the completion marker."""
+        @functools.wraps(fn)  # the same signature: Prefect binds parameters through it
+        def run_and_publish(*args: Any, **kwargs: Any) -> Any:
+            args = tuple(self.localize(a) for a in args)
+            kwargs = {k: self.localize(v) for k, v in kwargs.items()}
+            return self.publish(fn(*args, **kwargs), folder)
 
+        return run_and_publish

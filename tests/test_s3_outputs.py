@@ -5,6 +5,7 @@ re-run reuses every stage from the bucket."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -60,6 +61,7 @@ def test_publish_uploads_the_folder_and_its_siblings_and_rewrites_paths(s3_serve
     # Consumers get the cached local copy of what was published; other URIs pass through.
     local = out.localize({"model_uri": published.model_uri, "data_uri": "s3://other/sft.jsonl",
                           "seed": 3})
+    assert out.localize(published.model_uri) == local["model_uri"]
     assert (Path(local["model_uri"]) / "sub" / "x.json").read_text() == "{}"
     assert local["data_uri"] == "s3://other/sft.jsonl" and local["seed"] == 3
     # A local output root changes nothing.
@@ -86,3 +88,53 @@ def test_dataset_versions_are_written_to_s3(s3_server):
     assert read_records(version.uri) == rows
     # Content-addressed: the same rows are the same object, not written again.
     assert write_version(None, rows, data_dir, "preferences") == version
+
+
+def test_pipeline_with_output_dir_on_s3_runs_and_reuses_every_stage_from_the_bucket(
+        s3_server, prefect_harness, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from flows.config import load_config
+    from flows.pipeline import rlhf_pipeline
+    from tests.conftest import TINY
+
+    stages = {"validation", "sft", "reward", "policy", "evaluate", "gate"}
+    # A working directory holding only the demo (its config names paths relative to it).
+    repo, cwd = Path(__file__).resolve().parents[1], tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "demo").symlink_to(repo / "demo")
+    monkeypatch.chdir(cwd)
+    cfg = load_config(str(repo / "configs" / "demo.yaml"),
+                      TINY + [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                              f"output_dir=s3://{s3_server.bucket}/runs"])
+    first = rlhf_pipeline(cfg)
+    base = f"s3://{s3_server.bucket}/runs/{cfg.name}"
+    assert first.policy_uri.startswith(base + "/policy-")
+    assert first.sft_model_uri.startswith(base + "/sft-")
+    assert first.reward_model_uri.startswith(base + "/reward-")
+    keys = _keys(s3_server, f"runs/{cfg.name}/")
+    folders = {k.split("/")[2] for k in keys}
+    for stage in stages:
+        done = [f for f in folders if f.startswith(f"{stage}-") and
+                f"runs/{cfg.name}/{f}/result.json" in keys]
+        assert len(done) == 1, (stage, sorted(folders))
+    policy_folder = first.policy_uri.removeprefix(f"s3://{s3_server.bucket}/").rsplit("/", 1)[0]
+    assert any(k.startswith(policy_folder + "/") and k.endswith(".safetensors") for k in keys)
+    assert first.heldout_reward_uri is None or first.heldout_reward_uri.startswith(base)
+
+    # Unchanged, with the local scratch gone (another machine): every stage found on S3.
+    shutil.rmtree(OutputRoot.of(cfg.output_dir, cfg.name).local)
+    again = rlhf_pipeline(cfg)
+    assert set(again.reused) == stages
+    assert again.metrics == first.metrics and again.policy_uri == first.policy_uri
+    assert _keys(s3_server, f"runs/{cfg.name}/") == keys  # nothing added
+    # Each reused stage points at the run of the first pipeline run that did the work.
+    client = MlflowClient(again.tracking_uri)
+    first_runs = client.search_runs(
+        [client.get_run(first.parent_run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{first.parent_run_id}'")
+    assert again.reused == {r.info.run_name: r.info.run_id for r in first_runs
+                            if r.info.run_name in stages}
+    assert again.candidate.policy_version == first.candidate.policy_version
+    # Nothing under the working directory: stages wrote only into the scratch cache.
+    assert [p.name for p in cwd.iterdir()] == ["demo"]
