@@ -157,7 +157,10 @@ def _serve_until_stopped(serve, *args, suffix: str = "", **kwargs):
     import logging
     import signal
 
+    from tasks.tracking import redact_logs
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    redact_logs()  # request logs quote paths and headers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         return serve(*args, on_ready=lambda line: print(line + suffix, flush=True), **kwargs)

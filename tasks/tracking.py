@@ -8,6 +8,7 @@ their own child run with ``parent_run_id``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -58,6 +59,35 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: obj}
+
+
+class RedactingFilter(logging.Filter):
+    """Masks credentials (``dataio.uri.redact``) in a log record, message and traceback,
+    before any handler writes it: Prefect's console handler and its API handler (the logs in
+    Prefect's database and UI) alike."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+_REDACTING = RedactingFilter()
+
+
+def redact_logs() -> None:
+    """Put ``RedactingFilter`` on every handler configured now (idempotent). Handler filters,
+    not logger filters: a record from a child logger (``prefect.task_runs``, ``mlflow``,
+    ``transformers``) reaches the handlers of its parents without passing their filters."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if _REDACTING not in handler.filters:
+                handler.addFilter(_REDACTING)
 
 
 def config_params(config: BaseModel) -> dict[str, str]:

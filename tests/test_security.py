@@ -190,6 +190,34 @@ def test_a_failed_run_records_its_error_redacted(tmp_path, monkeypatch):
     assert got.params["output_dir"] == "/tmp/***/runs"
 
 
+def test_log_records_are_redacted_before_any_handler_writes_them(monkeypatch):
+    import io
+    import logging
+
+    from tasks.tracking import redact_logs
+
+    key = "pnu_" + secrets.token_hex(16)
+    monkeypatch.setenv("PREFECT_API_KEY", key)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    parent, child = logging.getLogger("sec_test"), logging.getLogger("sec_test.child")
+    parent.addHandler(handler)
+    try:
+        redact_logs()
+        redact_logs()  # idempotent: one filter per handler
+        assert len(handler.filters) == 1
+        child.warning("calling http://u:%s@api/x with key %s", "pw", key)
+        try:
+            raise RuntimeError(f"rejected {key}")
+        except RuntimeError:
+            child.exception("failed")
+    finally:
+        parent.removeHandler(handler)
+    text = stream.getvalue()
+    assert "calling http://***@api/x with key ***" in text
+    assert "RuntimeError: rejected ***" in text and key not in text
+
+
 # -- the whole run: no secret in anything written ------------------------------------------
 
 def _fake(prefix: str, n: int, alphabet: str = string.ascii_letters + string.digits) -> str:
