@@ -90,12 +90,26 @@ _SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVA
                          r"CREDENTIAL|AUTH_STRING", re.IGNORECASE)
 # Shorter values ("1", "true", a port) would mask ordinary text everywhere they occur.
 _MIN_SECRET_LEN = 8
-# scheme://userinfo@host: a password, or a token passed as the user name (https://TOKEN@host).
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#@\s]+)@")
+# scheme://userinfo@host. A password (user:password@) is a secret on any scheme; a bare user
+# name is one only on http(s), where https://TOKEN@host is how tokens ride (a database URI's
+# postgresql://mlflow@db names a user, whose password comes from the server's environment).
+_USERINFO = re.compile(r"(?P<scheme>\b(?P<name>[a-zA-Z][a-zA-Z0-9+.-]*)://)"
+                       r"(?P<user>[^/?#@\s:]*)(?P<password>:[^/?#@\s]*)?@")
 # A query parameter whose name says it carries a secret (?token=, &X-Amz-Signature=, &sig=).
 _SECRET_QUERY = re.compile(r"(?P<key>[?&;][^=&#\s]*?(?:token|signature|sig|secret|password|"
                            r"passwd|key|credential)[^=&#\s]*=)(?P<value>[^&#\s]+)",
                            re.IGNORECASE)
+
+
+def _secret_userinfo(m: re.Match) -> bool:
+    return bool(m["password"]) or m["name"].lower() in ("http", "https")
+
+
+def _mask_userinfo(m: re.Match) -> str:
+    if not _secret_userinfo(m):
+        return m[0]
+    # Keep a user name beside a password (who connected is useful, and not a secret).
+    return f"{m['scheme']}{m['user']}:{MASK}@" if m["password"] else f"{m['scheme']}{MASK}@"
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -115,7 +129,7 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
     tags, reports, error messages): a secret can reach text by routes no config check sees,
     e.g. an exception that quotes a URL or a header.
     """
-    out = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    out = _USERINFO.sub(_mask_userinfo, text)
     out = _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", out)
     for value in secret_values(environ):
         out = out.replace(value, MASK)
@@ -138,8 +152,8 @@ def credentials_in(uri: str) -> str | None:
     stored as a Prefect flow parameter and dumped by ``rlhf config``, so credentials come from
     the environment (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``, ``AWS_*``, ``HF_TOKEN``),
     never from a URI in it. The reason never quotes the secret."""
-    if _USERINFO.search(uri):
-        return "has user:password@ (userinfo) in it"
+    if any(_secret_userinfo(m) for m in _USERINFO.finditer(uri)):
+        return "has user:password@ (or a token as the user name) in it"
     if m := _SECRET_QUERY.search(uri):
         return f"has a secret in its query ({m['key'][1:-1]}=...)"
     return None

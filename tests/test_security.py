@@ -33,10 +33,11 @@ ENV = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("http://alice:s3cret@mlflow.internal:5000/api", "http://***@mlflow.internal:5000/api"),
+    ("http://alice:s3cret@mlflow.internal:5000/api", "http://alice:***@mlflow.internal:5000/api"),
     ("https://ghp_tokenAsUser@github.com/org/repo.git", "https://***@github.com/org/repo.git"),
     ("postgresql://rlhf:pw@db:5432/mlflow and s3://bucket/key",
-     "postgresql://***@db:5432/mlflow and s3://bucket/key"),
+     "postgresql://rlhf:***@db:5432/mlflow and s3://bucket/key"),
+    ("postgresql://mlflow@db:5432/mlflow", "postgresql://mlflow@db:5432/mlflow"),  # a user only
     ("https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIAX%2F1&X-Amz-Signature=ab12&v=2",
      "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&v=2"),
     ("file:///data/p.jsonl?token=abc123&page=2", "file:///data/p.jsonl?token=***&page=2"),
@@ -54,13 +55,15 @@ def test_redact_tree_walks_keys_lists_and_leaves_other_values():
     tree = {"uri": "http://a:b@h", "n": 3, "flag": None,
             "xs": ["hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345", 1.5],
             "correct-horse-battery": "key"}
-    assert redact_tree(tree, ENV) == {"uri": f"http://{MASK}@h", "n": 3, "flag": None,
+    assert redact_tree(tree, ENV) == {"uri": f"http://a:{MASK}@h", "n": 3, "flag": None,
                                       "xs": [MASK, 1.5], MASK: "key"}
 
 
 @pytest.mark.parametrize("uri, why", [
-    ("http://admin:pw@127.0.0.1:5000", "userinfo"),
-    ("https://TOKEN@hub.example", "userinfo"),
+    ("http://admin:pw@127.0.0.1:5000", "user:password@"),
+    ("https://TOKEN@hub.example", "token as the user name"),
+    ("postgresql://u:pw@db/mlflow", "user:password@"),
+    ("postgresql://mlflow@db:5432/mlflow", None),
     ("file:///d/p.jsonl?token=x", "token=..."),
     ("s3://b/k?X-Amz-Signature=x", "X-Amz-Signature=..."),
     ("sqlite:///mlflow.db", None), ("demo/data/sft.jsonl", None),
@@ -186,7 +189,8 @@ def test_a_failed_run_records_its_error_redacted(tmp_path, monkeypatch):
         with pipeline_run("sec", "sec", uri, Cfg()) as run:
             raise RuntimeError(f"GET https://bot:{hf}@hub.example/x failed (token {hf})")
     got = MlflowClient(uri).get_run(run.ctx.parent_run_id).data
-    assert got.tags["rlhf.error"] == "RuntimeError: GET https://***@hub.example/x failed (token ***)"
+    assert got.tags["rlhf.error"] == ("RuntimeError: GET https://bot:***@hub.example/x failed "
+                                      "(token ***)")
     assert got.params["output_dir"] == "/tmp/***/runs"
 
 
@@ -214,7 +218,7 @@ def test_log_records_are_redacted_before_any_handler_writes_them(monkeypatch):
     finally:
         parent.removeHandler(handler)
     text = stream.getvalue()
-    assert "calling http://***@api/x with key ***" in text
+    assert "calling http://u:***@api/x with key ***" in text
     assert "RuntimeError: rejected ***" in text and key not in text
 
 
