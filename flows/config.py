@@ -7,6 +7,7 @@ or unknown field fails here, before any work, with a message naming the field.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,15 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None =
             raise ConfigError(f"--set {item}: expected stage.field=value")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), raw)
+    # An empty tracking.uri means MLFLOW_TRACKING_URI: the URI every stage, the flow's result
+    # and `rlhf run`'s summary carry, so it is held to the config's rule.
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    tracking = tree.get("tracking")
+    configured = tracking.get("uri") if isinstance(tracking, dict) else None
+    if not configured and (why := credentials_in(env_uri)):
+        raise ConfigError(f"MLFLOW_TRACKING_URI {why} (rule no_credentials_in_config): set "
+                          f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                          f"MLFLOW_TRACKING_TOKEN) instead")
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:

@@ -76,7 +76,7 @@ def test_credentials_in_names_the_reason_without_the_secret(uri, why):
 
 # -- refusals ----------------------------------------------------------------------------------
 
-def test_a_config_with_credentials_is_refused_without_echoing_them(capsys):
+def test_a_config_with_credentials_is_refused_without_echoing_them(capsys, monkeypatch):
     from flows.cli import main
 
     password, token = "Pw-" + secrets.token_hex(8), "tok" + secrets.token_hex(8)
@@ -87,6 +87,11 @@ def test_a_config_with_credentials_is_refused_without_echoing_them(capsys):
     assert "no_credentials_in_config" in err and "tracking.uri" in err and "data.sft" in err
     assert "MLFLOW_TRACKING_PASSWORD" in err  # where they go instead
     assert password not in err and token not in err and "Traceback" not in err
+    # Nor through the environment, where an empty tracking.uri takes the store from.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://bot:{password}@mlflow.example")
+    assert main(["validate"]) == 2
+    err = capsys.readouterr().err
+    assert "MLFLOW_TRACKING_URI" in err and password not in err
 
 
 def _pickled_model_dir(tmp_path: Path) -> Path:
