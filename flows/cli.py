@@ -309,7 +309,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     try:
         ensure_process_pool(pool)
     except httpx.HTTPError as e:  # a connection refused, or an error status from the server
-        print(f"error: Prefect server at {api}: {e}", file=sys.stderr)
+        from dataio.uri import redact
+
+        # PREFECT_API_URL may carry a user and password; the error quotes it.
+        print(redact(f"error: Prefect server at {api}: {e}"), file=sys.stderr)
         return 1
     prefect = [sys.executable, "-m", "prefect"]
     # Entrypoints and the pull step's `pwd` are relative to the working directory (the
