@@ -32,7 +32,7 @@ from tasks.register import Registration, champion_task, promote_task, register_t
 from tasks.report import report_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
-from tasks.tracking import pipeline_run
+from tasks.tracking import pipeline_run, redact_logs
 from tasks.validation import validation_task
 
 
@@ -77,6 +77,7 @@ def rlhf_pipeline(config: PipelineConfig,
     """Run every stage once; returns the gate's decision and where everything went.
     ``tags`` go on the parent run (e.g. the feedback round that started it)."""
     c, seed = config, config.seed
+    redact_logs()  # before the first log line: no credential reaches Prefect's logs
     # A local folder, or S3 with a local scratch folder (tasks.outputs).
     out = OutputRoot.of(c.output_dir, c.name)
     with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c, tags=tags,
