@@ -50,13 +50,19 @@ def fast_activation(path: str, revision: str | None = None, trust_remote_code: b
             if getattr(config, key, None) == "gelu_new"}
 
 
+# PyTorch's fused attention (flash / memory-efficient kernels on a GPU). transformers 5 picks
+# it by default where a model supports it; named here so a default change upstream, or a
+# model that would fall back to eager attention, fails loudly instead of running slowly.
+ATTN_IMPLEMENTATION = "sdpa"
+
+
 def load_causal_lm(path: str, revision: str | None = None, trust_remote_code: bool = False,
                    dtype=None):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-        **fast_activation(path, revision, trust_remote_code))
+        attn_implementation=ATTN_IMPLEMENTATION, **fast_activation(path, revision, trust_remote_code))
 
 
 def load_sequence_scorer(path: str, revision: str | None = None, trust_remote_code: bool = False,
@@ -66,7 +72,7 @@ def load_sequence_scorer(path: str, revision: str | None = None, trust_remote_co
 
     return AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-        **fast_activation(path, revision, trust_remote_code))
+        attn_implementation=ATTN_IMPLEMENTATION, **fast_activation(path, revision, trust_remote_code))
 
 
 def transformer_blocks(model):
