@@ -107,3 +107,18 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def upcast_trainable(model) -> None:
+    """Trained parameters to fp32 (master weights) on a model whose frozen base is bf16.
+
+    peft already keeps LoRA adapters in fp32 (``autocast_adapter_dtype``), but a
+    ``modules_to_save`` copy (the critic's ``score`` head) keeps its base's dtype: bf16 weights
+    would swallow updates smaller than 2**-8 of the weight. Under CUDA autocast the matmuls
+    still run in bf16.
+    """
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()

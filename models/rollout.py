@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from models.ppo import entropy_from_logits, logprobs_from_logits
+from models.reward import backbone
 
 
 @dataclass
@@ -171,8 +172,7 @@ def scalar_head_per_token(model, input_ids: torch.Tensor, attention_mask: torch.
     Used for the critic: ``AutoModelForSequenceClassification`` (num_labels=1) only scores the
     last token, but PPO needs V(s_t) for every t. Same pattern as TRL's ``get_reward``.
     """
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids_from_mask(attention_mask),
                       use_cache=False).last_hidden_state
     return model.score(hidden).squeeze(-1)
@@ -196,7 +196,7 @@ class SharedTrunkCritic(torch.nn.Module):
 
     def __init__(self, policy):
         super().__init__()
-        self.trunk = getattr(policy, policy.base_model_prefix)  # shared module, not a copy
+        self.trunk = backbone(policy)  # shared module, not a copy
         self.config = policy.config
         self.score = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
         torch.nn.init.zeros_(self.score.weight)  # V = 0 before training: no random baseline

@@ -147,7 +147,7 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
     and the reward stage's score normalisation. With LoRA the reference (and, with
     ``critic_init: reward``, the reward model) is None: the trained model's adapters off."""
     from models.loading import (disable_dropout, freeze_bottom_layers, load_causal_lm,
-                                load_sequence_scorer, load_tokenizer)
+                                load_sequence_scorer, load_tokenizer, upcast_trainable)
     from models.reward import RewardNorm
 
     tokenizer = load_tokenizer(sft_model_uri)
@@ -173,6 +173,9 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
             # modules_to_save: the scalar head trains fully; disabling adapters restores the
             # reward model's own head, so the RM can be the critic's base.
             critic = get_peft_model(critic, peft_config(cfg.lora, "SEQ_CLS", ["score"]))
+        for m in (policy, critic):
+            if m is not None:
+                upcast_trainable(m)  # a bf16 base (GPU, bf16) trains fp32 adapters and head
     if critic is None:
         critic = SharedTrunkCritic(policy)
     if cfg.lora is None or cfg.critic_init != "reward":
