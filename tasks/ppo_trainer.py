@@ -291,6 +291,23 @@ def local_accumulation(cfg: PPOConfig, world: int) -> int:
     return max(1, cfg.gradient_accumulation_steps // world)
 
 
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, minus its multiply when it would not clip.
+
+    torch scales every gradient by min(1, max_norm / (norm + 1e-6)) even when that is 1.0:
+    one multiply per parameter tensor (58 kernels a step on the demo model, ~5 % of an
+    update's ops on CPU, where grad norms sit below 1.0 most steps). x * 1.0 is exact, so
+    skipping it changes no bit; the coefficient is computed as torch computes it (see
+    torch/nn/utils/clip_grad.py, ``_clip_grads_with_norm_``). The check reads one scalar:
+    the stats already synchronise on every micro-batch.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if float(max_norm / (total + 1e-6)) < 1.0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                optimizer: torch.optim.Optimizer, gen: torch.Generator,
                scaler: torch.amp.GradScaler | None = None,
@@ -339,7 +356,7 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                 dp.average_grads_(params)
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
             stats.setdefault("policy/grad_norm", []).append(float(grad_norm))
             if scaler:
                 scaler.step(optimizer)

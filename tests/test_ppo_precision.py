@@ -82,3 +82,21 @@ def test_static_cache_decode_samples_what_the_dynamic_one_does(tiny_reward_dir, 
     assert s.response_ids.shape[1] <= 24
     torch.testing.assert_close(d.logprobs, s.logprobs, atol=1e-4, rtol=0)
     torch.testing.assert_close(d.scores, s.scores)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])  # below and above max_norm
+def test_clip_grad_norm_matches_torch_bit_for_bit(scale):
+    from tasks.ppo_trainer import clip_grad_norm
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, ref):
+        a.grad = torch.randn(5, 3) * scale
+        b.grad = a.grad.clone()
+    n_ours = clip_grad_norm(ours, 1.0)
+    n_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert torch.equal(n_ours, n_ref)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a.grad, b.grad)
+    assert (float(n_ours) > 1.0) == (scale > 1)
