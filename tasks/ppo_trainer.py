@@ -1,8 +1,10 @@
 """The PPO loop, read top to bottom as in CleanRL's ppo.py: sample a batch of responses, score
 it, run ``ppo_epochs`` of minibatch updates on policy and critic, adapt beta, checkpoint; repeat.
 
-Imports torch and ``models/`` only (no Prefect, no MLflow), so it runs on a GPU machine that
-has torch, transformers and pydantic and nothing else. Under ``accelerate launch`` each process
+Imports torch, ``models/`` and ``tasks/distributed.py`` only (no Prefect, no MLflow, no
+pydantic; tqdm when it runs), so it runs on a GPU machine that has torch and transformers and
+nothing else; its config class and model loading (``tasks/ppo.py``) add pydantic, which
+bench/device/ carries as a wheel. Under ``accelerate launch`` each process
 samples and scores its own share of every batch and gradients are averaged before each step
 (``tasks/distributed.py``): the same updates as one process on the whole batch, up to the
 sampling noise and float summation order. The stage around it (config, model

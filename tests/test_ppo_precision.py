@@ -6,6 +6,8 @@ is not exercised here; bench/device/ measures it on a lent GPU.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -100,3 +102,38 @@ def test_clip_grad_norm_matches_torch_bit_for_bit(scale):
     for a, b in zip(ours, ref):
         assert torch.equal(a.grad, b.grad)
     assert (float(n_ours) > 1.0) == (scale > 1)
+
+
+def test_trainer_module_needs_no_pydantic():
+    """tasks/ppo_trainer.py alone imports torch and models/ only (the GPU image has no
+    pydantic; bench/device/ carries it for tasks/ppo.py's config)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.ppo_trainer; print(sorted({m.split('.')[0] for m in sys.modules}"
+            " & {'pydantic', 'prefect', 'mlflow', 'trl', 'datasets'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+
+
+def test_lora_critic_values_on_a_qwen2_trunk():
+    """Through peft, Llama/Qwen's trunk (prefix ``model``) was looked up as LoraModel.model,
+    the whole model with its head: values came back as a SequenceClassifierOutput."""
+    from peft import get_peft_model
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from models.reward import score_sequences
+    from models.rollout import scalar_head_per_token
+    from tasks.base import peft_config
+
+    torch.manual_seed(0)
+    conf = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    critic = get_peft_model(Qwen2ForSequenceClassification(conf),
+                            peft_config(LoraSettings(r=4), "SEQ_CLS", ["score"]))
+    ids, mask = torch.randint(1, 50, (3, 7)), torch.ones(3, 7, dtype=torch.long)
+    values = scalar_head_per_token(critic, ids, mask)
+    assert values.shape == (3, 7)
+    assert score_sequences(critic, ids, mask).shape == (3,)
+    torch.testing.assert_close(values[:, -1], score_sequences(critic, ids, mask))
