@@ -7,7 +7,8 @@
 Each run is a subprocess of ``bench/bench_ppo.py``'s workers on its matched settings (GPT-2
 built from config with the demo tokenizer; reward model = its backbone with a fresh head),
 one run per (size, side, precision), in priority order so that a lease cut short still has
-the comparisons that matter: 100 M, then 1.2 B in bf16, then the 7 B LoRA run, then the rest.
+the comparisons that matter: 100 M (bf16 and TF32), 1.2 B in bf16, the 7 B LoRA run, then
+ours with the static-cache decode and the 1.2 B TF32 pair.
 After every run ``bench_gpu.json`` and ``bench_gpu.md`` are rewritten in ``--out``.
 
 For ours it also reports, per phase (generation, scoring = reference/critic/reward forwards,
@@ -66,8 +67,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--response-length", type=int, default=128)
     p.add_argument("--episodes", type=int, default=None, help="override every size's episodes")
     p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--budget-s", type=float, default=520,
-                   help="start no new run after this many seconds (the lease is 15 minutes)")
+    p.add_argument("--budget-s", type=float, default=400,
+                   help="start no new run after this many seconds: the device tool stops a "
+                        "command at 600 s, and a 1.2 B run with loading takes 1-2 minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench/out/device"))
     p.add_argument("--runs-dir", default=None, help="per-run logs and results (default OUT/runs)")
@@ -90,21 +92,20 @@ def plan(args) -> list[dict]:
     sides = [s for s in args.sides.split(",") if s]
     precisions = [p for p in args.precisions.split(",") if p]
 
-    def runs(size, precs, with_static):
-        out = [{"kind": "pair", "size": size, "side": side, "precision": p, "decode": "dynamic"}
-               for p in precs for side in sides]
-        if with_static and "ours" in sides and "bf16" in precisions:
-            out.append({"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
-                        "decode": "static"})
-        return out
+    def runs(size, precs):
+        return [{"kind": "pair", "size": size, "side": side, "precision": p, "decode": "dynamic"}
+                for p in precs for side in sides]
 
-    first, later = [], []
-    for size in sizes:
-        if size == sizes[0] or len(sizes) == 1:
-            first += runs(size, precisions, args.static_decode)
-        else:  # bigger sizes: bf16 first, the rest after the LoRA run
-            first += runs(size, precisions[:1], False)
-            later += runs(size, precisions[1:], args.static_decode)
+    def static(size):  # compiles on a GPU (minutes, maybe): after the comparisons
+        if args.static_decode and "ours" in sides and "bf16" in precisions:
+            return [{"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
+                     "decode": "static"}]
+        return []
+
+    first, later = runs(sizes[0], precisions), static(sizes[0])
+    for size in sizes[1:]:  # bigger sizes: the first precision now, the rest after LoRA
+        first += runs(size, precisions[:1])
+        later += runs(size, precisions[1:]) + static(size)
     lora = [] if args.lora == "none" else [{"kind": "lora", "size": args.lora, "side": "ours-lora",
                                             "precision": "bf16", "decode": "dynamic"}]
     return first + lora + later
