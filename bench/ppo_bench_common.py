@@ -25,7 +25,13 @@ def setup_torch(settings: dict):
 
     torch.set_num_threads(settings["threads"])
     torch.manual_seed(settings["seed"])
-    return torch, torch.device(settings["device"])
+    device = torch.device(settings["device"])
+    if device.type == "cuda" and settings.get("tf32", True):
+        # fp32 weights, TF32 tensor-core matmuls (10-bit mantissa inputs, fp32 accumulate):
+        # what both sides ran with in issue 12's table; bf16 runs are unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch, device
 
 
 def rss_mb() -> float:

@@ -22,7 +22,11 @@ def main(settings_path: str, result_path: str) -> None:
     s = common.read_settings(settings_path)
     torch, device = common.setup_torch(s)
     import transformers
-    import trl
+    try:  # only for the versions record: the GPU image runs ours without trl
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
 
     import tasks.ppo as ppo
     import tasks.ppo_trainer as trainer
@@ -35,7 +39,8 @@ def main(settings_path: str, result_path: str) -> None:
         temperature=s["temperature"], init_kl_coef=s["kl_coef"], adaptive_kl=False,
         kl_estimator="k1", kl_in_reward=True, gamma=s["gamma"], lam=s["lam"],
         clip_range=s["cliprange"], clip_range_value=s["cliprange_value"], vf_coef=s["vf_coef"],
-        ent_coef=0.0, whiten_advantages=True, whiten_rewards=False, mixed_precision="no",
+        ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
+        mixed_precision=s.get("mixed_precision", "no"), decode_cache=s.get("decode_cache", "dynamic"),
         missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
         checkpoint_every=10**9, log_every=1)
     models = ppo.build_models(cfg, s["policy_dir"], s["rm_dir"], device)
@@ -60,8 +65,15 @@ def main(settings_path: str, result_path: str) -> None:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     clock.start()
+    perf: list[dict] = []  # per update: phase seconds and shapes (bench/device/ counts FLOPs)
+
+    def on_update(metrics: dict, step: int) -> None:
+        clock.stamp()
+        perf.append({k.removeprefix("ppo/perf/"): v for k, v in metrics.items()
+                     if k.startswith("ppo/perf/")})
+
     summary = trainer.train_ppo(cfg, models, prompts=prompts, seed=s["seed"], checkpoint=None,
-                                log_fn=lambda metrics, step: clock.stamp())
+                                log_fn=on_update)
     if device.type == "cuda":
         torch.cuda.synchronize()
     clock.stop()
@@ -70,9 +82,11 @@ def main(settings_path: str, result_path: str) -> None:
     common.write_result(result_path, common.result(
         s, clock, side="ours", rss_after_load_mb=rss_after_load, cuda_peak_mb=cuda_peak,
         versions={"torch": torch.__version__, "transformers": transformers.__version__,
-                  "trl": trl.__version__},
+                  "trl": trl_version},
         extra={"final": {k: final.get(k) for k in ("objective/kl", "objective/scores",
-                                                  "episode/eos_rate", "episode/length")}}))
+                                                  "episode/eos_rate", "episode/length")},
+               "perf_updates": perf, "mixed_precision": cfg.mixed_precision,
+               "decode_cache": cfg.decode_cache}))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def main(settings_path: str, result_path: str) -> None:
         weight_decay=0.0, adam_epsilon=1e-5,  # ours uses AdamW eps 1e-5 (CleanRL detail)
         # trl's PPOConfig defaults bf16=True and gradient_checkpointing=True; ours runs fp32
         # on CPU without checkpointing, so both are off to compare the same arithmetic.
-        bf16=False, fp16=False, gradient_checkpointing=False,
+        # Settings with mixed_precision "bf16" (GPU runs) turn trl's bf16 back on, matching ours.
+        bf16=s.get("mixed_precision", "no") == "bf16", fp16=False, gradient_checkpointing=False,
         num_sample_generations=0,  # no periodic sample tables (ours has none either)
     )
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref,

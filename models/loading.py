@@ -81,6 +81,12 @@ def fast_activation(path: str, revision: str | None = None, trust_remote_code: b
             if getattr(config, key, None) == "gelu_new"}
 
 
+# PyTorch's fused attention (flash / memory-efficient kernels on a GPU). transformers 5 picks
+# it by default where a model supports it; named here so a default change upstream, or a
+# model that would fall back to eager attention, fails loudly instead of running slowly.
+ATTN_IMPLEMENTATION = "sdpa"
+
+
 def load_causal_lm(path: str, revision: str | None = None, trust_remote_code: bool = False,
                    dtype=None):
     from transformers import AutoModelForCausalLM
@@ -88,7 +94,8 @@ def load_causal_lm(path: str, revision: str | None = None, trust_remote_code: bo
     _check_weights(path)
     return AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-        use_safetensors=True, **fast_activation(path, revision, trust_remote_code))
+        use_safetensors=True, attn_implementation=ATTN_IMPLEMENTATION,
+        **fast_activation(path, revision, trust_remote_code))
 
 
 def load_sequence_scorer(path: str, revision: str | None = None, trust_remote_code: bool = False,
@@ -99,7 +106,8 @@ def load_sequence_scorer(path: str, revision: str | None = None, trust_remote_co
     _check_weights(path)
     return AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-        use_safetensors=True, **fast_activation(path, revision, trust_remote_code))
+        use_safetensors=True, attn_implementation=ATTN_IMPLEMENTATION,
+        **fast_activation(path, revision, trust_remote_code))
 
 
 def transformer_blocks(model):
@@ -134,3 +142,18 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def upcast_trainable(model) -> None:
+    """Trained parameters to fp32 (master weights) on a model whose frozen base is bf16.
+
+    peft already keeps LoRA adapters in fp32 (``autocast_adapter_dtype``), but a
+    ``modules_to_save`` copy (the critic's ``score`` head) keeps its base's dtype: bf16 weights
+    would swallow updates smaller than 2**-8 of the weight. Under CUDA autocast the matmuls
+    still run in bf16.
+    """
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()

@@ -101,6 +101,15 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     return float(ece)
 
 
+def backbone(model) -> torch.nn.Module:
+    """The transformer trunk under a model's head: ``<base_model_prefix>`` looked up on the
+    transformers model itself. Through a peft wrapper the lookup goes PeftModel -> LoraModel
+    -> model, and LoraModel has a ``model`` attribute of its own: for Llama and Qwen (prefix
+    ``model``) ``getattr(wrapper, "model")`` returned the whole model, head included."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix)
+
+
 def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar head at the last attended token of each row: (B, T), (B, T) -> (B,).
 
@@ -114,8 +123,7 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """
     attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
     logits = model.score(hidden).squeeze(-1)  # (B, T)
     return _at_last_attended(logits, attention_mask)

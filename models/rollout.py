@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from models.ppo import entropy_from_logits, logprobs_from_logits
+from models.reward import backbone
 
 
 @dataclass
@@ -93,19 +94,31 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float, eos_token_id: int | None, pad_token_id: int,
-             with_logprobs: bool = False):
+             with_logprobs: bool = False, static_cache_len: int | None = None):
     """Pure sampling (no top-k/top-p), so the sampled tokens' log-probs under the policy are
     exactly what PPO's ratio needs; uses the KV cache.
 
     Returns response ids (B, T), mask (B, T), ended with EOS (B,), and with ``with_logprobs``
     the log-probs (B, T) of the sampled tokens, read off the logits generation computed
     anyway (as TRL's PPOTrainer does): one policy forward per rollout saved.
+
+    ``static_cache_len``: decode with transformers' static KV cache of at least that many
+    positions (prompt + response). Sized for the longest prompt the run allows, every batch's
+    decode step has the same shapes, so the step transformers compiles on a GPU is compiled
+    once, not once per prompt width. None: the default dynamic cache.
     """
+    cache = {}
+    if static_cache_len is not None:
+        cache["cache_implementation"] = "static"
+        # generation_config.max_cache_len (transformers >= 5.2x) sizes the cache for the
+        # worst case; older versions size it per call (max of this and earlier calls).
+        if hasattr(model.generation_config, "max_cache_len"):
+            cache["max_cache_len"] = static_cache_len
     out = model.generate(
         input_ids=query_ids, attention_mask=query_mask, do_sample=True, top_k=0, top_p=1.0,
         temperature=temperature, max_new_tokens=max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
-        return_dict_in_generate=True, output_logits=with_logprobs,
+        return_dict_in_generate=True, output_logits=with_logprobs, **cache,
     )
     # generate stops once every row has ended, so T <= max_new_tokens: nothing downstream
     # spends compute on columns that are padding in every row.
@@ -159,8 +172,7 @@ def scalar_head_per_token(model, input_ids: torch.Tensor, attention_mask: torch.
     Used for the critic: ``AutoModelForSequenceClassification`` (num_labels=1) only scores the
     last token, but PPO needs V(s_t) for every t. Same pattern as TRL's ``get_reward``.
     """
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids_from_mask(attention_mask),
                       use_cache=False).last_hidden_state
     return model.score(hidden).squeeze(-1)
@@ -184,7 +196,7 @@ class SharedTrunkCritic(torch.nn.Module):
 
     def __init__(self, policy):
         super().__init__()
-        self.trunk = getattr(policy, policy.base_model_prefix)  # shared module, not a copy
+        self.trunk = backbone(policy)  # shared module, not a copy
         self.config = policy.config
         self.score = torch.nn.Linear(policy.config.hidden_size, 1, bias=False)
         torch.nn.init.zeros_(self.score.weight)  # V = 0 before training: no random baseline

@@ -96,7 +96,14 @@ class PPOConfig(StageConfig):
     freeze_layers: int = 0
     """Freeze the input embeddings and the first N transformer blocks of policy and critic."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    """Autocast dtype for forward passes on a GPU (fp16 adds loss scaling); CPU runs in fp32."""
+    """Autocast dtype for the trained models' forward passes on a GPU, over fp32 master weights
+    (fp16 adds loss scaling); on CPU they run in fp32. ``bf16`` also holds the frozen models
+    (reference, reward model; with LoRA on a GPU, the frozen bases) in bf16 weights, on any
+    device: half the memory and no per-forward casts of weights that never change."""
+    decode_cache: Literal["dynamic", "static"] = "dynamic"
+    """KV cache for sampling. ``static``: one pre-allocated cache of max_prompt_length +
+    max_new_tokens, so every decode step has the same shapes and transformers compiles it
+    with torch.compile on a GPU (the first batches pay the compile); ``dynamic`` grows it."""
     kl_budget: float | None = None
     """Stop early when mean KL per sequence exceeds this many nats; null = no budget."""
     checkpoint_every: int = 10
@@ -117,29 +124,47 @@ def _load_prompts(uri: str, tokenizer, max_len: int) -> list[list[int]]:
     return [p for p in prompts if p]
 
 
+def frozen_dtype(cfg: PPOConfig) -> torch.dtype:
+    """Weights of the frozen models: bf16 with ``mixed_precision: bf16`` (they only run
+    forward, and bf16 keeps fp32's range, so no scaling is needed), else fp32. fp16 is not
+    used for weights: its range overflows on large activations without a scaler."""
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+
+
+def trained_base_dtype(cfg: PPOConfig, device: torch.device) -> torch.dtype:
+    """Weights of the policy and critic as loaded. fp32 (the master weights autocast reads)
+    unless LoRA trains them on a GPU under bf16: then the base weights never change, only the
+    adapters (peft keeps those in fp32) do, and autocast mixes the two dtypes. On CPU there is
+    no autocast, so a bf16 base would meet fp32 adapters: it stays fp32."""
+    if cfg.lora is not None and cfg.mixed_precision == "bf16" and device.type == "cuda":
+        return torch.bfloat16
+    return torch.float32
+
+
 def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
                  device: torch.device) -> PPOModels:
     """Policy and critic to train, reference and reward model frozen, with the SFT tokenizer
     and the reward stage's score normalisation. With LoRA the reference (and, with
     ``critic_init: reward``, the reward model) is None: the trained model's adapters off."""
     from models.loading import (disable_dropout, freeze_bottom_layers, load_causal_lm,
-                                load_sequence_scorer, load_tokenizer)
+                                load_sequence_scorer, load_tokenizer, upcast_trainable)
     from models.reward import RewardNorm
 
     tokenizer = load_tokenizer(sft_model_uri)
     pad_token_id = tokenizer.pad_token_id
-    policy = load_causal_lm(sft_model_uri)
+    frozen, trained = frozen_dtype(cfg), trained_base_dtype(cfg, device)
+    policy = load_causal_lm(sft_model_uri, dtype=trained)
     policy.config.pad_token_id = pad_token_id
     freeze_bottom_layers(policy, cfg.freeze_layers)
     critic = None
     if cfg.critic_init != "policy":
         critic = load_sequence_scorer(reward_model_uri if cfg.critic_init == "reward"
-                                      else sft_model_uri)
+                                      else sft_model_uri, dtype=trained)
         critic.config.pad_token_id = pad_token_id
         freeze_bottom_layers(critic, cfg.freeze_layers)
     reference = reward_model = None
     if cfg.lora is None:
-        reference = load_causal_lm(sft_model_uri)
+        reference = load_causal_lm(sft_model_uri, dtype=frozen)
     else:
         from peft import get_peft_model
 
@@ -148,10 +173,13 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
             # modules_to_save: the scalar head trains fully; disabling adapters restores the
             # reward model's own head, so the RM can be the critic's base.
             critic = get_peft_model(critic, peft_config(cfg.lora, "SEQ_CLS", ["score"]))
+        for m in (policy, critic):
+            if m is not None:
+                upcast_trainable(m)  # a bf16 base (GPU, bf16) trains fp32 adapters and head
     if critic is None:
         critic = SharedTrunkCritic(policy)
     if cfg.lora is None or cfg.critic_init != "reward":
-        reward_model = load_sequence_scorer(reward_model_uri)
+        reward_model = load_sequence_scorer(reward_model_uri, dtype=frozen)
     for m in (reference, reward_model):
         if m is not None:
             m.config.pad_token_id = pad_token_id

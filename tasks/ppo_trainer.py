@@ -1,8 +1,10 @@
 """The PPO loop, read top to bottom as in CleanRL's ppo.py: sample a batch of responses, score
 it, run ``ppo_epochs`` of minibatch updates on policy and critic, adapt beta, checkpoint; repeat.
 
-Imports torch and ``models/`` only (no Prefect, no MLflow), so it runs on a GPU machine that
-has torch, transformers and pydantic and nothing else. Under ``accelerate launch`` each process
+Imports torch, ``models/`` and ``tasks/distributed.py`` only (no Prefect, no MLflow, no
+pydantic; tqdm when it runs), so it runs on a GPU machine that has torch and transformers and
+nothing else; its config class and model loading (``tasks/ppo.py``) add pydantic, which
+bench/device/ carries as a wheel. Under ``accelerate launch`` each process
 samples and scores its own share of every batch and gradients are averaged before each step
 (``tasks/distributed.py``): the same updates as one process on the whole batch, up to the
 sampling noise and float summation order. The stage around it (config, model
@@ -226,19 +228,37 @@ def grad_scaler(cfg: PPOConfig, device: torch.device) -> torch.amp.GradScaler | 
     return None
 
 
+def phase_clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done: CUDA runs asynchronously, so
+    without the sync a phase's time would land in whichever phase next waits on the GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
-                 beta: float, dp: DataParallel | None = None) -> Rollout:
+                 beta: float, dp: DataParallel | None = None,
+                 timings: dict[str, float] | None = None) -> Rollout:
     """Sample responses, then score them: log-probs, reference log-probs, values, rewards.
-    With ``dp``, ``prompts`` are this process's share and whitening uses the whole batch."""
+    With ``dp``, ``prompts`` are this process's share and whitening uses the whole batch.
+
+    ``timings``, when given, receives the seconds of the two phases (``generation_s``,
+    ``scoring_s``: the reference, critic and reward-model forwards)."""
     whiten = dp.masked_whiten if dp is not None else masked_whiten
     tok = models.tokenizer
+    t0 = phase_clock(models.device) if timings is not None else 0.0
     query_ids, query_mask = pad_sequences(prompts, tok.pad_token_id, left=True)  # (B, P)
     query_ids, query_mask = query_ids.to(models.device), query_mask.to(models.device)
     response, rmask, ended, logp = generate(  # (B, T) each, ended (B,)
         models.policy, query_ids, query_mask, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, with_logprobs=True)
+        pad_token_id=tok.pad_token_id, with_logprobs=True,
+        static_cache_len=(cfg.max_prompt_length + cfg.max_new_tokens
+                          if cfg.decode_cache == "static" else None))
+    if timings is not None:
+        t1 = phase_clock(models.device)
+        timings["generation_s"] = t1 - t0
     ids = torch.cat([query_ids, response], 1)  # (B, P+T)
     attn = torch.cat([query_mask, rmask.long()], 1)
     with models.reference_view() as ref:
@@ -250,6 +270,8 @@ def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * (~ended).float()
+    if timings is not None:
+        timings["scoring_s"] = phase_clock(models.device) - t1
     ro = Rollout(query_ids, query_mask, response, rmask, ended, logp, ref_logp, values, scores)
     ro.rewards, ro.kl = compute_rewards(scores, logp, ref_logp, rmask,
                                         beta if cfg.kl_in_reward else 0.0, cfg.kl_estimator)
@@ -269,6 +291,24 @@ def local_accumulation(cfg: PPOConfig, world: int) -> int:
     it, the mean of the micro-batch losses is the one-process loss, micro-batch for
     micro-batch (tests/test_multigpu.py checks the weights against one process)."""
     return max(1, cfg.gradient_accumulation_steps // world)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, minus its multiply when it would not clip.
+
+    torch scales every gradient by min(1, max_norm / (norm + 1e-6)) even when that is 1.0:
+    one multiply per parameter tensor (58 kernels a step on the demo model, ~5 % of an
+    update's ops on CPU, where grad norms sit below 1.0 most steps). x * 1.0 is exact, so
+    skipping it changes no bit; the coefficient is computed as torch computes it (see
+    torch/nn/utils/clip_grad.py, ``_clip_grads_with_norm_``). The check reads one scalar, so
+    only on CPU: on a GPU torch's unconditional multiply avoids that synchronisation (its
+    own comment there says so) and costs one fused kernel.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, 2.0)
+    if total.device.type != "cpu" or float(max_norm / (total + 1e-6)) < 1.0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
@@ -319,7 +359,7 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                 dp.average_grads_(params)
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
             stats.setdefault("policy/grad_norm", []).append(float(grad_norm))
             if scaler:
                 scaler.step(optimizer)
@@ -389,22 +429,30 @@ def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], se
         # Every process draws the whole batch (one sampler state, checkpointed once) and
         # keeps its share: together they sample the prompts one process would.
         prompts_here = dp.share(state.sampler.next_batch(cfg.batch_size), "prompts per batch")
+        phases: dict[str, float] = {}
         with autocast(cfg, device):
-            ro = make_rollout(cfg, models, prompts_here, beta=beta, dp=dp)
-        t_gen = time.perf_counter() - t0
+            ro = make_rollout(cfg, models, prompts_here, beta=beta, dp=dp, timings=phases)
+        t_update = time.perf_counter()
         models.train()
         stats = ppo_update(cfg, models, ro, beta=beta, optimizer=state.optimizer, gen=state.gen,
                            scaler=scaler, dp=dp)
         state.scheduler.step()
-        stats.update(rollout_metrics(ro, beta))
+        stats.update(rollout_metrics(ro, beta))  # reads the update's stats: the device is done
         stats["perf/tokens"] = float(ro.response_mask.sum())
         # Shares are equally large: the mean over processes is the batch's mean. Per-process
         # explained variance is averaged, not recomputed on the whole batch (a diagnostic).
         stats = dp.mean_stats(stats, max_keys=("objective/kl_max_seq",))
         elapsed = time.perf_counter() - t0
+        # Per-phase seconds and shapes: enough to count each phase's FLOPs afterwards
+        # (bench/device/bench_gpu.py reports model-FLOPs utilisation from them).
         stats.update({"perf/episodes_per_s": cfg.batch_size / elapsed,
                       "perf/tokens_per_s": stats.pop("perf/tokens") * world / elapsed,
-                      "perf/generation_share": t_gen / elapsed,
+                      "perf/generation_share": phases["generation_s"] / elapsed,
+                      "perf/generation_s": phases["generation_s"],  # this process's phases
+                      "perf/scoring_s": phases["scoring_s"],
+                      "perf/update_s": time.perf_counter() - t_update,
+                      "perf/prompt_width": float(ro.query_ids.shape[1]),
+                      "perf/response_width": float(ro.response_ids.shape[1]),
                       "lr": state.scheduler.get_last_lr()[0]})
         mean_kl, score = stats["objective/kl"], stats["objective/scores"]
         state.kl_ctl.update(mean_kl, cfg.batch_size)  # the same reduced KL in every process

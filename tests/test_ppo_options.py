@@ -215,7 +215,8 @@ def test_kl_budget_stops_early_with_reason(rm_dir, prompts, tmp_path):
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16"])
 def test_mixed_precision_is_fp32_on_cpu(mixed_precision):
-    """On CPU every setting means fp32: no autocast, no loss scaling."""
+    """On CPU the trained models run in fp32 whatever the setting: no autocast, no loss
+    scaling (the frozen models' bf16 weights: tests/test_ppo_precision.py)."""
     cfg, cpu = PPOConfig(mixed_precision=mixed_precision), torch.device("cpu")
     assert isinstance(autocast(cfg, cpu), contextlib.nullcontext)
     assert grad_scaler(cfg, cpu) is None

@@ -1,0 +1,277 @@
+"""PPO at GPU scale in one lease: ours vs trl 1.12 at ~100 M and ~1.2 B, and a 7 B LoRA run.
+
+    bench/device/run.sh                        # on the GPU machine (installs carried wheels)
+    python bench/device/bench_gpu.py --device cpu --sizes tiny --sides ours --lora tiny \\
+        --response-length 8 --out /tmp/x       # the CPU smoke run the tests do
+
+Each run is a subprocess of ``bench/bench_ppo.py``'s workers on its matched settings (GPT-2
+built from config with the demo tokenizer; reward model = its backbone with a fresh head),
+one run per (size, side, precision), in priority order so that a lease cut short still has
+the comparisons that matter: 100 M (bf16 and TF32), 1.2 B in bf16, the 7 B LoRA run, then
+ours with the static-cache decode and the 1.2 B TF32 pair.
+After every run ``bench_gpu.json`` and ``bench_gpu.md`` are rewritten in ``--out``.
+
+For ours it also reports, per phase (generation, scoring = reference/critic/reward forwards,
+update), achieved TFLOP/s and MFU against the device's dense peak (bf16, or TF32 for fp32
+runs), counted as ``bench/device/mfu.py`` says, over the updates after the first (which
+carries warm-up and compilation); and sampled tokens/s against the decode bound (every policy
+weight read once per step at the device's HBM bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(HERE))
+
+import bench_ppo  # noqa: E402
+import mfu  # noqa: E402
+
+# GPT-2 overrides per size; batch as in issue 12's table. "tiny" is demo/base_model (0.5 M).
+SIZES = {
+    "tiny": {"config": None, "batch": 16, "episodes": 32},
+    "100m": {"config": {"n_layer": 12, "n_embd": 768, "n_head": 12}, "batch": 128, "episodes": 512},
+    "1.2b": {"config": {"n_layer": 24, "n_embd": 2048, "n_head": 16}, "batch": 64, "episodes": 256},
+}
+# LoRA runs: a Qwen2-7B-shaped decoder (7.6 B with its own 152k vocabulary; with the demo
+# tokenizer's small vocabulary the bases are ~6.5 B each), or a tiny one for CPU.
+LORA = {
+    "7b": {"arch": "qwen2", "batch": 32, "episodes": 96, "arch_config": {
+        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 4096}},
+    "tiny": {"arch": "qwen2", "batch": 8, "episodes": 16, "arch_config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--sizes", default="100m,1.2b", help=f"comma-separated of {', '.join(SIZES)}")
+    p.add_argument("--sides", default="ours,trl112")
+    p.add_argument("--precisions", default="bf16,no", help="mixed_precision values to run")
+    p.add_argument("--static-decode", action="store_true", default=True,
+                   help="also run ours bf16 with decode_cache=static (the default)")
+    p.add_argument("--no-static-decode", dest="static_decode", action="store_false")
+    p.add_argument("--lora", default="7b", help=f"LoRA run: {', '.join(LORA)} or none")
+    p.add_argument("--response-length", type=int, default=128)
+    p.add_argument("--episodes", type=int, default=None, help="override every size's episodes")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--budget-s", type=float, default=400,
+                   help="start no new run after this many seconds: the device tool stops a "
+                        "command at 600 s, and a 1.2 B run with loading takes 1-2 minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "bench/out/device"))
+    p.add_argument("--runs-dir", default=None, help="per-run logs and results (default OUT/runs)")
+    return p.parse_args()
+
+
+def settings_for(args, size: dict, policy_dir: str, rm_dir: str, precision: str,
+                 decode: str) -> dict:
+    ns = argparse.Namespace(
+        prompts=str(ROOT / "demo/data/rl_prompts.jsonl"), episodes=args.episodes or size["episodes"],
+        batch_size=size["batch"], mini_batches=4, response_length=args.response_length,
+        ppo_epochs=4, learning_rate=1e-5, seed=args.seed, threads=args.threads, device=args.device)
+    return {**bench_ppo.settings(ns, policy_dir, rm_dir), "mixed_precision": precision,
+            "decode_cache": decode, "tf32": True}
+
+
+def plan(args) -> list[dict]:
+    """Jobs in priority order (see the module docstring)."""
+    sizes = [s for s in args.sizes.split(",") if s]
+    sides = [s for s in args.sides.split(",") if s]
+    precisions = [p for p in args.precisions.split(",") if p]
+
+    def runs(size, precs):
+        return [{"kind": "pair", "size": size, "side": side, "precision": p, "decode": "dynamic"}
+                for p in precs for side in sides]
+
+    def static(size):  # compiles on a GPU (minutes, maybe): after the comparisons
+        if args.static_decode and "ours" in sides and "bf16" in precisions:
+            return [{"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
+                     "decode": "static"}]
+        return []
+
+    first, later = runs(sizes[0], precisions), static(sizes[0])
+    for size in sizes[1:]:  # bigger sizes: the first precision now, the rest after LoRA
+        first += runs(size, precisions[:1])
+        later += runs(size, precisions[1:]) + static(size)
+    lora = [] if args.lora == "none" else [{"kind": "lora", "size": args.lora, "side": "ours-lora",
+                                            "precision": "bf16", "decode": "dynamic"}]
+    return first + lora + later
+
+
+def counts_for(policy_dir: str, precision: str) -> mfu.ModelCounts:
+    """Matmul parameters of the GPT-2 at ``policy_dir``; critic and reward model share its
+    backbone shape (bench_ppo.prepare_models builds them from it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy_dir))
+    trunk, head = mfu.matmul_params(model)
+    return mfu.ModelCounts(trunk, head, trunk, trunk, head_bytes=2 if precision == "bf16" else 4)
+
+
+def analyse(result: dict, counts: mfu.ModelCounts, device_name: str, lora: bool) -> dict:
+    """Per-phase TFLOP/s and MFU over the steady updates, and decode tokens/s vs its bound."""
+    perf = result.get("perf_updates") or []
+    steady = perf[1:] if len(perf) > 1 else perf
+    if not steady:
+        return {}
+    key = mfu.device_key(device_name)
+    peak = mfu.PEAK_FLOPS[key]["bf16" if result["mixed_precision"] == "bf16" else "tf32"] if key else None
+    flops = {"generation": 0.0, "scoring": 0.0, "update": 0.0}
+    secs = {"generation": 0.0, "scoring": 0.0, "update": 0.0}
+    gen_tokens = 0
+    for u in steady:
+        shape = mfu.UpdateShape(result_batch(result), int(u["prompt_width"]),
+                                int(u["response_width"]), 4)
+        for k, v in mfu.phase_flops(counts, shape, lora=lora).items():
+            flops[k] += v
+        for k in secs:
+            secs[k] += u[f"{k}_s"]
+        gen_tokens += shape.batch * shape.response
+    out = {"phases": mfu.utilisation(flops, secs, peak), "peak_tflops": peak / 1e12 if peak else None,
+           "phase_seconds": secs, "steady_updates": len(steady),
+           "generation_tokens_per_s": gen_tokens / secs["generation"] if secs["generation"] else None}
+    if key:
+        bound = mfu.decode_bound_tokens_per_s(counts, result_batch(result), mfu.PEAK_BANDWIDTH[key])
+        out["decode_bound_tokens_per_s"] = bound
+        out["decode_share_of_bound"] = (out["generation_tokens_per_s"] or 0) / bound
+    return out
+
+
+def result_batch(result: dict) -> int:
+    return result["batch_size"]
+
+
+def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str) -> dict:
+    tag = f"{job['size']}_{job['side']}_{job['precision']}_{job['decode']}"
+    if job["kind"] == "lora":
+        spec = LORA[job["size"]]
+        s = settings_for(args, {"batch": spec["batch"], "episodes": spec["episodes"]}, "", "",
+                         job["precision"], job["decode"])
+        s.update(arch=spec["arch"], arch_config=spec["arch_config"], lora_r=16,
+                 total_episodes=args.episodes or spec["episodes"])
+        bench_ppo.WORKERS["ours-lora"] = HERE / "lora_worker.py"
+        r = bench_ppo.run_worker("ours-lora", sys.executable, s, run_dir, tag)
+        r["batch_size"] = s["batch_size"]
+        counts = mfu.ModelCounts(**r["counts"], head_bytes=2) if "counts" in r else None
+    else:
+        size = SIZES[job["size"]]
+        policy_dir, rm_dir = models[job["size"]]
+        s = settings_for(args, size, policy_dir, rm_dir, job["precision"], job["decode"])
+        r = bench_ppo.run_worker(job["side"], sys.executable, s, run_dir, tag)
+        r["batch_size"] = s["batch_size"]
+        counts = counts_for(policy_dir, job["precision"]) if job["side"] == "ours" else None
+    r.update(job=job, tag=tag)
+    if counts is not None:
+        r["analysis"] = analyse(r, counts, device_name, lora=job["kind"] == "lora")
+    return r
+
+
+def table(runs: list[dict]) -> str:
+    rows = ["| size | side | precision | decode | batch | episodes/s | steady ep/s | vs trl (steady) "
+            "| first update s | peak CUDA GB | MFU gen / score / update | gen tok/s (bound) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    trl = {(r["job"]["size"], r["job"]["precision"]): r for r in runs if r["job"]["side"] == "trl112"}
+    for r in runs:
+        j, st = r["job"], r.get("steady_state") or {}
+        ratio = ""
+        peer = trl.get((j["size"], j["precision"]))
+        if j["side"] == "ours" and peer and peer.get("steady_state") and st:
+            ratio = f"x{st['episodes_per_s'] / peer['steady_state']['episodes_per_s']:.2f}"
+        a = r.get("analysis") or {}
+        ph = a.get("phases") or {}
+
+        def pct(k):
+            m = ph.get(k, {}).get("mfu")
+            return f"{100 * m:.1f}%" if m is not None else (
+                f"{ph[k]['tflops']:.3f} TF/s" if k in ph else "-")
+
+        gen = a.get("generation_tokens_per_s")
+        bound = a.get("decode_bound_tokens_per_s")
+        gen_s = (f"{gen:.0f}" + (f" ({bound:.0f})" if bound else "")) if gen else "-"
+        cuda = r.get("cuda_max_memory_allocated_mb")
+        rows.append(
+            f"| {j['size']} | {j['side']} | {j['precision']} | {j['decode']} | {r['batch_size']} | "
+            f"{r['episodes_per_s']:.2f} | {st.get('episodes_per_s', float('nan')):.2f} | {ratio} | "
+            f"{r['first_update_s']:.1f} | {f'{cuda / 1024:.1f}' if cuda else '-'} | "
+            f"{pct('generation')} / {pct('scoring')} / {pct('update')} | {gen_s} |")
+    return "\n".join(rows)
+
+
+def device_info(device: str) -> dict:
+    import torch
+
+    info = {"device": device, "torch": torch.__version__}
+    if device.startswith("cuda"):
+        info.update(name=torch.cuda.get_device_name(), memory_gb=round(
+            torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    else:
+        info["name"] = "cpu"
+    return info
+
+
+def main() -> None:
+    args = parse_args()
+    t_start = time.monotonic()
+    out = Path(args.out)
+    run_dir = Path(args.runs_dir) if args.runs_dir else out / "runs"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = device_info(args.device)
+    jobs = plan(args)
+    report = {"command": " ".join(["python", "bench/device/bench_gpu.py", *sys.argv[1:]]),
+              "device": dev, "plan": jobs, "runs": [], "skipped": [], "failed": [],
+              "flops_convention": mfu.__doc__}
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
+        models: dict[str, tuple[str, str]] = {}
+        for job in jobs:
+            if time.monotonic() - t_start > args.budget_s:
+                report["skipped"].append(job)
+                continue
+            if job["kind"] == "pair" and job["size"] not in models:
+                cfg = SIZES[job["size"]]["config"]
+                d = Path(tmp) / job["size"]
+                d.mkdir()
+                models[job["size"]] = bench_ppo.prepare_models(
+                    d, json.dumps(cfg) if cfg else None, args.seed)
+            t0 = time.monotonic()
+            try:
+                r = run_job(args, job, models, run_dir, dev["name"])
+            except RuntimeError as e:  # one failed run leaves the others' results standing
+                report["failed"].append({**job, "error": str(e)})
+                print(f"FAILED {job}: {e}", flush=True)
+                continue
+            report["runs"].append(r)
+            a = r.get("analysis", {}).get("phases", {})
+            print(f"{r['tag']}: {r['episodes_per_s']:.2f} episodes/s "
+                  f"({time.monotonic() - t0:.0f} s with loading); "
+                  + ", ".join(f"{k} {v['tflops']:.3g} TF/s" for k, v in a.items()), flush=True)
+            (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+            (out / "bench_gpu.md").write_text(f"`{report['command']}` on {dev['name']}\n\n"
+                                              f"{table(report['runs'])}\n")
+    report["wall_s"] = time.monotonic() - t_start
+    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = table(report["runs"])
+    (out / "bench_gpu.md").write_text(f"`{report['command']}` on {dev['name']}\n\n{md}\n")
+    print(md)
+    if report["skipped"]:
+        print(f"skipped (budget): {[j['size'] + ' ' + j['side'] + ' ' + j['precision'] for j in report['skipped']]}")
+    print(f"wrote {out / 'bench_gpu.json'}")
+    sys.exit(1 if report["failed"] else 0)
+
+
+if __name__ == "__main__":
+    main()
