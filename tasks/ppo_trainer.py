@@ -9,6 +9,7 @@ loading, MLflow) is ``tasks/ppo.py``; the math is ``models/ppo.py``.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -297,6 +298,38 @@ def rollout_metrics(ro: Rollout, beta: float) -> dict[str, float]:
     }
 
 
+class NonFiniteError(RuntimeError):
+    """A loss, reward or advantage became NaN or inf: training stops there, naming the step,
+    rather than saving weights that a NaN has already reached (the stage fails, so nothing is
+    evaluated, registered or promoted)."""
+
+
+# Losses, rewards and advantages must be finite. Not every stat: explained variance is NaN by
+# definition when the returns do not vary (models/ppo.py), and that is a measurement.
+MUST_BE_FINITE = ("loss/policy", "loss/value", "policy/grad_norm", "objective/kl",
+                  "objective/scores")
+
+
+def check_finite(step: int, ro: Rollout | None = None,
+                 stats: dict[str, float] | None = None) -> None:
+    """Raise NonFiniteError naming ``step`` and what is not finite (rollout tensors first:
+    they say where a NaN came from, the losses only that it arrived)."""
+    bad = []
+    if ro is not None:
+        for name in ("scores", "rewards", "advantages"):
+            t = getattr(ro, name)
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{name} ({n} of {t.numel()} values)")
+    for k in MUST_BE_FINITE:
+        if stats is not None and k in stats and not math.isfinite(stats[k]):
+            bad.append(f"{k} = {stats[k]}")
+    if bad:
+        raise NonFiniteError(f"ppo: non-finite {', '.join(bad)} at step {step}: stopping "
+                             f"before the update is saved (check the reward model's outputs "
+                             f"and the learning rate)")
+
+
 # --- the loop ------------------------------------------------------------------------------
 
 
@@ -328,12 +361,14 @@ def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], se
         models.train(False)  # no dropout while sampling and scoring (Huang et al.)
         with autocast(cfg, device):
             ro = make_rollout(cfg, models, state.sampler.next_batch(cfg.batch_size), beta=beta)
+        check_finite(update + 1, ro=ro)
         t_gen = time.perf_counter() - t0
         models.train()
         stats = ppo_update(cfg, models, ro, beta=beta, optimizer=state.optimizer, gen=state.gen,
                            scaler=scaler)
         state.scheduler.step()
         stats.update(rollout_metrics(ro, beta))
+        check_finite(update + 1, stats=stats)
         elapsed = time.perf_counter() - t0
         stats.update({"perf/episodes_per_s": cfg.batch_size / elapsed,
                       "perf/tokens_per_s": float(ro.response_mask.sum()) / elapsed,
