@@ -17,7 +17,8 @@ MAX_ROWS_SHOWN = 5
 # Stable rule names, used in messages, metrics and tests. Descriptions are the report's legend.
 RULES: dict[str, str] = {
     "file_exists": "the file exists",
-    "uri_scheme": "the dataset URI is a local path or file:// (other schemes come later)",
+    "uri_scheme": "the dataset URI is a local path, file:// or s3://bucket/key",
+    "s3_access": "the S3 endpoint answers and the AWS credentials may read/write the object",
     "dataset_split": "a `datasets` DatasetDict directory has a 'train' split",
     "utf8": "each line is valid UTF-8",
     "json": "each line is one JSON object",

@@ -4,8 +4,10 @@
 and nothing else, so a format or a storage scheme is learnt once. It imports neither of them,
 nor ``flows/`` or ``models/``: the arrows point here, never out.
 
-- ``dataio.uri``: URIs -> local paths (the one place ``s3://`` will be added), ``DataError``,
-  ``content_hash``.
+- ``dataio.uri``: URIs -> local paths, ``DataError``, ``content_hash``, ``openable`` (a model
+  location for ``from_pretrained``).
+- ``dataio.s3``: ``s3://`` through boto3: a local cache keyed by ETag for reading, one PUT for
+  writing; endpoint and credentials from the usual AWS environment, never logged.
 - ``dataio.read``: one reader for JSONL, Parquet and ``datasets`` directories, strict (stages)
   or tolerant (validation).
 - ``dataio.write``: JSONL written atomically (temporary file, then rename).
@@ -16,9 +18,9 @@ nor ``flows/`` or ``models/``: the arrows point here, never out.
 from dataio.read import Rows, read_records, read_rows
 from dataio.trl_format import (PREFERENCE_COLUMNS, explicit_prompts, is_conversational,
                                preference_rows, render_prompt, split_prompt)
-from dataio.uri import DataError, content_hash, local_path
+from dataio.uri import DataError, content_hash, local_path, openable
 from dataio.write import jsonl_bytes, write_jsonl_atomic
 
 __all__ = ["DataError", "PREFERENCE_COLUMNS", "Rows", "content_hash", "explicit_prompts",
-           "is_conversational", "local_path", "preference_rows", "read_records", "read_rows",
-           "jsonl_bytes", "render_prompt", "split_prompt", "write_jsonl_atomic"]
+           "is_conversational", "jsonl_bytes", "local_path", "openable", "preference_rows",
+           "read_records", "read_rows", "render_prompt", "split_prompt", "write_jsonl_atomic"]

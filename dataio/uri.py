@@ -1,8 +1,9 @@
 """Dataset locations as URIs, and the error every reader raises.
 
-A local path or a ``file://`` URI today. ``local_path`` is the one function that turns a URI
-into something to open: the issue that adds ``s3://`` (ROADMAP.md: datasets on S3 only, past
-one machine) extends it and ``content_hash``, and every reader follows.
+A local path, a ``file://`` URI or an ``s3://bucket/key`` URI. ``local_path`` is the one
+function that turns a URI into something to open (an S3 object is downloaded into a cache
+keyed by its ETag first, ``dataio.s3``), so every reader, ``content_hash`` included, reads
+S3 the way it reads a local file: a dataset copied to S3 keeps its content hash.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-SUPPORTED = "a local path or a file:// URI"
+SUPPORTED = "a local path, a file:// URI or an s3://bucket/key URI"
 
 
 class DataError(ValueError):
@@ -29,13 +30,24 @@ class DataError(ValueError):
 
 
 def local_path(uri: str) -> Path:
-    """The local file or directory a URI names; any other scheme is refused, naming the URI."""
+    """The local file or directory a URI names (an ``s3://`` object or prefix: its cached
+    copy, downloaded if new); any other scheme is refused, naming the URI."""
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])
+    if uri.startswith("s3://"):
+        from dataio import s3
+
+        return s3.fetch(uri)
     if "://" in uri:
-        raise DataError(uri, f"only local paths and file:// URIs are supported so far "
-                             f"(expected {SUPPORTED})", rule="uri_scheme")
+        raise DataError(uri, f"unsupported URI scheme (expected {SUPPORTED})", rule="uri_scheme")
     return Path(uri)
+
+
+def openable(location: str) -> str:
+    """What a library that opens locations itself (``from_pretrained``) should get: an
+    ``s3://`` model directory's cached local copy; anything else (a local path, a hub id) as
+    given."""
+    return str(local_path(location)) if location.startswith("s3://") else location
 
 
 def content_hash(uri: str) -> str:

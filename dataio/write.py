@@ -2,7 +2,8 @@
 
 A file is written to a temporary name beside it, flushed to disk and renamed over the old
 one, so a crash or a full disk part-way leaves the previous file intact (a rename within a
-directory is atomic on POSIX). Locations are URIs (``dataio.uri``), like everywhere else.
+directory is atomic on POSIX). Locations are URIs (``dataio.uri``), like everywhere else: an
+``s3://`` object is written in one PUT, which S3 shows whole or not at all.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def jsonl_bytes(rows: list[dict]) -> bytes:
 def write_jsonl_atomic(uri: str, rows: list[dict], head: bytes = b"") -> None:
     """Write ``head`` + one JSON row per line to ``uri`` through a temporary file and a rename;
     an existing file keeps its permissions."""
+    if uri.startswith("s3://"):
+        from dataio import s3
+
+        s3.put_bytes(uri, head + jsonl_bytes(rows))
+        return
     path = local_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from tasks.base import BaseModelConfig, StageConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.feedback import FeedbackConfig
 from tasks.gate import GateConfig
+from tasks.launch import LaunchConfig
 from tasks.policy import PolicyConfig
 from tasks.register import RegistryConfig
 from tasks.reward import RewardConfig
@@ -54,6 +55,11 @@ class TrackingConfig(StageConfig):
     """Tracking URI; empty means ``MLFLOW_TRACKING_URI`` or else ``sqlite:///mlflow.db``."""
     experiment: str = "rlhf-pipeline"
     """MLflow experiment name; one parent run per pipeline run goes here."""
+    artifact_location: str | None = None
+    """Root of a new experiment's artifacts, ``<root>/<experiment>`` (e.g. ``s3://bucket/mlflow``,
+    written with this machine's AWS credentials); empty: beside a SQLite database
+    (``<its folder>/mlruns/<experiment>``), or wherever an ``mlflow server`` keeps them (proxied:
+    clients need no storage credentials). An existing experiment keeps its location."""
 
 
 class PipelineConfig(StageConfig):
@@ -65,8 +71,12 @@ class PipelineConfig(StageConfig):
     seed: int = 0
     """Global seed; every stage logs it and seeds torch, python and numpy from it."""
     output_dir: str = "runs"
-    """Local directory (URI-ready) for stage outputs; one subfolder per pipeline run."""
+    """Local directory for stage outputs (checkpoints, saved models, reports); one subfolder
+    per pipeline run. Not ``s3://`` yet: every model a stage saves also goes to MLflow as an
+    artifact, which an ``mlflow server`` or ``tracking.artifact_location`` puts on S3."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    """Training stages in several processes (GPUs) under ``accelerate launch``."""
     data: DataConfig
     base_model: BaseModelConfig
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
@@ -78,6 +88,16 @@ class PipelineConfig(StageConfig):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     """Human-feedback rounds after a refused run (``rlhf feedback``)."""
+
+    @field_validator("output_dir")
+    @classmethod
+    def _local_output_dir(cls, value: str) -> str:
+        # Path("s3://b/x") is the local folder "s3:/b/x": refuse it rather than write there.
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError(f"{value!r}: stage outputs are local folders for now; models reach "
+                             f"S3 as MLflow artifacts (tracking.artifact_location, or an mlflow "
+                             f"server with --artifacts-destination s3://...)")
+        return value.removeprefix("file://")
 
 
 def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:

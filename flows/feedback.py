@@ -63,7 +63,8 @@ def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
     tags = {"rlhf.stage": "feedback_round", "rlhf.triggered_by": triggered_by.parent_run_id,
             "rlhf.feedback_round_index": str(index)}
     with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c,
-                      run_name=f"{c.name}-feedback-round-{index}", tags=tags) as run:
+                      run_name=f"{c.name}-feedback-round-{index}", tags=tags,
+                      artifacts=c.tracking.artifact_location) as run:
         ctx, rid = run.ctx, run.ctx.parent_run_id
         client = MlflowClient(ctx.tracking_uri)
         seed = c.seed + index  # another sample of candidates each round

@@ -70,7 +70,8 @@ def rlhf_pipeline(config: PipelineConfig,
     """Run every stage once; returns the gate's decision and where everything went.
     ``tags`` go on the parent run (e.g. the feedback round that started it)."""
     c, seed, root = config, config.seed, Path(config.output_dir) / config.name
-    with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c, tags=tags) as run:
+    with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c, tags=tags,
+                      artifacts=c.tracking.artifact_location) as run:
         ctx = run.ctx
         # With quarantine on, `checked.data` points at clean copies: train on those, never the
         # originals (which stay byte-identical).
@@ -79,9 +80,11 @@ def rlhf_pipeline(config: PipelineConfig,
                                   chat_template=c.base_model.chat_template)
         run.tag_data(checked.hashes)
         data, h = checked.data, checked.hashes
-        sft = sft_task(c.sft, base_model=c.base_model, data_uri=data["sft"], seed=seed, ctx=ctx,
+        sft = sft_task(c.sft, launch=c.launch, base_model=c.base_model, data_uri=data["sft"],
+                       seed=seed, ctx=ctx,
                        out_dir=stage_dir(root, "sft", c.sft, c.base_model, h["sft"], seed))
-        reward = reward_task(c.reward, sft_model_uri=sft.model_uri, train_uri=data["preferences"],
+        reward = reward_task(c.reward, launch=c.launch, sft_model_uri=sft.model_uri,
+                             train_uri=data["preferences"],
                              eval_uri=data["eval_pairs"], rl_prompts_uri=data["rl_prompts"],
                              seed=seed, ctx=ctx,
                              out_dir=stage_dir(root, "reward", c.reward, sft.model_uri,
@@ -89,7 +92,7 @@ def rlhf_pipeline(config: PipelineConfig,
         # Only the chosen algorithm's settings key the folder: editing DPO's settings must not
         # orphan an interrupted PPO run's checkpoint.
         algo = c.policy.algorithm
-        policy = policy_task(c.policy, sft_model_uri=sft.model_uri,
+        policy = policy_task(c.policy, launch=c.launch, sft_model_uri=sft.model_uri,
                              reward_model_uri=reward.model_uri, prompts_uri=data["rl_prompts"],
                              preferences_uri=data["preferences"], seed=seed, ctx=ctx,
                              out_dir=stage_dir(root, "policy", algo, getattr(c.policy, algo),

@@ -79,7 +79,11 @@ def read_batch(uri: str) -> list[Pair]:
 
 
 def default_labels_path(batch: str | Path) -> Path:
-    """``data/batch7.jsonl`` -> ``data/batch7.labels.jsonl``."""
+    """``data/batch7.jsonl`` -> ``data/batch7.labels.jsonl``. A batch on S3 has no "beside" to
+    write to: labels are appended and fsynced one at a time, which an S3 object cannot do."""
+    if str(batch).startswith("s3://"):
+        raise DataError(str(batch), "labels of a batch on S3 need a local file: give --out "
+                                    "LABELS", rule="uri_scheme")
     batch = Path(batch)
     return batch.with_name(f"{batch.stem}.labels.jsonl")
 

@@ -118,10 +118,39 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
     logits = model.score(hidden).squeeze(-1)  # (B, T)
+    return _at_last_attended(logits, attention_mask)
+
+
+def _at_last_attended(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-token scores -> (B,) the score at each row's rightmost attended token."""
     T = attention_mask.shape[1]
     positions = torch.arange(T, device=attention_mask.device)  # (T,)
     last = (positions * attention_mask).argmax(-1)  # (B,) rightmost index with mask == 1
     return logits[torch.arange(logits.shape[0], device=logits.device), last]  # (B,)
+
+
+def score_sequences_through(wrapper, model, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor) -> torch.Tensor:
+    """``score_sequences`` for a ``model`` inside a distributed ``wrapper`` (DDP, DeepSpeed,
+    FSDP): (B, T), (B, T) -> (B,).
+
+    The wrapper's own forward must run, or it never learns which gradients to reduce (DDP
+    prepares its reducer in forward: https://pytorch.org/docs/stable/notes/ddp.html#internal-design;
+    FSDP gathers the weights there). So the forward runs through ``wrapper`` with the same
+    inputs as ``score_sequences``, and a hook on ``model.score`` keeps the per-token scores
+    (B, T, 1) that the HF head computes before pooling at the last non-pad token; we pool
+    at the last attended token instead, as ``score_sequences`` does.
+    """
+    attention_mask = attention_mask.long()
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
+    kept: list[torch.Tensor] = []
+    handle = model.score.register_forward_hook(lambda module, args, out: kept.append(out))
+    try:
+        wrapper(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False)
+    finally:
+        handle.remove()
+    return _at_last_attended(kept[-1].squeeze(-1), attention_mask)
 
 
 @dataclass

@@ -30,7 +30,8 @@ class BaseModelConfig(StageConfig):
     """The model every stage starts from."""
 
     path: str
-    """Hub id (e.g. ``Qwen/Qwen2.5-0.5B``) or local directory with config, weights, tokenizer."""
+    """Hub id (e.g. ``Qwen/Qwen2.5-0.5B``), local directory with config, weights, tokenizer,
+    or such a directory on S3 (``s3://bucket/prefix``, downloaded once into the cache)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); ignored for local paths."""
     trust_remote_code: bool = False

@@ -9,6 +9,7 @@ stage still scores the result with it and with the gold judge.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import LoraSettings, PolicyResult, StageConfig, TrackingContext, peft_config
+from tasks.distributed import is_main_process
 from tasks.tracking import save_policy, stage_run, trainer_args, trainer_metrics_callback
 
 
@@ -52,7 +54,7 @@ class DPOSettings(StageConfig):
 
 
 def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_dir: str,
-            seed: int, ctx: TrackingContext) -> PolicyResult:
+            seed: int, ctx: TrackingContext) -> PolicyResult | None:
     """Train the SFT policy with DPO on ``preferences_uri``; save and log it like PPO."""
     import datasets
     import mlflow
@@ -76,9 +78,13 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
     # off here, as DPOTrainer would, so validation and every stage see the same pairs.
     rows = preference_rows(read_records(preferences_uri), preferences_uri, with_margin=False)
 
-    with stage_run(ctx, "policy", cfg, seed, algorithm="dpo") as run:
-        mlflow.set_tag("data.preferences.sha256", content_hash(preferences_uri))
-        callback = trainer_metrics_callback("dpo", run.info.run_id)
+    # Under accelerate launch every process trains; the main one saves and logs.
+    main = is_main_process()
+    with (stage_run(ctx, "policy", cfg, seed, algorithm="dpo") if main
+          else contextlib.nullcontext()) as run:
+        if main:
+            mlflow.set_tag("data.preferences.sha256", content_hash(preferences_uri))
+        callbacks = [trainer_metrics_callback("dpo", run.info.run_id)] if main else []
         with tempfile.TemporaryDirectory() as scratch:
             args = trainer_args(
                 trl.DPOConfig, scratch, seed, max_steps=cfg.max_steps,
@@ -91,13 +97,15 @@ def run_dpo(cfg: DPOSettings, *, sft_model_uri: str, preferences_uri: str, out_d
                 logging_steps=cfg.logging_steps)
             trainer = trl.DPOTrainer(model=policy, ref_model=ref_policy, args=args,
                                      train_dataset=datasets.Dataset.from_list(rows),
-                                     processing_class=tokenizer, callbacks=[callback],
+                                     processing_class=tokenizer, callbacks=callbacks,
                                      peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
             train_out = trainer.train()
+        if not main:
+            return None
         policy_dir = save_policy(trainer.model, tokenizer, out,
                                  {"sft_model": sft_model_uri, "preferences": preferences_uri,
                                   "algorithm": "dpo"}, merge_lora=cfg.lora is not None)
-        last = callback.last
+        last = callbacks[0].last
         metrics = {"dpo/steps": float(trainer.state.global_step),
                    "dpo/train_loss": train_out.training_loss,
                    "dpo/final_accuracy": last.get("dpo/rewards/accuracies", float("nan")),

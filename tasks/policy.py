@@ -19,6 +19,7 @@ from prefect import task
 
 from tasks.base import PolicyResult, StageConfig, TrackingContext
 from tasks.dpo import DPOSettings, run_dpo
+from tasks.launch import LaunchConfig, run_stage
 from tasks.ppo import PPOConfig, run_ppo
 from tasks.trl_online import GRPOSettings, RLOOSettings, run_online
 
@@ -40,8 +41,10 @@ class PolicyConfig(StageConfig):
 
 
 def run_policy(cfg: PolicyConfig, *, sft_model_uri: str, reward_model_uri: str, prompts_uri: str,
-               preferences_uri: str, out_dir: str, seed: int, ctx: TrackingContext) -> PolicyResult:
-    """Run ``cfg.algorithm`` from the SFT model; the child run and stage are named after it."""
+               preferences_uri: str, out_dir: str, seed: int,
+               ctx: TrackingContext) -> PolicyResult | None:
+    """Run ``cfg.algorithm`` from the SFT model; the child run and stage are named after it.
+    Under ``accelerate launch`` the main process returns the result, the others None."""
     if cfg.algorithm == "ppo":
         return run_ppo(cfg.ppo, sft_model_uri=sft_model_uri, reward_model_uri=reward_model_uri,
                        prompts_uri=prompts_uri, out_dir=out_dir, seed=seed, ctx=ctx)
@@ -55,4 +58,8 @@ def run_policy(cfg: PolicyConfig, *, sft_model_uri: str, reward_model_uri: str, 
     raise ValueError(f"policy.algorithm {cfg.algorithm!r} is not supported")
 
 
-policy_task = task(name="policy")(run_policy)
+@task(name="policy")
+def policy_task(cfg: PolicyConfig, *, launch: LaunchConfig | None = None,
+                **inputs) -> PolicyResult:
+    """``run_policy`` here, or in ``launch.num_processes`` processes (``tasks/launch.py``)."""
+    return run_stage(launch, "policy", cfg=cfg, **inputs)

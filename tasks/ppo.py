@@ -9,7 +9,9 @@ critic (value model, initialised from the reward model or the SFT weights), rewa
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +19,7 @@ import torch
 
 from models.rollout import SharedTrunkCritic
 from tasks.base import LoraSettings, PolicyResult, StageConfig, TrackingContext, peft_config
+from tasks.distributed import DataParallel
 from tasks.ppo_trainer import PPOModels, train_ppo
 
 
@@ -27,11 +30,14 @@ class PPOConfig(StageConfig):
     total_episodes: int = 16384
     """Episodes (sampled responses) in the whole stage; updates = total_episodes / batch_size."""
     batch_size: int = 64
-    """Episodes per rollout batch (one PPO update)."""
+    """Episodes per rollout batch (one PPO update), over all processes of a launch: each of
+    N processes samples batch_size / N of them."""
     mini_batch_size: int = 16
     """Episodes per optimiser step within a PPO epoch."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per mini-batch (mini_batch_size must divide evenly)."""
+    """Micro-batches per mini-batch (mini_batch_size must divide evenly). Under ``accelerate
+    launch`` with N processes each runs max(1, this / N) of them on its mini_batch_size / N
+    episodes: a micro-batch is never larger than in one process."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     learning_rate: float = 3e-6
@@ -162,23 +168,38 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
 
 
 def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompts_uri: str,
-            out_dir: str, seed: int, ctx: TrackingContext) -> PolicyResult:
-    """Load actor/reference/critic/reward model, train, save the policy, log it all."""
-    import mlflow
+            out_dir: str, seed: int, ctx: TrackingContext) -> PolicyResult | None:
+    """Load actor/reference/critic/reward model, train, save the policy, log it all.
+
+    Under ``accelerate launch`` every process trains its share of each batch; the main one
+    saves, logs and returns the result, the others return None."""
     from transformers import set_seed
+
+    dp = DataParallel.setup()
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        if os.environ.get(name, "").lower() == "true":
+            # Our loop keeps whole weights in every process (data parallel, like DDP); a
+            # ZeRO or FSDP accelerate config shards the TRL stages only.
+            logging.getLogger(__name__).warning(
+                "ppo: %s is set, but our PPO loop is plain data parallel: every process holds "
+                "the whole policy, critic, reference and reward model", name)
+    set_seed(seed)  # the same in every process: identical initial weights (LoRA, value head)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = build_models(cfg, sft_model_uri, reward_model_uri, dp.device)
+    prompts = _load_prompts(prompts_uri, models.tokenizer, cfg.max_prompt_length)
+    if not dp.is_main:  # trains its share; the main process checkpoints, saves and logs
+        train_ppo(cfg, models, prompts=prompts, seed=seed, checkpoint=out / "checkpoint.pt",
+                  dp=dp)
+        return None
+
+    import mlflow
 
     from tasks.tracking import log_metrics, save_policy, stage_run
 
-    set_seed(seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = build_models(cfg, sft_model_uri, reward_model_uri, device)
-    prompts = _load_prompts(prompts_uri, models.tokenizer, cfg.max_prompt_length)
-
     with stage_run(ctx, "policy", cfg, seed, algorithm="ppo") as run:
         summary = train_ppo(cfg, models, prompts=prompts, seed=seed,
-                            checkpoint=out / "checkpoint.pt", log_fn=log_metrics)
+                            checkpoint=out / "checkpoint.pt", log_fn=log_metrics, dp=dp)
         policy_dir = save_policy(models.policy, models.tokenizer, out,
                                  {"sft_model": sft_model_uri, "reward_model": reward_model_uri},
                                  merge_lora=cfg.lora is not None)

@@ -2,7 +2,10 @@
 it, run ``ppo_epochs`` of minibatch updates on policy and critic, adapt beta, checkpoint; repeat.
 
 Imports torch and ``models/`` only (no Prefect, no MLflow), so it runs on a GPU machine that
-has torch, transformers and pydantic and nothing else. The stage around it (config, model
+has torch, transformers and pydantic and nothing else. Under ``accelerate launch`` each process
+samples and scores its own share of every batch and gradients are averaged before each step
+(``tasks/distributed.py``): the same updates as one process on the whole batch, up to the
+sampling noise and float summation order. The stage around it (config, model
 loading, MLflow) is ``tasks/ppo.py``; the math is ``models/ppo.py``.
 """
 
@@ -23,6 +26,7 @@ from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, co
                         policy_loss, value_loss)
 from models.reward import RewardNorm, score_sequences
 from models.rollout import Rollout, generate, pad_sequences, response_logprobs, response_values
+from tasks.distributed import DataParallel
 
 if TYPE_CHECKING:  # tasks.ppo imports this module for run_ppo; the config is only a type here
     from transformers import PreTrainedTokenizerBase
@@ -147,9 +151,19 @@ def init_train_state(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]]
                       torch.Generator().manual_seed(seed))
 
 
-def save_checkpoint(path: Path, models: PPOModels, state: TrainState) -> None:
+def rng_state() -> dict:
+    """This process's sampling RNGs (CPU, and every GPU's when there are any)."""
+    out = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def save_checkpoint(path: Path, models: PPOModels, state: TrainState,
+                    rank_rngs: list[dict] | None = None) -> None:
     """Weights, ``state`` and the RNGs, written to a temp file and renamed: a kill mid-write
-    leaves the previous checkpoint whole."""
+    leaves the previous checkpoint whole. ``rank_rngs``: every process's RNGs in a
+    data-parallel run (the weights and ``state`` are the same in all of them)."""
     ckpt = {
         "step": state.step, "policy": models.policy.state_dict(),
         "critic": models.critic.state_dict(), "optimizer": state.optimizer.state_dict(),
@@ -160,13 +174,17 @@ def save_checkpoint(path: Path, models: PPOModels, state: TrainState) -> None:
     }
     if torch.cuda.is_available():
         ckpt["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if rank_rngs is not None and len(rank_rngs) > 1:
+        ckpt["rank_rngs"] = rank_rngs
     tmp = path.with_suffix(".tmp")
     torch.save(ckpt, tmp)
     tmp.replace(path)
 
 
-def restore_checkpoint(path: Path, models: PPOModels, state: TrainState) -> None:
-    """Load what ``save_checkpoint`` wrote back into ``models`` and ``state``, RNGs included."""
+def restore_checkpoint(path: Path, models: PPOModels, state: TrainState,
+                       dp: DataParallel | None = None) -> None:
+    """Load what ``save_checkpoint`` wrote back into ``models`` and ``state``, RNGs included
+    (this process's own, when the checkpoint has one per process)."""
     ckpt = torch.load(path, weights_only=False)
     models.policy.load_state_dict(ckpt["policy"])
     models.critic.load_state_dict(ckpt["critic"])
@@ -174,10 +192,18 @@ def restore_checkpoint(path: Path, models: PPOModels, state: TrainState) -> None
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.kl_ctl.load_state_dict(ckpt["kl_ctl"])
     state.sampler.load_state_dict(ckpt["sampler"])
-    torch.set_rng_state(ckpt["torch_rng"])
+    rngs = ckpt
+    if dp is not None and dp.distributed:
+        per_rank = ckpt.get("rank_rngs") or []
+        # Another number of processes than the run that saved it: no RNG state of ours there.
+        rngs = per_rank[dp.rank] if len(per_rank) == dp.world_size else None
+    if rngs is None:
+        torch.manual_seed(1000003 * dp.rank + ckpt["step"])  # distinct per process and step
+    else:
+        torch.set_rng_state(rngs["torch_rng"])
+        if "cuda_rng" in rngs and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rngs["cuda_rng"])
     state.gen.set_state(ckpt["gen"])
-    if "cuda_rng" in ckpt and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     state.step, state.history = ckpt["step"], ckpt["history"]
     state.stats, state.stop_reason = ckpt["stats"], ckpt["stop_reason"]
 
@@ -203,8 +229,10 @@ def grad_scaler(cfg: PPOConfig, device: torch.device) -> torch.amp.GradScaler | 
 
 @torch.no_grad()
 def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
-                 beta: float) -> Rollout:
-    """Sample responses, then score them: log-probs, reference log-probs, values, rewards."""
+                 beta: float, dp: DataParallel | None = None) -> Rollout:
+    """Sample responses, then score them: log-probs, reference log-probs, values, rewards.
+    With ``dp``, ``prompts`` are this process's share and whitening uses the whole batch."""
+    whiten = dp.masked_whiten if dp is not None else masked_whiten
     tok = models.tokenizer
     query_ids, query_mask = pad_sequences(prompts, tok.pad_token_id, left=True)  # (B, P)
     query_ids, query_mask = query_ids.to(models.device), query_mask.to(models.device)
@@ -228,26 +256,43 @@ def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
                                         beta if cfg.kl_in_reward else 0.0, cfg.kl_estimator)
     if not cfg.kl_in_reward:  # KL still reported as k1, the unbiased estimate
         ro.kl = kl_estimate(logp, ref_logp, "k1") * rmask
-    rewards = masked_whiten(ro.rewards, rmask, shift_mean=False) if cfg.whiten_rewards else ro.rewards
+    rewards = whiten(ro.rewards, rmask, shift_mean=False) if cfg.whiten_rewards else ro.rewards
     ro.advantages, ro.returns = compute_gae(rewards, values, rmask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        ro.advantages = masked_whiten(ro.advantages, rmask)
+        ro.advantages = whiten(ro.advantages, rmask)
     return ro
+
+
+def local_accumulation(cfg: PPOConfig, world: int) -> int:
+    """Micro-batches per mini-batch in each of ``world`` processes: they share the
+    ``gradient_accumulation_steps`` micro-batches (at least one each), so a micro-batch (the
+    memory of one forward pass) is never larger than in one process. When ``world`` divides
+    it, the mean of the micro-batch losses is the one-process loss, micro-batch for
+    micro-batch (tests/test_multigpu.py checks the weights against one process)."""
+    return max(1, cfg.gradient_accumulation_steps // world)
 
 
 def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                optimizer: torch.optim.Optimizer, gen: torch.Generator,
-               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """ppo_epochs passes of minibatch SGD on one rollout batch; returns averaged stats."""
+               scaler: torch.amp.GradScaler | None = None,
+               dp: DataParallel | None = None) -> dict[str, float]:
+    """ppo_epochs passes of minibatch SGD on one rollout batch; returns averaged stats.
+
+    With ``dp``, ``ro`` is this process's share of the batch and each optimiser step sees
+    ``mini_batch_size / world_size`` of its episodes, gradients averaged over processes: the
+    same number of steps, each over ``mini_batch_size`` episodes in all."""
     stats: dict[str, list[float]] = {}
+    world = dp.world_size if dp is not None else 1
     B = ro.response_ids.shape[0]
-    micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    mini = cfg.mini_batch_size // world
+    accum = local_accumulation(cfg, world)
+    micro = mini // accum
     params = models.trainable_params()
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
-        for start in range(0, B, cfg.mini_batch_size):
+        for start in range(0, B, mini):
             optimizer.zero_grad(set_to_none=True)
-            for m in range(start, min(start + cfg.mini_batch_size, B), micro):
+            for m in range(start, min(start + mini, B), micro):
                 mb = ro.select(perm[m:m + micro].to(ro.response_ids.device))
                 ids, attn = mb.input_ids, mb.attention_mask
                 with autocast(cfg, ids.device):
@@ -265,12 +310,14 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                     kl_term = masked_mean(kl_estimate(logp, mb.ref_logprobs, cfg.kl_estimator),
                                           mb.response_mask)
                     loss = loss + beta * kl_term
-                scaled = loss / cfg.gradient_accumulation_steps
+                scaled = loss / accum
                 (scaler.scale(scaled) if scaler else scaled).backward()
                 for k, v in {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
                              "policy/entropy": entropy, "loss/policy": pl.loss,
                              "loss/value": vl, "val/clipfrac": vclip}.items():
                     stats.setdefault(k, []).append(float(v.detach()))
+            if dp is not None:  # before unscaling and clipping: every process then agrees on both
+                dp.average_grads_(params)
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -335,58 +382,82 @@ def check_finite(step: int, ro: Rollout | None = None,
 
 def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], seed: int,
               checkpoint: Path | None = None,
-              log_fn: Callable[[dict[str, float], int], None] | None = None) -> dict:
+              log_fn: Callable[[dict[str, float], int], None] | None = None,
+              dp: DataParallel | None = None) -> dict:
     """Run PPO to ``total_episodes``; resume from ``checkpoint`` when it exists.
 
+    With ``dp`` (a data-parallel launch) every process draws the same batch of prompts and
+    takes its share; statistics are reduced over processes, so every process adapts beta and
+    stops alike; only the main process logs and writes the checkpoint.
     Returns a summary: steps done, whether it stopped early and why, the last stats.
     """
     from tqdm.auto import tqdm
 
+    dp = dp or DataParallel(0, 1, models.device)
+    world = dp.world_size
     if cfg.mini_batch_size % cfg.gradient_accumulation_steps or cfg.batch_size % cfg.mini_batch_size:
         raise ValueError("ppo: batch_size must be a multiple of mini_batch_size, and "
                          "mini_batch_size of gradient_accumulation_steps")
+    accum = local_accumulation(cfg, world)
+    if cfg.mini_batch_size % world or (cfg.mini_batch_size // world) % accum:
+        raise ValueError(f"ppo: mini_batch_size {cfg.mini_batch_size} must split evenly over "
+                         f"{world} processes, each share into {accum} micro-batches")
     device = models.device
     n_updates = max(1, cfg.total_episodes // cfg.batch_size)
     state = init_train_state(cfg, models, prompts, seed, n_updates)
     scaler = grad_scaler(cfg, device)
-    torch.manual_seed(seed)
+    # Each process samples with its own noise (rank 0 keeps the single-process seed).
+    torch.manual_seed(seed + 1000003 * dp.rank)
     if checkpoint is not None and checkpoint.exists():
-        restore_checkpoint(checkpoint, models, state)
+        restore_checkpoint(checkpoint, models, state, dp)
+    dp.broadcast_(models.trainable_params())  # identical weights everywhere, as DDP ensures
 
     first = state.step if state.stop_reason is None else n_updates  # a stopped run stays stopped
-    bar = tqdm(range(first, n_updates), desc="ppo", initial=state.step, total=n_updates)
+    bar = tqdm(range(first, n_updates), desc="ppo", initial=state.step, total=n_updates,
+               disable=not dp.is_main)
     for update in bar:
         t0 = time.perf_counter()
         beta = state.kl_ctl.value
         models.train(False)  # no dropout while sampling and scoring (Huang et al.)
+        # Every process draws the whole batch (one sampler state, checkpointed once) and
+        # keeps its share: together they sample the prompts one process would.
+        prompts_here = dp.share(state.sampler.next_batch(cfg.batch_size), "prompts per batch")
         with autocast(cfg, device):
-            ro = make_rollout(cfg, models, state.sampler.next_batch(cfg.batch_size), beta=beta)
-        check_finite(update + 1, ro=ro)
+            ro = make_rollout(cfg, models, prompts_here, beta=beta, dp=dp)
         t_gen = time.perf_counter() - t0
         models.train()
         stats = ppo_update(cfg, models, ro, beta=beta, optimizer=state.optimizer, gen=state.gen,
-                           scaler=scaler)
+                           scaler=scaler, dp=dp)
         state.scheduler.step()
         stats.update(rollout_metrics(ro, beta))
-        check_finite(update + 1, stats=stats)
+        stats["perf/tokens"] = float(ro.response_mask.sum())
+        # Shares are equally large: the mean over processes is the batch's mean. Per-process
+        # explained variance is averaged, not recomputed on the whole batch (a diagnostic).
+        stats = dp.mean_stats(stats, max_keys=("objective/kl_max_seq",))
+        # After the all-reduce: a NaN in any process's share reaches every process's stats,
+        # so all of them stop together (one stopping alone would hang the others).
+        check_finite(update + 1, ro=ro, stats=stats)
         elapsed = time.perf_counter() - t0
         stats.update({"perf/episodes_per_s": cfg.batch_size / elapsed,
-                      "perf/tokens_per_s": float(ro.response_mask.sum()) / elapsed,
+                      "perf/tokens_per_s": stats.pop("perf/tokens") * world / elapsed,
                       "perf/generation_share": t_gen / elapsed,
                       "lr": state.scheduler.get_last_lr()[0]})
         mean_kl, score = stats["objective/kl"], stats["objective/scores"]
-        state.kl_ctl.update(mean_kl, cfg.batch_size)
+        state.kl_ctl.update(mean_kl, cfg.batch_size)  # the same reduced KL in every process
         state.step, state.stats = update + 1, stats
         state.history.append({"step": state.step, "kl": mean_kl, "score": score})
         bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{score:.2f}")
-        if log_fn is not None and (state.step % cfg.log_every == 0 or state.step == n_updates):
+        if log_fn is not None and dp.is_main and (state.step % cfg.log_every == 0
+                                                  or state.step == n_updates):
             log_fn({f"ppo/{k}": v for k, v in stats.items()}, state.step)
         if cfg.kl_budget is not None and mean_kl > cfg.kl_budget:
             state.stop_reason = (f"KL {mean_kl:.2f} nats exceeded kl_budget {cfg.kl_budget} "
                                  f"at step {state.step}")
         if checkpoint is not None and (state.step % cfg.checkpoint_every == 0
                                        or state.step == n_updates or state.stop_reason):
-            save_checkpoint(checkpoint, models, state)
+            rank_rngs = dp.gather_object(rng_state())  # a collective: every process joins
+            if dp.is_main:
+                save_checkpoint(checkpoint, models, state, rank_rngs)
         if state.stop_reason:
             break
     bar.close()

@@ -12,17 +12,19 @@ Outputs in ``out_dir``: RM weights (safetensors), tokenizer, ``reward_calibratio
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 from typing import Any
 
 from prefect import task
-from pydantic import Field
 
 from dataio import (DataError, content_hash, explicit_prompts, is_conversational, preference_rows,
                     read_records, render_prompt)
 from tasks.base import LoraSettings, ModelResult, StageConfig, TrackingContext, peft_config
+from tasks.distributed import is_main_process
 from tasks.durable import atomic_dir, checkpoint_dir, finite_loss_callback, last_complete_checkpoint
+from tasks.launch import LaunchConfig, run_stage
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
 
@@ -123,13 +125,18 @@ def make_trainer_class():
     from accelerate.utils import is_peft_model
     from trl import RewardTrainer
 
-    from models.reward import pairwise_loss, score_sequences
+    from models.reward import pairwise_loss, score_sequences, score_sequences_through
 
     class MaskPooledRewardTrainer(RewardTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if model.training else "eval"
-            scorer = model.get_base_model() if is_peft_model(model) else model
-            rewards = score_sequences(scorer, inputs["input_ids"], inputs["attention_mask"])  # (2B,)
+            if model is self.model:  # one process (or evaluation): the model itself
+                scorer = model.get_base_model() if is_peft_model(model) else model
+                rewards = score_sequences(scorer, inputs["input_ids"], inputs["attention_mask"])
+            else:  # wrapped for data parallel training: its forward must run (see there)
+                inner = self.model.get_base_model() if is_peft_model(self.model) else self.model
+                rewards = score_sequences_through(model, inner, inputs["input_ids"],
+                                                  inputs["attention_mask"])  # (2B,)
             r_chosen, r_rejected = torch.chunk(rewards, 2)  # (B,), (B,)
             loss = pairwise_loss(r_chosen, r_rejected, inputs.get("margin"))
             if self.args.center_rewards_coefficient is not None:
@@ -178,12 +185,16 @@ def train_reward_model(cfg: RewardConfig, *, sft_model_uri: str, tokenizer, trai
                        checkpoints: str, callback=None):
     """A Bradley-Terry reward model trained from the SFT weights (score head seeded by
     ``seed``); returns the model in eval mode (LoRA merged), the mean training loss, the steps
-    done and the checkpoint it resumed from (``checkpoints`` holds them; None: a fresh start)."""
+    done and the checkpoint it resumed from (``checkpoints`` holds them; None: a fresh start).
+    Under ``accelerate launch`` every process trains and only the main one gets the model
+    (the others get None)."""
     import transformers
     import trl
 
     from models.loading import load_sequence_scorer
+    from tasks.distributed import refuse_sharded_lora, trained_model
 
+    refuse_sharded_lora(cfg.lora)
     transformers.set_seed(seed)  # before loading: the score head is freshly initialised
     model = load_sequence_scorer(sft_model_uri)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -202,17 +213,23 @@ def train_reward_model(cfg: RewardConfig, *, sft_model_uri: str, tokenizer, trai
         peft_config=peft_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]))
     resume = last_complete_checkpoint(checkpoints)
     train_out = trainer.train(resume_from_checkpoint=resume)
-    model = trainer.model
+    steps = trainer.state.global_step
+    model = trained_model(trainer, f"{checkpoints}/gathered", load_sequence_scorer)
+    if model is None:  # not the main process: it only helped train
+        return None, train_out.training_loss, steps, resume
     if cfg.lora is not None:
         model = model.merge_and_unload()
-    return model.eval(), train_out.training_loss, trainer.state.global_step, resume
+    return model.eval(), train_out.training_loss, steps, resume
 
 
 def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_uri: str,
                rl_prompts_uri: str, out_dir: str, seed: int,
-               ctx: TrackingContext) -> RewardResult:
+               ctx: TrackingContext) -> RewardResult | None:
     """Train, calibrate and normalise a reward model from the SFT checkpoint at ``sft_model_uri``
-    (and a held-out one from another seed, saved beside it as ``<out_dir>-heldout``)."""
+    (and a held-out one from another seed, saved beside it as ``<out_dir>-heldout``).
+
+    Under ``accelerate launch`` every process trains both models (the trainer splits the
+    batches); the main one then calibrates, normalises, saves and logs, the others return None."""
     import datasets
     import mlflow
     import torch
@@ -222,10 +239,12 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
     from models.reward import (RewardNorm, expected_calibration_error, fit_temperature,
                                preference_accuracy, preference_nll)
 
-    with stage_run(ctx, "reward", cfg, seed) as run:
+    main = is_main_process()
+    with stage_run(ctx, "reward", cfg, seed) if main else contextlib.nullcontext() as run:
         for name, uri in (("preferences", train_uri), ("eval_pairs", eval_uri),
                           ("rl_prompts", rl_prompts_uri)):
-            mlflow.set_tag(f"data.{name}.sha256", content_hash(uri))
+            if main:
+                mlflow.set_tag(f"data.{name}.sha256", content_hash(uri))
         tokenizer = load_tokenizer(sft_model_uri)
         train = datasets.Dataset.from_list(preference_rows(read_records(train_uri), train_uri,
                                                            cfg.margin))
@@ -233,7 +252,14 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
         model, train_loss, steps, resumed = train_reward_model(
             cfg, sft_model_uri=sft_model_uri, tokenizer=tokenizer, train=train, seed=seed,
             checkpoints=checkpoint_dir(out_dir),
-            callback=trainer_metrics_callback("reward", run.info.run_id))
+            callback=trainer_metrics_callback("reward", run.info.run_id) if main else None)
+        heldout = None
+        if heldout_dir is not None:  # trained here: training needs every process
+            heldout, heldout_loss, _, _ = train_reward_model(
+                cfg, sft_model_uri=sft_model_uri, tokenizer=tokenizer, train=train,
+                seed=seed + cfg.heldout_seed_offset, checkpoints=checkpoint_dir(heldout_dir))
+        if not main:
+            return None
         if resumed:  # an earlier run of this very stage (same folder key) was killed
             mlflow.set_tag("rlhf.resumed_from", resumed)
 
@@ -292,20 +318,17 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
                             "ece_after": metrics["reward/ece_after"],
                             "eval_nll": metrics["reward/eval_nll"],
                             "normalize_samples": cfg.normalize_samples})
-        if heldout_dir is not None:
-            heldout, loss, _, _ = train_reward_model(
-                cfg, sft_model_uri=sft_model_uri, tokenizer=tokenizer, train=train,
-                seed=seed + cfg.heldout_seed_offset, checkpoints=checkpoint_dir(heldout_dir))
+        if heldout is not None:
             h_c = score_id_lists(heldout, tokenizer, chosen, cfg.eval_batch_size)
             h_r = score_id_lists(heldout, tokenizer, rejected, cfg.eval_batch_size)
-            metrics.update({"reward/heldout/train_loss": loss,
+            metrics.update({"reward/heldout/train_loss": heldout_loss,
                             "reward/heldout/eval_accuracy": preference_accuracy(h_c, h_r),
                             "reward/heldout/longer_preferred": longer_preferred(h_c, h_r, len_c,
                                                                                 len_r)})
             with atomic_dir(heldout_dir) as tmp:
                 heldout.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
-        # Both models are whole now; until here a re-run resumes from these.
+        # Both models are whole now; until here a re-run resumes from their checkpoints.
         for d in (out_dir, heldout_dir):
             if d is not None:
                 shutil.rmtree(checkpoint_dir(d), ignore_errors=True)
@@ -316,4 +339,8 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
                             heldout_model_uri=heldout_dir)
 
 
-reward_task = task(name="reward")(run_reward)
+@task(name="reward")
+def reward_task(cfg: RewardConfig, *, launch: LaunchConfig | None = None,
+                **inputs) -> RewardResult:
+    """``run_reward`` here, or in ``launch.num_processes`` processes (``tasks/launch.py``)."""
+    return run_stage(launch, "reward", cfg=cfg, **inputs)

@@ -8,6 +8,7 @@ only by default; TRL appends EOS to every completion, so the policy learns where
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,12 @@ from typing import Any
 from prefect import task
 from pydantic import Field
 
-from dataio import DataError, content_hash, read_records
+from dataio import DataError, content_hash, openable, read_records
 from tasks.base import (BaseModelConfig, LoraSettings, ModelResult, StageConfig, TrackingContext,
                         peft_config)
+from tasks.distributed import is_main_process, refuse_sharded_lora, trained_model
 from tasks.durable import atomic_dir, checkpoint_dir, finite_loss_callback, last_complete_checkpoint
+from tasks.launch import LaunchConfig, run_stage
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
 
@@ -80,8 +83,11 @@ def sft_rows(records: list[dict[str, Any]], uri: str) -> list[dict[str, Any]]:
 
 
 def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_dir: str,
-            seed: int, ctx: TrackingContext) -> SFTResult:
-    """Fine-tune ``base_model`` on ``data_uri``; save weights + tokenizer to ``out_dir``."""
+            seed: int, ctx: TrackingContext) -> SFTResult | None:
+    """Fine-tune ``base_model`` on ``data_uri``; save weights + tokenizer to ``out_dir``.
+
+    Under ``accelerate launch`` every process trains (the trainer splits the batches); the
+    main one logs, saves and returns the result, the others return None."""
     import datasets
     import mlflow
     import transformers
@@ -89,8 +95,11 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
 
     from models.loading import load_causal_lm, load_tokenizer
 
-    with stage_run(ctx, "sft", cfg, seed) as run:
-        mlflow.set_tag("data.sft.sha256", content_hash(data_uri))
+    refuse_sharded_lora(cfg.lora)
+    main = is_main_process()
+    with stage_run(ctx, "sft", cfg, seed) if main else contextlib.nullcontext() as run:
+        if main:
+            mlflow.set_tag("data.sft.sha256", content_hash(data_uri))
         transformers.set_seed(seed)
         rows = sft_rows(read_records(data_uri), data_uri)
         data = datasets.Dataset.from_list(rows)
@@ -99,11 +108,12 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
             split = data.train_test_split(test_size=cfg.eval_fraction, seed=seed)
             data, eval_data = split["train"], split["test"]
 
-        tokenizer = load_tokenizer(base_model.path, base_model.revision, base_model.trust_remote_code,
+        base = openable(base_model.path)  # an s3:// base model: its cached local copy
+        tokenizer = load_tokenizer(base, base_model.revision, base_model.trust_remote_code,
                                    chat_template=base_model.chat_template)
-        model = load_causal_lm(base_model.path, base_model.revision, base_model.trust_remote_code)
+        model = load_causal_lm(base, base_model.revision, base_model.trust_remote_code)
         max_length = min(cfg.max_length, tokenizer.model_max_length)
-        callback = trainer_metrics_callback("sft", run.info.run_id)
+        callbacks = [trainer_metrics_callback("sft", run.info.run_id)] if main else []
         checkpoints = checkpoint_dir(out_dir)
         args = trainer_args(
             trl.SFTConfig, checkpoints, seed, save_steps=cfg.save_steps, max_steps=cfg.max_steps,
@@ -119,21 +129,23 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
         )
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
                                  eval_dataset=eval_data, processing_class=tokenizer,
-                                 callbacks=[callback, finite_loss_callback("sft")],
+                                 callbacks=callbacks + [finite_loss_callback("sft")],
                                  peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
         resume = last_complete_checkpoint(checkpoints)
-        if resume:  # an earlier run of this very stage (same folder key) was killed
+        if resume and main:  # an earlier run of this very stage (same folder key) was killed
             mlflow.set_tag("rlhf.resumed_from", resume)
         train_out = trainer.train(resume_from_checkpoint=resume)
         metrics = {"sft/train_loss": train_out.training_loss,
                    "sft/train_runtime_s": train_out.metrics.get("train_runtime", 0.0),
                    "sft/steps": float(trainer.state.global_step)}
-        if "sft/loss" in callback.last:
-            metrics["sft/final_loss"] = callback.last["sft/loss"]
-        if eval_data is not None:
+        if callbacks and "sft/loss" in callbacks[0].last:
+            metrics["sft/final_loss"] = callbacks[0].last["sft/loss"]
+        if eval_data is not None:  # every process: the trainer splits and gathers it
             metrics["sft/eval_loss"] = trainer.evaluate()["eval_loss"]
+        model = trained_model(trainer, f"{checkpoints}/gathered", load_causal_lm)
+        if not main:
+            return None
 
-        model = trainer.model
         if cfg.lora is not None:
             model = model.merge_and_unload()
         heldout_uri = None
@@ -150,4 +162,7 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
                          metrics=metrics, num_train_examples=len(data), heldout_uri=heldout_uri)
 
 
-sft_task = task(name="sft")(run_sft)
+@task(name="sft")
+def sft_task(cfg: SFTConfig, *, launch: LaunchConfig | None = None, **inputs) -> SFTResult:
+    """``run_sft`` here, or in ``launch.num_processes`` processes (``tasks/launch.py``)."""
+    return run_stage(launch, "sft", cfg=cfg, **inputs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +23,28 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 def tracking_uri(configured: str | None = None) -> str:
     """Config value, else ``MLFLOW_TRACKING_URI``, else MLflow 3's default sqlite store."""
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def artifact_location(uri: str, experiment: str, root: str | None = None) -> str | None:
+    """Where a new experiment's artifacts go: ``<root>/<experiment>`` if a root is configured;
+    beside a SQLite database (``<its folder>/mlruns/<experiment>``, an absolute ``file://``
+    URI); otherwise None, so the tracking store decides: an ``mlflow server`` proxies them to
+    its ``--artifacts-destination`` (``mlflow-artifacts:/``) and clients need no storage
+    credentials.
+
+    Without this, MLflow puts a SQLite store's artifacts in ``./mlruns`` of whatever folder the
+    process runs in, away from the database the runs are in. The experiment's name, not its
+    id, names the folder: the id is only known once the experiment exists, and MLflow keeps an
+    experiment's location for good once it is created.
+    """
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("_") or "experiment"
+    if root:
+        return f"{root.rstrip('/')}/{folder}"
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):].split("?", 1)[0]
+        if db and db != ":memory:":
+            return (Path(db).resolve().parent / "mlruns" / folder).as_uri()
+    return None
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -195,17 +218,19 @@ class PipelineRun:
 
 @contextlib.contextmanager
 def pipeline_run(name: str, experiment: str, uri: str | None, config: BaseModel,
-                 run_name: str | None = None,
-                 tags: dict[str, str] | None = None) -> Iterator[PipelineRun]:
+                 run_name: str | None = None, tags: dict[str, str] | None = None,
+                 artifacts: str | None = None) -> Iterator[PipelineRun]:
     """Open a top-level run (``<name>-pipeline`` unless ``run_name``; full config as params and
     ``config/pipeline.json``; ``tags`` set at creation, so even a run that crashes carries
-    them); close it FINISHED, or FAILED with the error in ``rlhf.error``, whatever happens."""
+    them); close it FINISHED, or FAILED with the error in ``rlhf.error``, whatever happens.
+    A new experiment's artifacts go to ``artifact_location(uri, experiment, artifacts)``."""
     from mlflow import MlflowClient
 
     uri = tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=artifact_location(uri, experiment, artifacts))
     # MLflow 3's UI opens an experiment in its GenAI view (traces, evaluation runs) unless
     # the experiment says it is model training (the value its UI's EXPERIMENT_KIND list uses).
     client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")

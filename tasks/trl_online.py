@@ -14,6 +14,8 @@ Also here, shared with ``tasks/dpo.py``: the TRL-to-PPO metric names.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -21,6 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.base import LoraSettings, PolicyResult, StageConfig, TrackingContext, peft_config
+from tasks.distributed import is_main_process
 from tasks.tracking import save_policy, stage_run, trainer_args, trainer_metrics_callback
 
 # TRL metric names -> the names PPO logs (tasks/ppo.py), so dashboards compare like with like.
@@ -147,7 +150,7 @@ def prompt_rows(uri: str, tokenizer, max_prompt_length: int) -> tuple[list[dict[
 
 def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSettings, *,
                sft_model_uri: str, reward_model_uri: str, prompts_uri: str, out_dir: str,
-               seed: int, ctx: TrackingContext) -> PolicyResult:
+               seed: int, ctx: TrackingContext) -> PolicyResult | None:
     """Train the SFT policy with GRPO or RLOO against the reward model; save and log it."""
     import datasets
     import mlflow
@@ -162,7 +165,9 @@ def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSetti
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     transformers.set_seed(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The GPU of this process under accelerate launch (LOCAL_RANK), the first one otherwise.
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+              if torch.cuda.is_available() else torch.device("cpu"))
     tokenizer = load_tokenizer(sft_model_uri)
     policy = load_causal_lm(sft_model_uri)
     reward_model = load_sequence_scorer(reward_model_uri).to(device).eval().requires_grad_(False)
@@ -172,10 +177,14 @@ def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSetti
                                  cfg.missing_eos_penalty)
     rows, dropped = prompt_rows(prompts_uri, tokenizer, cfg.max_prompt_length)
 
-    with stage_run(ctx, "policy", cfg, seed, algorithm=algorithm) as run:
-        mlflow.set_tag("data.rl_prompts.sha256", content_hash(prompts_uri))
-        mlflow.log_metrics({f"{algorithm}/data/prompts": len(rows),
-                            f"{algorithm}/data/prompts_dropped": dropped})
+    # Under accelerate launch every process trains; the main one saves and logs.
+    main = is_main_process()
+    with (stage_run(ctx, "policy", cfg, seed, algorithm=algorithm) if main
+          else contextlib.nullcontext()) as run:
+        if main:
+            mlflow.set_tag("data.rl_prompts.sha256", content_hash(prompts_uri))
+            mlflow.log_metrics({f"{algorithm}/data/prompts": len(rows),
+                                f"{algorithm}/data/prompts_dropped": dropped})
         common = dict(
             max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler_type, max_grad_norm=cfg.max_grad_norm,
@@ -190,18 +199,21 @@ def run_online(algorithm: Literal["grpo", "rloo"], cfg: GRPOSettings | RLOOSetti
         else:
             config_cls, trainer_cls = trl.RLOOConfig, trl.RLOOTrainer
             common.update(normalize_advantages=cfg.normalize_advantages)
-        callback = trainer_metrics_callback(algorithm, run.info.run_id, TRL_TO_PPO_NAMES)
+        callbacks = ([trainer_metrics_callback(algorithm, run.info.run_id, TRL_TO_PPO_NAMES)]
+                     if main else [])
         with tempfile.TemporaryDirectory() as scratch:
             trainer = trainer_cls(
                 model=policy, reward_funcs=reward_fn,
                 args=trainer_args(config_cls, scratch, seed, **common),
                 train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
-                callbacks=[callback], peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
+                callbacks=callbacks, peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
             trainer.train()
+        if not main:
+            return None
         policy_dir = save_policy(trainer.model, tokenizer, out,
                                  {"sft_model": sft_model_uri, "reward_model": reward_model_uri,
                                   "algorithm": algorithm}, merge_lora=cfg.lora is not None)
-        last = callback.last
+        last = callbacks[0].last
         metrics = {f"{algorithm}/steps": float(trainer.state.global_step),
                    f"{algorithm}/final_kl": last.get(f"{algorithm}/objective/kl", float("nan")),
                    f"{algorithm}/final_score": last.get(f"{algorithm}/objective/scores",

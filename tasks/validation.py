@@ -23,7 +23,7 @@ from pydantic import Field
 from data_checks.frames import (SPECS, Loaded, add_cross_file_flags, add_helpers, load, spec_for,
                                  uses_messages)
 from data_checks.report import DatasetSummary, Failure, Report
-from dataio import DataError, content_hash
+from dataio import DataError, content_hash, openable
 from tasks.base import StageConfig, StageResult, TrackingContext
 
 STAGE = "validation"
@@ -96,7 +96,7 @@ def _tokenizer(path: str):
     """The tokenizer is only read (token counts), so one per path and process is enough."""
     from data_checks.frames import TokenCounter
 
-    return TokenCounter(path)
+    return TokenCounter(openable(path))  # an s3:// base model: its cached local copy
 
 
 def _limits(cfg: ValidationConfig, name: str, tokenizer):

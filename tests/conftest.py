@@ -85,3 +85,7 @@ def _head(src, dst, n: int) -> str:
 @pytest.fixture(scope="session")
 def head_file():
     return _head
+
+
+# Real servers (moto S3, PostgreSQL, mlflow server) on free ports: see tests/servers.py.
+from servers import mlflow_server, postgres, s3_server  # noqa: E402,F401

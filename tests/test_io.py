@@ -39,8 +39,8 @@ def test_datasets_dict_without_train_split_is_refused(tmp_path):
 
 
 def test_unsupported_scheme_and_missing_file(tmp_path):
-    with pytest.raises(DataError, match="s3://bucket/prefs.jsonl: rule uri_scheme: only local paths"):
-        read_records("s3://bucket/prefs.jsonl")
+    with pytest.raises(DataError, match="hdfs://nn/prefs.jsonl: rule uri_scheme: unsupported"):
+        read_records("hdfs://nn/prefs.jsonl")
     with pytest.raises(DataError, match="rule file_exists: file not found"):
         read_records(str(tmp_path / "nope.jsonl"))
 

@@ -1,0 +1,57 @@
+"""One process of a launched training stage: ``python -m tasks.stage_worker REQUEST.json``.
+
+``accelerate launch`` starts this in every process (``tasks/launch.py`` writes the request).
+It rebuilds the stage's typed inputs from JSON, runs ``run_<stage>`` and, in the main process,
+writes the typed result where the request says; a data error is written there too, so the
+parent raises it as the data error it is. Any other failure leaves its traceback beside the
+result (``<result>.rank<N>.error``), so the parent reports the error itself rather than the
+launcher's account of a failed child.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+import typing
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import BaseModel, TypeAdapter
+
+    from dataio import DataError
+    from tasks.distributed import is_main_process, process_index
+    from tasks.launch import stage_function
+
+    (request_path,) = argv if argv is not None else sys.argv[1:]
+    request = json.loads(Path(request_path).read_text())
+    fn = stage_function(request["stage"])
+    hints = typing.get_type_hints(fn)
+    inputs = {k: TypeAdapter(hints[k]).validate_python(v) for k, v in request["inputs"].items()}
+    out = Path(request["result_path"])
+    try:
+        result = fn(**inputs)
+    except DataError as e:
+        if is_main_process():
+            _write(out, {"data_error": {"uri": e.uri, "message": e.message, "rule": e.rule,
+                                        "row": e.row}})
+        return 2
+    except BaseException:
+        out.with_name(f"{out.name}.rank{process_index()}.error").write_text(traceback.format_exc())
+        raise
+    if is_main_process():
+        if not isinstance(result, BaseModel):
+            raise TypeError(f"{request['stage']}: the main process returned {result!r}")
+        _write(out, {"result": result.model_dump(mode="json")})
+    return 0
+
+
+def _write(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)  # the parent never reads half a result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
