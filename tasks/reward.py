@@ -18,6 +18,7 @@ import shutil
 from typing import Any
 
 from prefect import task
+from pydantic import Field
 
 from dataio import (DataError, content_hash, explicit_prompts, is_conversational, preference_rows,
                     read_records, render_prompt)
