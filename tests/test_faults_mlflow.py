@@ -44,8 +44,11 @@ class RestartableServer:
             self.proc = None
 
 
-@pytest.fixture
-def server(postgres, s3_server, tmp_path):
+@pytest.fixture(scope="module")
+def server(postgres, s3_server, tmp_path_factory):
+    """One server for this module (a start costs ~20 s on a busy machine): the restart test
+    leaves it running, the last test stops it for good."""
+    tmp_path = tmp_path_factory.mktemp("mlflow_faults")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.update(s3_server.env)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # as tests/servers.py: no job workers
