@@ -162,3 +162,31 @@ def put_bytes(uri: str, data: bytes) -> None:
     except Exception as e:
         raise _refuse(uri, e) from None
 
+
+
+def get_bytes(uri: str) -> bytes:
+    """One object's bytes, read directly (not through the cache: small records that a re-run
+    must see fresh, e.g. a stage's completion record)."""
+    bucket, key = split(uri)
+    try:
+        return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as e:
+        raise _refuse(uri, e) from None
+
+
+def upload(local: Path, uri: str) -> list[str]:
+    """Upload a file to the object ``uri``, or a directory's files to the objects under
+    ``uri/`` (same relative names); -> the keys written. Each object is whole or absent, but
+    a directory is not atomic: whoever needs "finished" writes a marker after this returns."""
+    bucket, key = split(uri)
+    prefix = key.rstrip("/")
+    files = ([(local, prefix)] if local.is_file() else
+             [(p, f"{prefix}/{p.relative_to(local).as_posix()}".lstrip("/"))
+              for p in sorted(local.rglob("*")) if p.is_file()])
+    client = _client()
+    for path, k in files:
+        try:
+            client.upload_file(str(path), bucket, k)
+        except Exception as e:
+            raise _refuse(f"{SCHEME}{bucket}/{k}", e) from None
+    return [k for _, k in files]

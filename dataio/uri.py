@@ -4,12 +4,18 @@ A local path, a ``file://`` URI or an ``s3://bucket/key`` URI. ``local_path`` is
 function that turns a URI into something to open (an S3 object is downloaded into a cache
 keyed by its ETag first, ``dataio.s3``), so every reader, ``content_hash`` included, reads
 S3 the way it reads a local file: a dataset copied to S3 keeps its content hash.
+
+Credentials live here too: ``credentials_in`` (a config URI may carry none) and ``redact``,
+the one redaction everything the pipeline writes goes through.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
+from typing import Any, Mapping
 
 SUPPORTED = "a local path, a file:// URI or an s3://bucket/key URI"
 
@@ -70,3 +76,84 @@ def content_hash(uri: str) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+# -- credentials: never in a config, never in anything written -----------------------------
+
+MASK = "***"
+"""What a redacted secret reads as."""
+
+# Environment variables whose values are secrets: AWS_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID,
+# AWS_SESSION_TOKEN, HF_TOKEN, MLFLOW_TRACKING_PASSWORD / _TOKEN, PREFECT_API_KEY,
+# PREFECT_API_AUTH_STRING, LABEL_STUDIO_API_KEY, RLHF_SERVE_TOKEN, ...
+_SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|"
+                         r"CREDENTIAL|AUTH_STRING", re.IGNORECASE)
+# Shorter values ("1", "true", a port) would mask ordinary text everywhere they occur.
+_MIN_SECRET_LEN = 8
+# scheme://userinfo@host. A password (user:password@) is a secret on any scheme; a bare user
+# name is one only on http(s), where https://TOKEN@host is how tokens ride (a database URI's
+# postgresql://mlflow@db names a user, whose password comes from the server's environment).
+_USERINFO = re.compile(r"(?P<scheme>\b(?P<name>[a-zA-Z][a-zA-Z0-9+.-]*)://)"
+                       r"(?P<user>[^/?#@\s:]*)(?P<password>:[^/?#@\s]*)?@")
+# A query parameter whose name says it carries a secret (?token=, &X-Amz-Signature=, &sig=).
+_SECRET_QUERY = re.compile(r"(?P<key>[?&;][^=&#\s]*?(?:token|signature|sig|secret|password|"
+                           r"passwd|key|credential)[^=&#\s]*=)(?P<value>[^&#\s]+)",
+                           re.IGNORECASE)
+
+
+def _secret_userinfo(m: re.Match) -> bool:
+    return bool(m["password"]) or m["name"].lower() in ("http", "https")
+
+
+def _mask_userinfo(m: re.Match) -> str:
+    if not _secret_userinfo(m):
+        return m[0]
+    # Keep a user name beside a password (who connected is useful, and not a secret).
+    return f"{m['scheme']}{m['user']}:{MASK}@" if m["password"] else f"{m['scheme']}{MASK}@"
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of the environment variables named like secrets, longest first (so a secret that
+    contains another is masked whole)."""
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if _SECRET_ENV.search(k) and len(v) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with every credential masked: URL userinfo (``https://u:p@h`` ->
+    ``https://***@h``), secret-named query values (``?token=abc`` -> ``?token=***``) and the
+    value of every secret-named environment variable, wherever it appears.
+
+    The one redaction everything written by the pipeline goes through (params, config dumps,
+    tags, reports, error messages): a secret can reach text by routes no config check sees,
+    e.g. an exception that quotes a URL or a header.
+    """
+    out = _USERINFO.sub(_mask_userinfo, text)
+    out = _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", out)
+    for value in secret_values(environ):
+        out = out.replace(value, MASK)
+    return out
+
+
+def redact_tree(obj: Any, environ: Mapping[str, str] | None = None) -> Any:
+    """``redact`` applied to every string of a JSON-like tree (a config dump), keys included."""
+    if isinstance(obj, str):
+        return redact(obj, environ)
+    if isinstance(obj, dict):
+        return {redact_tree(k, environ): redact_tree(v, environ) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_tree(v, environ) for v in obj]
+    return obj
+
+
+def credentials_in(uri: str) -> str | None:
+    """Why ``uri`` carries a credential (None if it does not): a config is logged as params,
+    stored as a Prefect flow parameter and dumped by ``rlhf config``, so credentials come from
+    the environment (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``, ``AWS_*``, ``HF_TOKEN``),
+    never from a URI in it. The reason never quotes the secret."""
+    if any(_secret_userinfo(m) for m in _USERINFO.finditer(uri)):
+        return "has user:password@ (or a token as the user name) in it"
+    if m := _SECRET_QUERY.search(uri):
+        return f"has a secret in its query ({m['key'][1:-1]}=...)"
+    return None

@@ -10,6 +10,7 @@
     rlhf promote  VERSION --to ALIAS [--config FILE]
     rlhf rollback [--alias ALIAS] [--config FILE]   (default: the production alias)
     rlhf serve    [--alias ALIAS] [--port P] [--host H] [--poll-seconds S] [--config FILE]
+                                                    bearer token: $RLHF_SERVE_TOKEN or printed
     rlhf label    BATCH [--annotator NAME] [--out LABELS] [--port P] [--host H] [--seed S]
                                                     the labeling page; needs no config
     rlhf label    BATCH --label-studio URL [--token-env VAR] [--title T] [--votes N]
@@ -30,6 +31,7 @@ else.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -107,12 +109,14 @@ def cmd_feedback(cfg: PipelineConfig, rounds: int | None, first=None) -> int:
 
 
 def cmd_validate(cfg: PipelineConfig) -> int:
+    from tasks.outputs import OutputRoot
     from tasks.validation import run_validation
 
+    # An s3:// output_dir: the report goes to the local scratch folder (a check, not a stage).
     result = run_validation(cfg.validation, data=cfg.data.model_dump(),
                             tokenizer_path=cfg.base_model.path,
                             chat_template=cfg.base_model.chat_template,
-                            out_dir=os.path.join(cfg.output_dir, cfg.name), ctx=None)
+                            out_dir=str(OutputRoot.of(cfg.output_dir, cfg.name).local), ctx=None)
     print(json.dumps(result.model_dump(mode="json"), indent=2, default=str))
     print("all datasets passed validation")
     return 0
@@ -150,28 +154,43 @@ def cmd_rollback(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_until_stopped(serve, *args, **kwargs):
+def _serve_until_stopped(serve, *args, suffix: str = "", **kwargs):
     """Run a server in the foreground with request logging; SIGTERM stops it as Ctrl-C does
     (the server closes; ``rlhf serve`` then removes its downloaded versions). Returns what
-    ``serve`` returns, None when stopped."""
+    ``serve`` returns, None when stopped. ``suffix`` follows the ready line (a generated
+    token)."""
     import logging
     import signal
 
+    from tasks.tracking import redact_logs
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    redact_logs()  # request logs quote paths and headers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        return serve(*args, on_ready=lambda line: print(line, flush=True), **kwargs)
+        return serve(*args, on_ready=lambda line: print(line + suffix, flush=True), **kwargs)
     except KeyboardInterrupt:
         return None
 
 
+SERVE_TOKEN_ENV = "RLHF_SERVE_TOKEN"
+
+
 def cmd_serve(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    import secrets
+
     from release.serve import serve
     from tasks.tracking import tracking_uri
 
     alias = cfg.registry.known_alias(args.alias or cfg.registry.production_alias)
-    _serve_until_stopped(serve, tracking_uri(cfg.tracking.uri), cfg.registry.policy_name, alias,
-                         host=args.host, port=args.port, poll_seconds=args.poll_seconds)
+    # A token you chose (shared with clients) is never printed; a generated one must be.
+    token = os.environ.get(SERVE_TOKEN_ENV) or secrets.token_urlsafe(24)
+    note = "" if os.environ.get(SERVE_TOKEN_ENV) else (
+        f"\nbearer token: {token}   (generated; set {SERVE_TOKEN_ENV} to choose one)")
+    serve_fn = functools.partial(serve, token=token)
+    _serve_until_stopped(serve_fn, tracking_uri(cfg.tracking.uri), cfg.registry.policy_name,
+                         alias, host=args.host, port=args.port, poll_seconds=args.poll_seconds,
+                         suffix=note)
     return 0
 
 
@@ -295,7 +314,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     try:
         ensure_process_pool(pool)
     except httpx.HTTPError as e:  # a connection refused, or an error status from the server
-        print(f"error: Prefect server at {api}: {e}", file=sys.stderr)
+        from dataio.uri import redact
+
+        # PREFECT_API_URL may carry a user and password; the error quotes it.
+        print(redact(f"error: Prefect server at {api}: {e}"), file=sys.stderr)
         return 1
     prefect = [sys.executable, "-m", "prefect"]
     # Entrypoints and the pull step's `pwd` are relative to the working directory (the
@@ -363,7 +385,8 @@ def _parser() -> argparse.ArgumentParser:
         help="feedback rounds at most, stopping at promotion (default feedback.max_rounds)")
     serve_args = commands["serve"]
     serve_args.add_argument("--host", default="127.0.0.1",
-                            help="interface to bind (default 127.0.0.1; no authentication)")
+                            help="interface to bind (default 127.0.0.1); requests need "
+                                 "Authorization: Bearer $RLHF_SERVE_TOKEN (or the token printed)")
     serve_args.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     serve_args.add_argument("--poll-seconds", type=float, default=10.0,
                             help="how often to check whether the alias moved (default 10)")

@@ -7,12 +7,15 @@ or unknown field fails here, before any work, with a message naming the field.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from dataio.uri import credentials_in
+from models.loading import unsafe_weights
 from tasks.base import BaseModelConfig, StageConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.feedback import FeedbackConfig
@@ -73,9 +76,11 @@ class PipelineConfig(StageConfig):
     seed: int = 0
     """Global seed; every stage logs it and seeds torch, python and numpy from it."""
     output_dir: str = "runs"
-    """Local directory for stage outputs (checkpoints, saved models, reports); one subfolder
-    per pipeline run. Not ``s3://`` yet: every model a stage saves also goes to MLflow as an
-    artifact, which an ``mlflow server`` or ``tracking.artifact_location`` puts on S3."""
+    """Where stage outputs go (saved models, checkpoints, reports, feedback batches, dataset
+    versions), one subfolder per pipeline name: a local directory, or ``s3://bucket/prefix``
+    (stages then work in a local scratch folder under ``$RLHF_CACHE_DIR/outputs`` and each
+    finished stage is uploaded to ``<output_dir>/<name>/<stage>-<key>/``, its record last;
+    ``tasks.outputs``). Credentials come from the AWS environment or profile."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     """Training stages in several processes (GPUs) under ``accelerate launch``."""
@@ -93,13 +98,47 @@ class PipelineConfig(StageConfig):
 
     @field_validator("output_dir")
     @classmethod
-    def _local_output_dir(cls, value: str) -> str:
-        # Path("s3://b/x") is the local folder "s3:/b/x": refuse it rather than write there.
+    def _output_dir(cls, value: str) -> str:
+        # Path("gs://b/x") would be the local folder "gs:/b/x": refuse it rather than write there.
+        if value.startswith("s3://"):
+            if not value[len("s3://"):].partition("/")[0]:
+                raise ValueError(f"{value!r}: an S3 output_dir names a bucket: s3://bucket/prefix")
+            return value.rstrip("/")
         if "://" in value and not value.startswith("file://"):
-            raise ValueError(f"{value!r}: stage outputs are local folders for now; models reach "
-                             f"S3 as MLflow artifacts (tracking.artifact_location, or an mlflow "
-                             f"server with --artifacts-destination s3://...)")
+            raise ValueError(f"{value!r}: output_dir is a local folder or s3://bucket/prefix")
         return value.removeprefix("file://")
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "PipelineConfig":
+        """Every string of the config, URIs or not, is free of credentials: the config is
+        logged as MLflow params, stored with the Prefect flow run and printed by ``rlhf
+        config``. Checked over all fields so a field added later is covered too."""
+        found = [f"{key}: {why}" for key, value in _strings(self.model_dump(mode="json"))
+                 if (why := credentials_in(value))]
+        if found:
+            raise ValueError(
+                "credentials in the config (rule no_credentials_in_config): " + "; ".join(found)
+                + ". Give them through the environment instead: MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for the tracking server, "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for S3, HF_TOKEN for the hub")
+        return self
+
+    @model_validator(mode="after")
+    def _safe_weights(self) -> "PipelineConfig":
+        """A local base model with pickled weights only is refused now, not in the SFT task
+        (where the loader refuses it too, ``models.loading.UnsafeWeights``)."""
+        if why := unsafe_weights(self.base_model.path):
+            raise ValueError(f"base_model.path: {why} (rule safetensors_only)")
+        return self
+
+
+def _strings(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted field, value) for every string in a config dump."""
+    if isinstance(tree, dict):
+        return [kv for k, v in tree.items() for kv in _strings(v, f"{prefix}{k}.")]
+    if isinstance(tree, list):
+        return [kv for i, v in enumerate(tree) for kv in _strings(v, f"{prefix}{i}.")]
+    return [(prefix[:-1], tree)] if isinstance(tree, str) else []
 
 
 def _set_path(tree: dict[str, Any], dotted: str, raw: str) -> None:
@@ -129,6 +168,15 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None =
             raise ConfigError(f"--set {item}: expected stage.field=value")
         key, raw = item.split("=", 1)
         _set_path(tree, key.strip(), raw)
+    # An empty tracking.uri means MLFLOW_TRACKING_URI: the URI every stage, the flow's result
+    # and `rlhf run`'s summary carry, so it is held to the config's rule.
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    tracking = tree.get("tracking")
+    configured = tracking.get("uri") if isinstance(tracking, dict) else None
+    if not configured and (why := credentials_in(env_uri)):
+        raise ConfigError(f"MLFLOW_TRACKING_URI {why} (rule no_credentials_in_config): set "
+                          f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                          f"MLFLOW_TRACKING_TOKEN) instead")
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
@@ -136,5 +184,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None =
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"])
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {field}: {msg}")
+            # A whole-config rule (no location) names its fields itself. No `input`: the
+            # offending value may be a secret.
+            lines.append(f"  {field}: {msg}" if field else f"  {msg}")
         raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None

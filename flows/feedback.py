@@ -10,12 +10,13 @@ Each round is one MLflow run in the pipeline's experiment (tags: ``rlhf.triggere
 refused pipeline run, the batch, the dataset version, the agreement metrics, the outcome); the
 pipeline run it starts carries ``rlhf.feedback_round`` = that round's run id. Files go to
 ``<output_dir>/<name>/feedback/round-<triggering run id>/`` (batch, labels, pairs, validation
-report) and ``<output_dir>/<name>/data/`` (dataset versions).
+report) and ``<output_dir>/<name>/data/`` (dataset versions). With an ``s3://`` output_dir
+the round works in the local scratch folder (labels are appended to a local file) and is
+uploaded when its labels are checked (tag ``rlhf.round_uri``); dataset versions are written
+straight to S3, so the next pipeline run reads them from there (``tasks.outputs``).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
@@ -24,6 +25,7 @@ from flows.config import PipelineConfig
 from flows.pipeline import PipelineResult, rlhf_pipeline
 from tasks.feedback import CheckedLabels, Models, check_task, label_task, select_task
 from tasks.labelers import make_labeler
+from tasks.outputs import OutputRoot
 from tasks.refusal import accepted, refusals_as_failed
 from tasks.tracking import pipeline_run
 
@@ -60,8 +62,9 @@ def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
 
     c, f = config, config.feedback
     log = get_run_logger()
-    root = Path(c.output_dir) / c.name
-    round_dir = str(root / "feedback" / f"round-{triggered_by.parent_run_id}")
+    out = OutputRoot.of(c.output_dir, c.name)
+    round_rel = f"feedback/round-{triggered_by.parent_run_id}"
+    round_dir = str(out.local / round_rel)
     tags = {"rlhf.stage": "feedback_round", "rlhf.triggered_by": triggered_by.parent_run_id,
             "rlhf.feedback_round_index": str(index)}
     with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c,
@@ -82,7 +85,9 @@ def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
                                       preference_labels_uri=c.data.preference_labels,
                                       validation=c.validation, tokenizer_path=c.base_model.path,
                                       chat_template=c.base_model.chat_template,
-                                      round_dir=round_dir, data_dir=str(root / "data"), ctx=ctx))
+                                      round_dir=round_dir, data_dir=out.uri("data"), ctx=ctx))
+        if out.remote:
+            client.set_tag(rid, "rlhf.round_uri", out.publish_folder(round_rel))
         for k, v in {**select_metrics, **checked.metrics}.items():
             client.log_metric(rid, k, v)
         client.log_metric(rid, "feedback/new_pairs", checked.preferences.new_rows)

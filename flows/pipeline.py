@@ -10,12 +10,12 @@ Stages are content-addressed (``tasks.cache``): each runs in ``{output_dir}/{nam
 the key hashing its config, seed, input contents and code version. A stage whose folder holds
 a finished result is reused, not run (said in the log and on its MLflow child run); an
 interrupted one runs again in the same folder (PPO resumes from its checkpoint); a change
-re-runs exactly the stages downstream of it.
+re-runs exactly the stages downstream of it. With ``output_dir: s3://bucket/prefix`` the
+folders and records are on S3 and stages work in a local scratch copy (``tasks.outputs``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -25,13 +25,14 @@ from flows.config import PipelineConfig
 from tasks.cache import Stages
 from tasks.evaluate import evaluate_task
 from tasks.gate import Decision, ask_approval, gate_task
+from tasks.outputs import OutputRoot
 from tasks.policy import policy_task
 from tasks.refusal import accepted, refusals_as_failed
 from tasks.register import Registration, champion_task, promote_task, register_task
 from tasks.report import report_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
-from tasks.tracking import pipeline_run
+from tasks.tracking import pipeline_run, redact_logs
 from tasks.validation import validation_task
 
 
@@ -75,12 +76,15 @@ def rlhf_pipeline(config: PipelineConfig,
                   tags: dict[str, str] | None = None) -> PipelineResult:
     """Run every stage once; returns the gate's decision and where everything went.
     ``tags`` go on the parent run (e.g. the feedback round that started it)."""
-    c, seed, root = config, config.seed, Path(config.output_dir) / config.name
+    c, seed = config, config.seed
+    redact_logs()  # before the first log line: no credential reaches Prefect's logs
+    # A local folder, or S3 with a local scratch folder (tasks.outputs).
+    out = OutputRoot.of(c.output_dir, c.name)
     with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c, tags=tags,
                       artifacts=c.tracking.artifact_location) as run:
         ctx = run.ctx
         # Each stage runs in its own content-addressed folder, or is reused (tasks.cache).
-        stages = Stages(root, ctx)
+        stages = Stages(out, ctx)
         # With quarantine on, `checked.data` points at clean copies: train on those, never the
         # originals (which stay byte-identical).
         checked = accepted(stages.run(validation_task, c.validation, data=c.data.model_dump(),
@@ -97,7 +101,7 @@ def rlhf_pipeline(config: PipelineConfig,
                             reward_model_uri=reward.model_uri, prompts_uri=data["rl_prompts"],
                             preferences_uri=data["preferences"], seed=seed)
         # The production version to beat, unless the candidate is that very version.
-        champion = champion_task(c.registry, policy=policy, out_dir=str(root / "champion"),
+        champion = champion_task(c.registry, policy=policy, out_dir=str(out.local / "champion"),
                                  ctx=ctx)
         evaluation = stages.run(evaluate_task, c.evaluate, policy_uri=policy.model_uri,
                                 sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,

@@ -1,4 +1,9 @@
-"""Loading models and tokenizers from a hub id or a local directory (the same code path)."""
+"""Loading models and tokenizers from a hub id or a local directory (the same code path).
+
+Weights load from safetensors only (``use_safetensors=True``): a pickled ``pytorch_model.bin``
+runs whatever code it carries when unpickled. Model code from a hub repo runs only when the
+config says ``base_model.trust_remote_code: true``; every loader here defaults it to False.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,32 @@ def chat_template_text(template: str) -> str:
         raise FileNotFoundError(f"chat template file {template} not found (a chat template is "
                                 f"a Jinja string or a path to a .jinja file)")
     return path.read_text(encoding="utf-8")
+
+
+class UnsafeWeights(ValueError):
+    """A model directory with pickled weights only (``.bin``, ``.pt``, ``.pth``, ``.ckpt``)."""
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def unsafe_weights(path: str) -> str | None:
+    """Why the local model directory ``path`` cannot be loaded (None if it can, or if ``path``
+    is not a local directory, i.e. a hub id, which ``use_safetensors=True`` guards)."""
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.safetensors")):
+        return None
+    pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLED)
+    if not pickled:
+        return None  # no weights at all: transformers says so itself
+    return (f"{path}: weights only in pickle format ({', '.join(pickled)}), refused: unpickling "
+            f"runs code. Convert once where you trust the file, e.g. "
+            f"AutoModel.from_pretrained(dir).save_pretrained(dir) writes model.safetensors")
+
+
+def _check_weights(path: str) -> None:
+    if why := unsafe_weights(path):
+        raise UnsafeWeights(why)
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False,
@@ -54,9 +85,10 @@ def load_causal_lm(path: str, revision: str | None = None, trust_remote_code: bo
                    dtype=None):
     from transformers import AutoModelForCausalLM
 
+    _check_weights(path)
     return AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-        **fast_activation(path, revision, trust_remote_code))
+        use_safetensors=True, **fast_activation(path, revision, trust_remote_code))
 
 
 def load_sequence_scorer(path: str, revision: str | None = None, trust_remote_code: bool = False,
@@ -64,9 +96,10 @@ def load_sequence_scorer(path: str, revision: str | None = None, trust_remote_co
     """A model with a scalar head (reward model or critic): num_labels=1."""
     from transformers import AutoModelForSequenceClassification
 
+    _check_weights(path)
     return AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-        **fast_activation(path, revision, trust_remote_code))
+        use_safetensors=True, **fast_activation(path, revision, trust_remote_code))
 
 
 def transformer_blocks(model):

@@ -56,12 +56,15 @@ def load_policy(path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation needs prompts right-aligned
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+    # Safetensors only, no repo code: a served model is a file anyone with registry write
+    # access could have replaced (models.loading says why; this module imports nothing of ours).
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True,
+                                                 trust_remote_code=False).to(device).eval()
     return model, tokenizer
 
 

@@ -4,19 +4,24 @@
                        parsed and answered by MLflow's own scoring code
                        (``mlflow.pyfunc.scoring_server.invocations``), so every input format
                        ``mlflow models serve`` takes works here; header ``X-Model-Version``
-    GET  /ping         200, as MLflow's server
+    GET  /ping         200, as MLflow's server (no token: a liveness probe)
     GET  /health       {"status": "ok", "model", "alias", "version", "model_uri"}
+
+Every route but /ping needs ``Authorization: Bearer <token>`` (401 without it): the token
+``rlhf serve`` reads from ``RLHF_SERVE_TOKEN`` or generates and prints.
 
 A watcher thread polls the alias every ``poll_seconds``. When it names another version, that
 version is downloaded and loaded beside the serving one, then swapped in by one reference
 assignment. A request reads the reference once, when it starts, so requests in flight finish
 on the version they started with, and the old model is freed after the last of them. A version
 that fails to load is logged and skipped until the alias moves again; the old one keeps
-serving. Bound to 127.0.0.1 unless told otherwise: there is no authentication.
+serving. Bound to 127.0.0.1 unless told otherwise; the token is not TLS, so a server on
+another interface belongs behind a TLS proxy.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import shutil
@@ -132,9 +137,31 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _authorized(self) -> bool:
+        """Whether the request carries the bearer token; answers 401 if not."""
+        given = self.headers.get("Authorization") or ""
+        scheme, _, token = given.partition(" ")
+        # compare_digest: no timing hint about how much of a guessed token was right.
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                              self.server.token.encode()):
+            return True
+        data = json.dumps({"error_code": "UNAUTHENTICATED",
+                           "message": "missing or wrong token: send Authorization: Bearer "
+                                      "<token> (RLHF_SERVE_TOKEN, or the one rlhf serve "
+                                      "printed)"}).encode()
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", "Bearer")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return False
+
     def do_GET(self) -> None:
         if self.path == "/ping":
             self._send(200, "\n")
+        elif not self._authorized():
+            return
         elif self.path in ("/health", "/version"):
             self._send(200, json.dumps(self.server.deployment.health()))
         else:
@@ -144,6 +171,8 @@ class Handler(BaseHTTPRequestHandler):
         from mlflow.exceptions import MlflowException
         from mlflow.pyfunc.scoring_server import invocations
 
+        if not self._authorized():
+            return
         if self.path != "/invocations":
             self._send(404, json.dumps({"message": f"no route {self.path}"}))
             return
@@ -168,19 +197,22 @@ class Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], deployment: Deployment):
+    def __init__(self, address: tuple[str, int], deployment: Deployment, token: str):
+        if not token:
+            raise ValueError("rlhf serve needs a non-empty bearer token")
         super().__init__(address, Handler)
-        self.deployment = deployment
+        self.deployment, self.token = deployment, token
 
 
-def serve(tracking_uri: str, name: str, alias: str, *, host: str = "127.0.0.1",
+def serve(tracking_uri: str, name: str, alias: str, *, token: str, host: str = "127.0.0.1",
           port: int = 8080, poll_seconds: float = 10.0,
           on_ready: Callable[[str], None] = print) -> None:
-    """Serve until interrupted; ``on_ready`` gets the base URL (port 0 picks a free port)."""
+    """Serve until interrupted; ``on_ready`` gets the base URL (port 0 picks a free port);
+    requests need ``Authorization: Bearer <token>``."""
     deployment = Deployment(tracking_uri, name, alias, poll_seconds)
     try:
         served = deployment.start()
-        server = _Server((host, port), deployment)
+        server = _Server((host, port), deployment, token)
         watcher = threading.Thread(target=deployment.watch, name="alias-watcher", daemon=True)
         watcher.start()
         url = f"http://{host}:{server.server_address[1]}"

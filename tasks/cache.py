@@ -50,6 +50,7 @@ from pydantic import BaseModel
 
 from dataio import DataError, local_path
 from tasks.base import BaseModelConfig, StageConfig, StageResult, TrackingContext
+from tasks.outputs import OutputRoot
 from tasks.refusal import Refused
 
 RESULT_FILE = "result.json"
@@ -262,8 +263,11 @@ class Stages:
     """The flow's handle on content-addressed stages: where their folders and results live
     (``root``) and which pipeline run they report to (``ctx``)."""
 
-    def __init__(self, root: str | Path, ctx: TrackingContext):
-        self.root, self.ctx = Path(root), ctx
+    def __init__(self, root: OutputRoot | str | Path, ctx: TrackingContext):
+        self.out = root if isinstance(root, OutputRoot) else OutputRoot(local=Path(root))
+        self.root, self.ctx = self.out.local, ctx
+        self.storage = self.out.result_storage()
+        """Where Prefect keeps the stage records (for S3, a block saved once per run)."""
         self.reused: dict[str, str] = {}
         """Stage -> the earlier run it was reused from, for this pipeline run."""
 
@@ -287,19 +291,24 @@ class Stages:
         extra = {"ctx": self.ctx, **({"out_dir": str(folder)} if takes_out_dir else {})}
         configured = stage_task.with_options(
             cache_policy=StageKey(stage=stage, module=module), persist_result=True,
-            result_storage=self.root.resolve(), result_serializer="json")
+            result_storage=self.storage, result_serializer="json")
+        if self.out.remote:
+            # An s3:// output_dir: the stage works in its local scratch folder, then uploads
+            # it before returning; the record (Prefect's, on S3) is written after that.
+            configured.fn = self.out.publishing(stage_task.fn, folder)
         state = configured(**inputs, **extra, return_state=True)
         result = state.result()  # raises the stage's own error if it failed
         if isinstance(result, Refused):  # nothing ran to record; the flow raises it
             return result
         log = get_run_logger()
+        where = self.out.uri(folder.name)
         if state.name == "Cached":
             record_reuse(self.ctx, stage, result, key)
             self.reused[stage] = result.run_id
             log.info("%s: reused from run %s (key %s, %s)", stage, result.run_id, key[:12],
-                     folder)
+                     where)
         else:
             if result.run_id:
                 MlflowClient(self.ctx.tracking_uri).set_tag(result.run_id, "rlhf.cache_key", key)
-            log.info("%s: ran as run %s (key %s, %s)", stage, result.run_id, key[:12], folder)
+            log.info("%s: ran as run %s (key %s, %s)", stage, result.run_id, key[:12], where)
         return result

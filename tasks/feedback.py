@@ -29,7 +29,7 @@ from typing import Any, Literal, Sequence
 from prefect import task
 from pydantic import BaseModel, Field
 
-from dataio import jsonl_bytes, local_path, read_records, write_jsonl_atomic
+from dataio import jsonl_bytes, local_path, openable, read_records, write_jsonl_atomic
 from labeling.label_studio import DEFAULT_TITLE, DEFAULT_TOKEN_ENV
 from tasks.base import StageConfig, TrackingContext
 from tasks.refusal import refusals_returned
@@ -212,6 +212,8 @@ def run_select(cfg: FeedbackConfig, *, models: Models, prompts_uri: str, seed: i
     from models.reward import RewardNorm
     from tasks.evaluate import EvaluateConfig, sample_and_score
 
+    # Models a pipeline with an s3:// output_dir published: their cached local copies.
+    models = models.model_copy(update={k: openable(v) for k, v in models if isinstance(v, str)})
     tokenizer = load_tokenizer(models.policy_uri)
     policy = load_causal_lm(models.policy_uri).eval()
     scorers = {"rm": load_sequence_scorer(models.reward_model_uri).eval()}
@@ -376,7 +378,8 @@ def write_version(old_uri: str | None, new_rows: list[dict], out_dir: str, name:
     rows = [r for r in new_rows if r.get("pair_id") not in (skip_ids or set())]
     blob = head + jsonl_bytes(rows)
     sha = hashlib.sha256(blob).hexdigest()
-    uri = str(Path(out_dir) / f"{name}-{sha[:12]}.jsonl")
+    # A string join, not Path: ``out_dir`` may be ``s3://bucket/...`` (Path would drop a slash).
+    uri = f"{out_dir.rstrip('/')}/{name}-{sha[:12]}.jsonl"
     if not local_path(uri).exists():
         write_jsonl_atomic(uri, rows, head=head)
     return Version(uri=uri, sha256=sha, rows=old_rows + len(rows), new_rows=len(rows))

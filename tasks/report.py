@@ -147,11 +147,15 @@ def run_report(*, name: str, result: str, decision: Decision, evaluation: Evalua
     from prefect.artifacts import create_markdown_artifact
     from prefect.context import FlowRunContext
 
+    from dataio.uri import redact
+
     sections = build_report(name, result, decision, evaluation, policy, stage_metrics, next_step)
-    markdown = to_markdown(sections)
+    # Reports quote reasons and paths that came from outside (gate reasons, stop reasons):
+    # redact the rendered text, the last step before it is written anywhere.
+    markdown = redact(to_markdown(sections))
     client = MlflowClient(ctx.tracking_uri)
     client.log_text(ctx.parent_run_id, markdown, "report/report.md")
-    client.log_text(ctx.parent_run_id, to_html(sections), "report/report.html")
+    client.log_text(ctx.parent_run_id, redact(to_html(sections)), "report/report.html")
     fig = training_curves(client, policy.run_id, policy.algorithm)
     client.log_figure(ctx.parent_run_id, fig, "report/training_curves.png")
     fig.clf()

@@ -8,6 +8,7 @@ their own child run with ``parent_run_id``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
+from dataio.uri import redact, redact_tree
 from tasks.base import TrackingContext
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -59,6 +61,47 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
+class RedactingFilter(logging.Filter):
+    """Masks credentials (``dataio.uri.redact``) in a log record, message and traceback,
+    before any handler writes it: Prefect's console handler and its API handler (the logs in
+    Prefect's database and UI) alike."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+_REDACTING = RedactingFilter()
+
+
+def redact_logs() -> None:
+    """Put ``RedactingFilter`` on every handler configured now (idempotent). Handler filters,
+    not logger filters: a record from a child logger (``prefect.task_runs``, ``mlflow``,
+    ``transformers``) reaches the handlers of its parents without passing their filters."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if _REDACTING not in handler.filters:
+                handler.addFilter(_REDACTING)
+
+
+def config_params(config: BaseModel) -> dict[str, str]:
+    """A config as MLflow params: flat, redacted (``dataio.uri.redact``), capped at the 6000
+    characters ``log_params`` takes. Configs refuse credentials, but a secret that reached one
+    another way (an environment value in a path) still never lands in the store."""
+    return {k: redact(str(v))[:6000] for k, v in flatten(config).items()}
+
+
+def config_dump(config: BaseModel) -> dict[str, Any]:
+    """A config as the JSON artifact ``config/<stage>.json``, redacted like ``config_params``."""
+    return redact_tree(config.model_dump(mode="json"))
+
+
 @contextlib.contextmanager
 def stage_run(ctx: TrackingContext, stage: str, config: BaseModel | None = None,
               seed: int | None = None, algorithm: str | None = None) -> Iterator[Any]:
@@ -74,10 +117,8 @@ def stage_run(ctx: TrackingContext, stage: str, config: BaseModel | None = None,
     with mlflow.start_run(run_name=stage, experiment_id=ctx.experiment_id,
                           parent_run_id=ctx.parent_run_id, nested=True, tags=tags) as run:
         if config is not None:
-            params = flatten(config)
-            # log_params caps values at 6000 chars; configs are small, but keep it honest.
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-            mlflow.log_dict(config.model_dump(mode="json"), f"config/{stage}.json")
+            mlflow.log_params(config_params(config))
+            mlflow.log_dict(config_dump(config), f"config/{stage}.json")
         if seed is not None:
             mlflow.log_param("seed", seed)
         yield run
@@ -190,7 +231,7 @@ def log_dataset_input(tracking_uri: str, run_id: str, name: str, frame, uri: str
     from mlflow.entities import DatasetInput, InputTag
 
     df = frame.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
-    ds = mlflow.data.from_pandas(df, source=uri, name=f"{name}@{sha256[:12]}")
+    ds = mlflow.data.from_pandas(df, source=redact(uri), name=f"{name}@{sha256[:12]}")
     MlflowClient(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
         dataset=ds._to_mlflow_entity(),
         tags=[InputTag(key="mlflow.data.context", value=name),
@@ -239,15 +280,15 @@ def pipeline_run(name: str, experiment: str, uri: str | None, config: BaseModel,
                                tags={"rlhf.pipeline": name, **(tags or {})}).info.run_id
     # One batch per 100 params (MLflow's limit), not one call each: ~180 single writes took
     # 16 s on a busy 2-core machine, a large share of an unchanged re-run (tasks/cache.py).
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+    params = [Param(k, v) for k, v in config_params(config).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
-    client.log_dict(run_id, config.model_dump(mode="json"), "config/pipeline.json")
+    client.log_dict(run_id, config_dump(config), "config/pipeline.json")
     try:
         yield PipelineRun(client, TrackingContext(tracking_uri=uri, experiment_id=exp_id,
                                                   parent_run_id=run_id))
     except BaseException as e:
-        client.set_tag(run_id, "rlhf.error", f"{type(e).__name__}: {e}"[:5000])
+        client.set_tag(run_id, "rlhf.error", redact(f"{type(e).__name__}: {e}")[:5000])
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")

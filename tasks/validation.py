@@ -23,7 +23,7 @@ from pydantic import Field
 from data_checks.frames import (SPECS, Loaded, add_cross_file_flags, add_helpers, load, spec_for,
                                  uses_messages)
 from data_checks.report import DatasetSummary, Failure, Report
-from dataio import DataError, content_hash, openable
+from dataio import DataError, content_hash, openable, redact
 from tasks.base import StageConfig, StageResult, TrackingContext
 from tasks.refusal import Refusal, refusals_returned
 
@@ -341,7 +341,7 @@ def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
         with stage_run(ctx, STAGE, cfg) as run:
             run_id = run.info.run_id
             mlflow.set_tags({f"data.{n}.sha256": h for n, h in hashes.items()})
-            mlflow.set_tags({f"data.{n}.uri": u for n, u in uris.items()})
+            mlflow.set_tags({f"data.{n}.uri": redact(u) for n, u in uris.items()})
             log_metrics(metrics)
             mlflow.log_artifacts(str(out), "data_validation")
             for name, l in loaded.items():

@@ -295,7 +295,7 @@ def test_cli_run_starts_rounds_when_the_gate_refuses(monkeypatch, capsys, on_ref
 
     refused = NS(result="feedback_round_needed", parent_run_id="run1", tracking_uri="sqlite://",
                  decision=NS(reasons=["FAIL: length"], failed=["length"]), metrics={},
-                 candidate=None, registration=None)
+                 candidate=None, registration=None, reused={})
     seen = {}
 
     def rounds(cfg, rounds=None, first=None):

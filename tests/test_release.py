@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -366,15 +367,20 @@ def _env(**extra: str) -> dict[str, str]:
             "OMP_NUM_THREADS": "1", **extra}
 
 
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as r:
+SERVE_TOKEN = "test-serve-token-7f3a9c"
+BEARER = {"Authorization": f"Bearer {SERVE_TOKEN}"}
+
+
+def _get(url: str, headers: dict[str, str] = BEARER) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
         return json.loads(r.read())
 
 
-def _predict(url: str, prompts: list[str], **params) -> tuple[list[str], str | None]:
+def _predict(url: str, prompts: list[str], headers: dict[str, str] = BEARER,
+             **params) -> tuple[list[str], str | None]:
     body = {"inputs": prompts, **({"params": params} if params else {})}
     req = urllib.request.Request(f"{url}/invocations", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+                                 {"Content-Type": "application/json", **headers})
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())["predictions"], r.headers.get("X-Model-Version")
 
@@ -430,7 +436,8 @@ def test_servers_answer_and_rlhf_serve_follows_the_alias(store, policies, reques
     rlhf_serve = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "--port", "0", "--poll-seconds", "0.3",
          *[a for s in [f"tracking.uri={store[0]}", *_names(request)] for a in ("--set", s)]],
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        cwd=REPO, env=_env(RLHF_SERVE_TOKEN=SERVE_TOKEN), stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
     try:
         expected = {v: _expected(store[0], cfg.policy_name, v) for v in ("1", "2")}
         assert expected["1"] != expected["2"], "test policies must answer differently"
@@ -440,6 +447,15 @@ def test_servers_answer_and_rlhf_serve_follows_the_alias(store, policies, reques
         url = ready.split(" on ")[-1].strip()
         assert _get(f"{url}/health")["version"] == "1"
         assert _predict(url, [PROMPT]) == ([expected["1"]], "1")
+        # Without the bearer token (or with another) nothing but /ping answers: 401.
+        for headers in ({}, {"Authorization": "Bearer wrong"},
+                        {"Authorization": SERVE_TOKEN}):
+            for call in (lambda: _predict(url, [PROMPT], headers=headers),
+                         lambda: _get(f"{url}/health", headers=headers)):
+                with pytest.raises(urllib.error.HTTPError) as denied:
+                    call()
+                assert denied.value.code == 401, headers
+        assert urllib.request.urlopen(f"{url}/ping", timeout=30).status == 200
 
         assert _cli(store, request, "promote", "2", "--to", "production") == 0
         _wait(lambda: _get(f"{url}/health")["version"] == "2", 60, rlhf_serve, "swap to v2")

@@ -100,13 +100,16 @@ def test_labeling_an_s3_batch_needs_a_local_labels_file(s3_server, tmp_path):
         server.server_close()
 
 
-def test_output_dir_on_s3_is_refused_naming_the_field():
+def test_output_dir_is_a_local_folder_or_an_s3_prefix():
     from flows.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"output_dir: .*'s3://b/runs': stage outputs are "
-                                          r"local folders"):
-        load_config("configs/demo.yaml", ["output_dir=s3://b/runs"])
+    assert load_config("configs/demo.yaml", ["output_dir=s3://b/runs/"]).output_dir == "s3://b/runs"
     assert load_config("configs/demo.yaml", ["output_dir=file:///tmp/r"]).output_dir == "/tmp/r"
+    with pytest.raises(ConfigError, match=r"output_dir: .*'gs://b/runs': output_dir is a local "
+                                          r"folder or s3://bucket/prefix"):
+        load_config("configs/demo.yaml", ["output_dir=gs://b/runs"])
+    with pytest.raises(ConfigError, match=r"names a bucket"):
+        load_config("configs/demo.yaml", ["output_dir=s3:///runs"])
 
 
 def test_a_base_model_directory_on_s3_loads_from_its_cached_copy(s3_server):
