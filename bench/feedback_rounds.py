@@ -50,6 +50,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,9 +141,11 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         data = datasets.Dataset.from_list(preference_rows(rows, cfg.data.preferences,
                                                           rcfg.margin))
         steps = max(4, math.ceil(args.epochs * len(rows) / rcfg.per_device_train_batch_size))
-        model, _ = train_reward_model(rcfg.model_copy(update={"max_steps": steps}),
-                                      sft_model_uri=args.sft_model, tokenizer=tok,
-                                      train=data, seed=model_seed)
+        with tempfile.TemporaryDirectory() as scratch:  # no checkpoint outlives one model
+            model, *_ = train_reward_model(rcfg.model_copy(update={"max_steps": steps,
+                                                                  "save_steps": 0}),
+                                           sft_model_uri=args.sft_model, tokenizer=tok,
+                                           train=data, seed=model_seed, checkpoints=scratch)
         return model
 
     def score(model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

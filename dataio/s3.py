@@ -39,13 +39,26 @@ def cache_root() -> Path:
     return Path(base) / "s3"
 
 
+def retry_policy() -> dict[str, int | str]:
+    """botocore's retries: ``standard`` mode (throttling such as 503 SlowDown, 500s and
+    dropped or refused connections are retried with exponential backoff and jitter, up to
+    20 s apart) and 5 attempts in all, unless ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` say
+    otherwise. botocore's own default is ``legacy`` mode, which retries fewer kinds of error
+    (https://docs.aws.amazon.com/boto3/latest/guide/retries.html)."""
+    # total_max_attempts counts the first try, as AWS_MAX_ATTEMPTS does (botocore's
+    # ``max_attempts`` key counts retries only).
+    return {"mode": os.environ.get("AWS_RETRY_MODE") or "standard",
+            "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 5)}
+
+
 def _client():
     import boto3
+    from botocore.config import Config
 
     # boto3 reads AWS_ENDPOINT_URL(_S3), credentials, region and profile from the environment
     # and ~/.aws itself (https://docs.aws.amazon.com/sdkref/latest/guide/feature-ss-endpoints.html).
     # A new session each time: boto3's default session keeps the first credentials it found.
-    return boto3.session.Session().client("s3")
+    return boto3.session.Session().client("s3", config=Config(retries=retry_policy()))
 
 
 def _refuse(uri: str, error: Exception) -> DataError:
@@ -66,9 +79,12 @@ def _refuse(uri: str, error: Exception) -> DataError:
             return DataError(uri, f"bucket {bucket!r} does not exist", rule="file_exists")
         if code in ("NoSuchKey", "404"):
             return DataError(uri, f"no object {key!r} in bucket {bucket!r}", rule="file_exists")
-        return DataError(uri, f"S3 refused the request ({code or 'error'})", rule="s3_access")
-    if isinstance(error, BotoCoreError):
-        return DataError(uri, f"S3 request failed ({type(error).__name__})", rule="s3_access")
+        tries = error.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+        return DataError(uri, f"S3 refused the request ({code or 'error'}; {tries} attempt"
+                              f"{'s' if tries > 1 else ''})", rule="s3_access")
+    if isinstance(error, BotoCoreError):  # a dropped connection, a timeout: retried already
+        return DataError(uri, f"S3 request failed ({type(error).__name__}; up to "
+                              f"{retry_policy()['total_max_attempts']} attempts)", rule="s3_access")
     raise error
 
 

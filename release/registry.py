@@ -21,6 +21,7 @@ from typing import Any
 from release.aliases import (KEY_TAG, REWARD_TAG, Change, DeleteAlias, DeleteTag, ModelState,
                              SetAlias, SetTag, UnknownVersion, Write, find_by_key, plan_promotion,
                              plan_rollback, reward_version_of, undo_writes)
+from release.lock import registry_lock
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,12 @@ class Registry:
     def register(self, candidate: Candidate, alias: str) -> Registered:
         """Register the candidate and point ``alias`` at it; a version with the same content
         key is reused. On failure, whatever was created here is deleted again and the aliases
-        are as they were."""
+        are as they were. One writer at a time (``release.lock``): the read, the plan and the
+        writes see no other run's writes in between."""
+        with registry_lock(self.tracking_uri, self.policy_name):
+            return self._register(candidate, alias)
+
+    def _register(self, candidate: Candidate, alias: str) -> Registered:
         policy, reward = self.state()
         key = content_key(candidate.policy_uri, candidate.generation)
         version = find_by_key(policy, key)
@@ -283,6 +289,10 @@ class Registry:
     def move(self, version: str, aliases: list[str]) -> list[Change]:
         """Point each alias at policy ``version`` (and the reward model's at its reward
         version), all or nothing; -> the changes made (empty if already so)."""
+        with registry_lock(self.tracking_uri, self.policy_name):
+            return self._move(version, aliases)
+
+    def _move(self, version: str, aliases: list[str]) -> list[Change]:
         policy, reward = self.state()
         if not policy.tags:
             raise UnknownVersion(f"no registered model {self.policy_name!r} at "
@@ -293,9 +303,10 @@ class Registry:
 
     def rollback(self, alias: str) -> tuple[str, str]:
         """Point ``alias`` back at the version it named before; -> (from, to)."""
-        policy, reward = self.state()
-        current, target, changes = plan_rollback(policy, reward, alias)
-        self.apply(changes)
+        with registry_lock(self.tracking_uri, self.policy_name):
+            policy, reward = self.state()
+            current, target, changes = plan_rollback(policy, reward, alias)
+            self.apply(changes)
         return current, target
 
 

@@ -14,6 +14,7 @@ loading, MLflow) is ``tasks/ppo.py``; the math is ``models/ppo.py``.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -384,6 +385,38 @@ def rollout_metrics(ro: Rollout, beta: float) -> dict[str, float]:
     }
 
 
+class NonFiniteError(RuntimeError):
+    """A loss, reward or advantage became NaN or inf: training stops there, naming the step,
+    rather than saving weights that a NaN has already reached (the stage fails, so nothing is
+    evaluated, registered or promoted)."""
+
+
+# Losses, rewards and advantages must be finite. Not every stat: explained variance is NaN by
+# definition when the returns do not vary (models/ppo.py), and that is a measurement.
+MUST_BE_FINITE = ("loss/policy", "loss/value", "policy/grad_norm", "objective/kl",
+                  "objective/scores")
+
+
+def check_finite(step: int, ro: Rollout | None = None,
+                 stats: dict[str, float] | None = None) -> None:
+    """Raise NonFiniteError naming ``step`` and what is not finite (rollout tensors first:
+    they say where a NaN came from, the losses only that it arrived)."""
+    bad = []
+    if ro is not None:
+        for name in ("scores", "rewards", "advantages"):
+            t = getattr(ro, name)
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{name} ({n} of {t.numel()} values)")
+    for k in MUST_BE_FINITE:
+        if stats is not None and k in stats and not math.isfinite(stats[k]):
+            bad.append(f"{k} = {stats[k]}")
+    if bad:
+        raise NonFiniteError(f"ppo: non-finite {', '.join(bad)} at step {step}: stopping "
+                             f"before the update is saved (check the reward model's outputs "
+                             f"and the learning rate)")
+
+
 # --- the loop ------------------------------------------------------------------------------
 
 
@@ -442,6 +475,9 @@ def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], se
         # Shares are equally large: the mean over processes is the batch's mean. Per-process
         # explained variance is averaged, not recomputed on the whole batch (a diagnostic).
         stats = dp.mean_stats(stats, max_keys=("objective/kl_max_seq",))
+        # After the all-reduce: a NaN in any process's share reaches every process's stats,
+        # so all of them stop together (one stopping alone would hang the others).
+        check_finite(update + 1, ro=ro, stats=stats)
         elapsed = time.perf_counter() - t0
         # Per-phase seconds and shapes: enough to count each phase's FLOPs afterwards
         # (bench/device/bench_gpu.py reports model-FLOPs utilisation from them).

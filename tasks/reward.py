@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import tempfile
+import shutil
 from typing import Any
 
 from prefect import task
+from pydantic import Field
 
 from dataio import (DataError, content_hash, explicit_prompts, is_conversational, preference_rows,
                     read_records, render_prompt)
 from tasks.base import LoraSettings, ModelResult, StageConfig, TrackingContext, peft_config
 from tasks.distributed import is_main_process
+from tasks.durable import atomic_dir, checkpoint_dir, finite_loss_callback, last_complete_checkpoint
 from tasks.launch import LaunchConfig, run_stage
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
@@ -60,6 +62,9 @@ class RewardConfig(StageConfig):
     """Train LoRA adapters (plus the score head) instead of all weights; merged before saving."""
     logging_steps: int = 10
     """Log training metrics to MLflow every this many steps."""
+    save_steps: int = Field(default=200, ge=0)
+    """Checkpoint (weights, optimizer, scheduler, RNG) every this many steps, beside the
+    stage's output folder; a re-run of a killed stage resumes from the newest. 0: none."""
     heldout_seed_offset: int | None = 1
     """Also train a held-out reward model with seed + this offset (another score-head
     initialisation and data order): the evaluation's judge when there is no gold judge, since
@@ -178,9 +183,10 @@ def sample_policy_ids(sft_model_uri: str, tokenizer, prompts: list[Any], cfg: Re
 
 
 def train_reward_model(cfg: RewardConfig, *, sft_model_uri: str, tokenizer, train, seed: int,
-                       callback=None):
+                       checkpoints: str, callback=None):
     """A Bradley-Terry reward model trained from the SFT weights (score head seeded by
-    ``seed``); returns the model in eval mode (LoRA merged) and the mean training loss.
+    ``seed``); returns the model in eval mode (LoRA merged), the mean training loss, the steps
+    done and the checkpoint it resumed from (``checkpoints`` holds them; None: a fresh start).
     Under ``accelerate launch`` every process trains and only the main one gets the model
     (the others get None)."""
     import transformers
@@ -193,27 +199,28 @@ def train_reward_model(cfg: RewardConfig, *, sft_model_uri: str, tokenizer, trai
     transformers.set_seed(seed)  # before loading: the score head is freshly initialised
     model = load_sequence_scorer(sft_model_uri)
     model.config.pad_token_id = tokenizer.pad_token_id
-    with tempfile.TemporaryDirectory() as scratch:
-        args = trainer_args(
-            trl.RewardConfig, scratch, seed, max_steps=cfg.max_steps,
-            learning_rate=cfg.learning_rate,
-            per_device_train_batch_size=cfg.per_device_train_batch_size,
-            max_length=min(cfg.max_length, tokenizer.model_max_length),
-            warmup_steps=cfg.warmup_ratio,  # float < 1: a ratio
-            center_rewards_coefficient=cfg.center_rewards_coefficient,
-            logging_steps=cfg.logging_steps,
-        )
-        trainer = make_trainer_class()(
-            model=model, args=args, train_dataset=train, processing_class=tokenizer,
-            callbacks=[callback] if callback else [],
-            peft_config=peft_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]))
-        train_out = trainer.train()
-        model = trained_model(trainer, f"{scratch}/gathered", load_sequence_scorer)
+    args = trainer_args(
+        trl.RewardConfig, checkpoints, seed, save_steps=cfg.save_steps, max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        max_length=min(cfg.max_length, tokenizer.model_max_length),
+        warmup_steps=cfg.warmup_ratio,  # float < 1: a ratio
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        logging_steps=cfg.logging_steps,
+    )
+    trainer = make_trainer_class()(
+        model=model, args=args, train_dataset=train, processing_class=tokenizer,
+        callbacks=[finite_loss_callback("reward")] + ([callback] if callback else []),
+        peft_config=peft_config(cfg.lora, "SEQ_CLS", modules_to_save=["score"]))
+    resume = last_complete_checkpoint(checkpoints)
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    steps = trainer.state.global_step
+    model = trained_model(trainer, f"{checkpoints}/gathered", load_sequence_scorer)
     if model is None:  # not the main process: it only helped train
-        return None, train_out.training_loss
+        return None, train_out.training_loss, steps, resume
     if cfg.lora is not None:
         model = model.merge_and_unload()
-    return model.eval(), train_out.training_loss
+    return model.eval(), train_out.training_loss, steps, resume
 
 
 def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_uri: str,
@@ -242,16 +249,20 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
         tokenizer = load_tokenizer(sft_model_uri)
         train = datasets.Dataset.from_list(preference_rows(read_records(train_uri), train_uri,
                                                            cfg.margin))
-        model, train_loss = train_reward_model(
+        heldout_dir = f"{out_dir}-heldout" if cfg.heldout_seed_offset is not None else None
+        model, train_loss, steps, resumed = train_reward_model(
             cfg, sft_model_uri=sft_model_uri, tokenizer=tokenizer, train=train, seed=seed,
+            checkpoints=checkpoint_dir(out_dir),
             callback=trainer_metrics_callback("reward", run.info.run_id) if main else None)
         heldout = None
-        if cfg.heldout_seed_offset is not None:  # trained here: training needs every process
-            heldout, heldout_loss = train_reward_model(cfg, sft_model_uri=sft_model_uri,
-                                                       tokenizer=tokenizer, train=train,
-                                                       seed=seed + cfg.heldout_seed_offset)
+        if heldout_dir is not None:  # trained here: training needs every process
+            heldout, heldout_loss, _, _ = train_reward_model(
+                cfg, sft_model_uri=sft_model_uri, tokenizer=tokenizer, train=train,
+                seed=seed + cfg.heldout_seed_offset, checkpoints=checkpoint_dir(heldout_dir))
         if not main:
             return None
+        if resumed:  # an earlier run of this very stage (same folder key) was killed
+            mlflow.set_tag("rlhf.resumed_from", resumed)
 
         # Held-out pairs: accuracy and calibration (an implicit prompt split off as in training).
         max_length = min(cfg.max_length, tokenizer.model_max_length)
@@ -273,6 +284,7 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
         temperature = fit_temperature(diffs, labels) if cfg.calibrate else 1.0
         metrics = {
             "reward/train_loss": train_loss,
+            "reward/steps": float(steps),
             "reward/eval_accuracy": preference_accuracy(r_c, r_r),
             "reward/eval_pairs": float(len(keep)),
             "reward/temperature": temperature,
@@ -298,15 +310,15 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
             std = std if math.isfinite(std) and std > 0 else 1.0
         metrics.update({"reward/sample_mean": mean, "reward/sample_std": std})
 
-        model.save_pretrained(out_dir)  # safetensors by default
-        tokenizer.save_pretrained(out_dir)
-        RewardNorm(temperature=temperature, mean=mean, std=std).save(
-            out_dir, extra={"eval_accuracy": metrics["reward/eval_accuracy"],
+        with atomic_dir(out_dir) as tmp:  # disk full: no half-written reward model to use
+            model.save_pretrained(tmp)  # safetensors by default
+            tokenizer.save_pretrained(tmp)
+            RewardNorm(temperature=temperature, mean=mean, std=std).save(
+                tmp, extra={"eval_accuracy": metrics["reward/eval_accuracy"],
                             "ece_before": metrics["reward/ece_before"],
                             "ece_after": metrics["reward/ece_after"],
                             "eval_nll": metrics["reward/eval_nll"],
                             "normalize_samples": cfg.normalize_samples})
-        heldout_dir = None
         if heldout is not None:
             h_c = score_id_lists(heldout, tokenizer, chosen, cfg.eval_batch_size)
             h_r = score_id_lists(heldout, tokenizer, rejected, cfg.eval_batch_size)
@@ -314,9 +326,13 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
                             "reward/heldout/eval_accuracy": preference_accuracy(h_c, h_r),
                             "reward/heldout/longer_preferred": longer_preferred(h_c, h_r, len_c,
                                                                                 len_r)})
-            heldout_dir = f"{out_dir}-heldout"
-            heldout.save_pretrained(heldout_dir)
-            tokenizer.save_pretrained(heldout_dir)
+            with atomic_dir(heldout_dir) as tmp:
+                heldout.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        # Both models are whole now; until here a re-run resumes from their checkpoints.
+        for d in (out_dir, heldout_dir):
+            if d is not None:
+                shutil.rmtree(checkpoint_dir(d), ignore_errors=True)
         log_metrics(metrics, step=cfg.max_steps)
         log_model_dir(out_dir, "model")
         return RewardResult(stage="reward", run_id=run.info.run_id, model_uri=out_dir,

@@ -9,7 +9,7 @@ only by default; TRL appends EOS to every completion, so the policy learns where
 from __future__ import annotations
 
 import contextlib
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from dataio import DataError, content_hash, openable, read_records
 from tasks.base import (BaseModelConfig, LoraSettings, ModelResult, StageConfig, TrackingContext,
                         peft_config)
 from tasks.distributed import is_main_process, refuse_sharded_lora, trained_model
+from tasks.durable import atomic_dir, checkpoint_dir, finite_loss_callback, last_complete_checkpoint
 from tasks.launch import LaunchConfig, run_stage
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
                             trainer_metrics_callback)
@@ -54,6 +55,9 @@ class SFTConfig(StageConfig):
     """Train LoRA adapters instead of all weights; adapters are merged before saving."""
     logging_steps: int = 10
     """Log training metrics to MLflow every this many steps."""
+    save_steps: int = Field(default=200, ge=0)
+    """Checkpoint (weights, optimizer, scheduler, RNG) every this many steps, beside the
+    stage's output folder; a re-run of a killed stage resumes from the newest. 0: none."""
 
 
 HELDOUT_FILE = "heldout.jsonl"
@@ -110,42 +114,48 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
         model = load_causal_lm(base, base_model.revision, base_model.trust_remote_code)
         max_length = min(cfg.max_length, tokenizer.model_max_length)
         callbacks = [trainer_metrics_callback("sft", run.info.run_id)] if main else []
-        with tempfile.TemporaryDirectory() as scratch:
-            args = trainer_args(
-                trl.SFTConfig, scratch, seed, max_steps=cfg.max_steps,
-                learning_rate=cfg.learning_rate,
-                per_device_train_batch_size=cfg.per_device_train_batch_size,
-                per_device_eval_batch_size=cfg.per_device_train_batch_size,
-                gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                # transformers 5 removed warmup_ratio: a float < 1 in warmup_steps is the ratio.
-                max_length=max_length, warmup_steps=cfg.warmup_ratio,
-                lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay,
-                completion_only_loss=cfg.completion_only_loss, logging_steps=cfg.logging_steps,
-                trust_remote_code=base_model.trust_remote_code,
-            )
-            trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
-                                     eval_dataset=eval_data, processing_class=tokenizer,
-                                     callbacks=callbacks,
-                                     peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
-            train_out = trainer.train()
-            metrics = {"sft/train_loss": train_out.training_loss,
-                       "sft/train_runtime_s": train_out.metrics.get("train_runtime", 0.0)}
-            if callbacks and "sft/loss" in callbacks[0].last:
-                metrics["sft/final_loss"] = callbacks[0].last["sft/loss"]
-            if eval_data is not None:  # every process: the trainer splits and gathers it
-                metrics["sft/eval_loss"] = trainer.evaluate()["eval_loss"]
-            model = trained_model(trainer, f"{scratch}/gathered", load_causal_lm)
+        checkpoints = checkpoint_dir(out_dir)
+        args = trainer_args(
+            trl.SFTConfig, checkpoints, seed, save_steps=cfg.save_steps, max_steps=cfg.max_steps,
+            learning_rate=cfg.learning_rate,
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            per_device_eval_batch_size=cfg.per_device_train_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            # transformers 5 removed warmup_ratio: a float < 1 in warmup_steps is the ratio.
+            max_length=max_length, warmup_steps=cfg.warmup_ratio,
+            lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay,
+            completion_only_loss=cfg.completion_only_loss, logging_steps=cfg.logging_steps,
+            trust_remote_code=base_model.trust_remote_code,
+        )
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data,
+                                 eval_dataset=eval_data, processing_class=tokenizer,
+                                 callbacks=callbacks + [finite_loss_callback("sft")],
+                                 peft_config=peft_config(cfg.lora, "CAUSAL_LM"))
+        resume = last_complete_checkpoint(checkpoints)
+        if resume and main:  # an earlier run of this very stage (same folder key) was killed
+            mlflow.set_tag("rlhf.resumed_from", resume)
+        train_out = trainer.train(resume_from_checkpoint=resume)
+        metrics = {"sft/train_loss": train_out.training_loss,
+                   "sft/train_runtime_s": train_out.metrics.get("train_runtime", 0.0),
+                   "sft/steps": float(trainer.state.global_step)}
+        if callbacks and "sft/loss" in callbacks[0].last:
+            metrics["sft/final_loss"] = callbacks[0].last["sft/loss"]
+        if eval_data is not None:  # every process: the trainer splits and gathers it
+            metrics["sft/eval_loss"] = trainer.evaluate()["eval_loss"]
+        model = trained_model(trainer, f"{checkpoints}/gathered", load_causal_lm)
         if not main:
             return None
 
         if cfg.lora is not None:
             model = model.merge_and_unload()
-        model.save_pretrained(out_dir)  # safetensors by default
-        tokenizer.save_pretrained(out_dir)
         heldout_uri = None
-        if eval_data is not None:
-            heldout_uri = str(Path(out_dir) / HELDOUT_FILE)
-            eval_data.to_json(heldout_uri, lines=True, force_ascii=False)
+        with atomic_dir(out_dir) as tmp:  # disk full: no half-written model for later stages
+            model.save_pretrained(tmp)  # safetensors by default
+            tokenizer.save_pretrained(tmp)
+            if eval_data is not None:
+                eval_data.to_json(str(tmp / HELDOUT_FILE), lines=True, force_ascii=False)
+                heldout_uri = str(Path(out_dir) / HELDOUT_FILE)
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the stage's output is whole now
         log_metrics(metrics, step=cfg.max_steps)
         log_model_dir(out_dir, "model")
         return SFTResult(stage="sft", run_id=run.info.run_id, model_uri=out_dir,

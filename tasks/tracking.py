@@ -184,14 +184,21 @@ def trainer_metrics_callback(prefix: str, run_id: str, rename: dict[str, str] | 
     return MetricsCallback()
 
 
-def trainer_args(config_cls, scratch: str, seed: int, **extra):
+def trainer_args(config_cls, scratch: str, seed: int, save_steps: int = 0, **extra):
     """A TRL/transformers trainer config with what every stage here shares: our own MLflow
-    logging (``report_to="none"``), no checkpoints, seeded data order, progress bars on."""
+    logging (``report_to="none"``), seeded data order, progress bars on, and a checkpoint in
+    ``scratch`` every ``save_steps`` steps (0: none), only the newest kept, to resume from
+    after a kill (``tasks.durable``)."""
+    saving = ({"save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 1}
+              if save_steps > 0 else {"save_strategy": "no"})
     return config_cls(
-        output_dir=scratch, seed=seed, data_seed=seed, report_to="none", save_strategy="no",
+        output_dir=scratch, seed=seed, data_seed=seed, report_to="none", **saving,
         # TRL defaults both on for large GPU models; on CPU bf16 autocast is slow and lossy and
         # gradient checkpointing only costs time.
-        bf16=False, gradient_checkpointing=False, disable_tqdm=False, **extra)
+        bf16=False, gradient_checkpointing=False, disable_tqdm=False,
+        # On by default, it logs a NaN loss as the mean of the finite ones before it: a silent
+        # gap. Off, the NaN reaches the logs and tasks.durable's callback stops the stage.
+        logging_nan_inf_filter=False, **extra)
 
 
 def save_policy(model, tokenizer, out_dir: str | Path, lineage: dict[str, Any],
@@ -200,12 +207,15 @@ def save_policy(model, tokenizer, out_dir: str | Path, lineage: dict[str, Any],
     artifact "model"; LoRA adapters are merged first so evaluate and serving need no peft."""
     import json
 
+    from tasks.durable import atomic_dir
+
     policy_dir = Path(out_dir) / "policy"
     if merge_lora:
         model = model.merge_and_unload()
-    model.save_pretrained(policy_dir, safe_serialization=True)
-    tokenizer.save_pretrained(policy_dir)
-    (policy_dir / "rlhf_lineage.json").write_text(json.dumps(lineage, indent=2))
+    with atomic_dir(policy_dir) as tmp:  # disk full: no half-written policy to evaluate
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "rlhf_lineage.json").write_text(json.dumps(lineage, indent=2))
     log_model_dir(policy_dir, "model")
     return policy_dir
 
