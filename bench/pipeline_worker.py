@@ -75,7 +75,8 @@ def timed(category: str, name: str, fn):
                 _STAGE["name"] = prev_stage
             if stack:
                 stack[-1][1] += end - start
-            EVENTS.append((category, name, name if category == "stage" else _STAGE["name"],
+            label = args[0] if category == "import" else name  # the module's name
+            EVENTS.append((category, label, name if category == "stage" else _STAGE["name"],
                            threading.current_thread().name, start - P0, end - P0,
                            end - start - frame[1]))
     return wrapper
