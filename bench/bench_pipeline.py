@@ -111,6 +111,28 @@ def breakdown(worker: dict, wall_s: float) -> dict:
             "other_threads": sorted({e[3] for e in worker["events"] if e[3] != MAIN})}
 
 
+def hotspots(worker: dict, n: int = 12) -> dict:
+    """Where the overhead goes: the MLflow calls by total time (and count), and the
+    top-level imports (an import not inside another one) by wall time, with their stage."""
+    main = [e for e in worker["events"] if e[3] == MAIN]
+    calls: dict[str, list] = {}
+    for cat, name, _stage, _t, _s, _e, self_s in main:
+        if cat == "mlflow":
+            c = calls.setdefault(name, [0.0, 0])
+            c[0] += self_s
+            c[1] += 1
+    imports = sorted((e for e in main if e[0] == "import"), key=lambda e: (e[4], -e[5]))
+    top, end = [], -1.0
+    for _cat, module, stage, _t, start, stop, _self in imports:
+        if start >= end:  # not nested in the previous top-level import
+            top.append((module, stage, stop - start))
+            end = stop
+    return {"mlflow_calls": [{"call": k, "s": round(v[0], 2), "count": v[1]} for k, v in
+                             sorted(calls.items(), key=lambda kv: -kv[1][0])[:n]],
+            "top_level_imports": [{"module": m, "stage": st, "s": round(w, 2)} for m, st, w in
+                                  sorted(top, key=lambda t: -t[2])[:n]]}
+
+
 def stage_windows(worker: dict) -> list[tuple[str, float, float]]:
     """(stage, start, end) of each stage body that ran, in order."""
     return sorted(((e[1], e[4], e[5]) for e in worker["events"]
@@ -171,7 +193,7 @@ def run_once(label: str, args: argparse.Namespace, work: Path, env: dict) -> dic
             "reused": worker["result"].get("reused"),
             "kl": metrics.get("eval/kl_policy_sft"),
             "win_rate": metrics.get("eval/win_rate_gold"), "metrics": metrics,
-            **breakdown(worker, wall), "memory": memory(worker)}
+            **breakdown(worker, wall), "memory": memory(worker), "hotspots": hotspots(worker)}
 
 
 def table(runs: dict[str, dict]) -> str:

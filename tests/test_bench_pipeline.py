@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.bench_pipeline import breakdown, memory
+from bench.bench_pipeline import breakdown, hotspots, memory
 
 
 def worker_record() -> dict:
@@ -51,3 +51,13 @@ def test_memory_peaks_per_stage_window():
     assert m["per_stage"]["sft"]["wall_s"] == 30.0
     assert m["process_peak_gb"] == round(1_600_000 * gb, 3)
     assert m["process_plus_children_peak_gb"] == round(1_700_000 * gb, 3)
+
+
+def test_hotspots_count_top_level_imports_once():
+    w = worker_record()
+    w["events"][0][1] = "torch"  # 0.5..4.5 s, with torch._C loaded inside it
+    w["events"].append(["import", "torch._C", "cli", "MainThread", 1.0, 2.0, 1.0])
+    h = hotspots(w)
+    assert h["top_level_imports"][0] == {"module": "torch", "stage": "cli", "s": 4.0}
+    assert {"module": "torch._C", "stage": "cli", "s": 1.0} not in h["top_level_imports"]
+    assert h["mlflow_calls"][0] == {"call": "log_artifacts", "s": 3.0, "count": 1}
