@@ -8,10 +8,12 @@ numbers for JSONL (blank lines keep their number) and 1-based record numbers oth
 Helper columns (all prefixed or suffixed so they never clash with data columns):
 - ``<field>__type``   "str", "messages", or the Python type name; None where the value is null
 - ``<field>__text``   the text (messages: their contents joined by newlines); None if not text
+- ``<column>__key``   an optional column's value where its type is allowed, else None
 - ``_format``         "standard" / "conversational" / "mixed" over the row's text fields
 - ``_prompt_tokens``, ``_total_tokens``  token counts with the configured tokenizer
 - ``_flag_<rule>``    a short reason string where a row breaks a cross-row rule, else None
-  (cross-row and cross-file rules are computed here with pandas; GX asserts the flags are null)
+  (cross-row and cross-file rules, and broken text in any column, are computed here with
+  pandas; GX asserts the flags are null)
 
 Preference files without a ``prompt`` column (TRL's implicit prompt) get one: the shared start
 of chosen and rejected, split off as the stages split it, so every rule on prompts (leakage,
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,15 +91,60 @@ class Loaded:
         return len(self.frame) + len(self.parse_errors)
 
 
-def load(name: str, uri: str) -> Loaded:
+def load(name: str, uri: str, max_row_bytes: int | None = None) -> Loaded:
     """Read a dataset without modifying it (tolerant: bad lines become ``parse_errors``);
-    raises DataError only if it cannot be opened."""
-    rows = read_rows(uri, strict=False)
+    raises DataError only if it cannot be opened.
+
+    Strings with lone surrogates, U+FFFD or NUL, in any column and at any depth, are flagged
+    (``_flag_valid_utf8_text``) and their surrogates replaced by U+FFFD in this in-memory
+    copy: pandas 3 (Arrow strings), GX and the tokenizer cannot hold them, and a defect in an
+    id column (preference labels have no text fields) must be refused, not crash a groupby.
+    """
+    rows = read_rows(uri, strict=False, max_row_bytes=max_row_bytes)
     # object dtype: pandas 3 would store text as Arrow strings, which reject lone surrogates
-    # (a defect we must report, not crash on) and coerce types we want to check.
+    # and coerce types we want to check.
+    flags = [_repair_broken_strings(r) for r in rows.records]
     df = pd.DataFrame(rows.records, dtype=object) if rows.records else pd.DataFrame()
     df["_row"] = np.asarray(rows.numbers, dtype=np.int64)
+    df["_flag_valid_utf8_text"] = pd.Series(flags, index=df.index, dtype=object)
     return Loaded(name, uri, df, list(rows.errors), rows.raw_lines)
+
+
+BROKEN_TEXT = re.compile(r"[\ud800-\udfff\ufffd\x00]")
+BROKEN_NAMES = {"\ufffd": "U+FFFD (text decoded with errors replaced upstream)",
+                "\x00": "a NUL character"}
+
+
+def _broken(text: str) -> str | None:
+    m = BROKEN_TEXT.search(text)
+    if m is None:
+        return None
+    c = m.group()
+    return BROKEN_NAMES.get(c, f"a lone surrogate U+{ord(c):04X} (a broken \\u escape)")
+
+
+def _repair_broken_strings(record: dict[str, Any]) -> str | None:
+    """Why the first broken string of a record is broken (None if none is), repairing every
+    lone surrogate of the record in place (only this parsed copy; files are never written)."""
+    first: list[str] = []
+
+    def visit(v: Any, where: str) -> Any:
+        if isinstance(v, str):
+            problem = _broken(v)
+            if problem is None:
+                return v
+            if not first:
+                first.append(f"{where} contains {problem}")
+            return v.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        if isinstance(v, list):
+            return [visit(x, f"{where}[{j}]") for j, x in enumerate(v)]
+        if isinstance(v, dict):
+            return {k: visit(x, f"{where}.{k}") for k, x in v.items()}
+        return v
+
+    for key in list(record):
+        record[key] = visit(record[key], str(key))
+    return first[0] if first else None
 
 
 def spec_for(name: str, frame: pd.DataFrame) -> Spec:
@@ -130,16 +178,10 @@ def value_type(v: Any) -> str | None:
 
 def _text(v: Any, kind: str | None) -> str | None:
     if kind == "str":
-        text = v
-    elif kind == "messages":
-        text = "\n".join(str(m.get("content", "")) for m in v)
-    else:
-        return None
-    if not _encodable(text):
-        # Lone surrogates become U+FFFD here: pandas 3 (Arrow strings) and the tokenizer cannot
-        # hold them, and the valid_utf8_text rule reports U+FFFD all the same.
-        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    return text
+        return v
+    if kind == "messages":
+        return "\n".join(str(m.get("content", "")) for m in v)
+    return None
 
 
 def _message_problem(v: Any) -> str | None:
@@ -168,15 +210,16 @@ def add_helpers(loaded: Loaded, spec: Spec, tokenizer=None) -> pd.DataFrame:
         values = df[col].tolist()
         kinds = [value_type(v) for v in values]
         df[f"{col}__type"] = pd.Series(kinds, index=df.index, dtype=object)
+        if col in spec.extra_columns:
+            # Ids and labels of an allowed type, else None: uniqueness checks hash their values,
+            # and a dict or list there (reported by column_type) must not break them.
+            allowed = spec.extra_columns[col]
+            df[f"{col}__key"] = pd.Series([v if k in allowed else None
+                                           for v, k in zip(values, kinds)],
+                                          index=df.index, dtype=object)
         if col in spec.text_fields:
             texts = [_text(v, k) for v, k in zip(values, kinds)]
             df[f"{col}__text"] = pd.Series(texts, index=df.index, dtype=object)
-            # GX hashes the frame as UTF-8: raw strings with lone surrogates get the repaired
-            # text too (this is the in-memory copy; files are never written back).
-            broken = [i for i, (v, k) in enumerate(zip(values, kinds))
-                      if k == "str" and texts[i] is not v]
-            if broken:
-                df.loc[df.index[broken], col] = [texts[i] for i in broken]
             problems = [_message_problem(v) if k == "messages" else None
                         for v, k in zip(values, kinds)]
             df["_flag_message_schema"] = _merge_flags(df.get("_flag_message_schema"), problems, n)
@@ -274,14 +317,6 @@ class TokenCounter:
             encode = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)
             return [len(e.ids) for e in encode(texts, add_special_tokens=False)]
         return [len(ids) for ids in self._hf(texts, add_special_tokens=False)["input_ids"]]
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _count_tokens(texts: pd.Series, tokenizer) -> pd.Series:

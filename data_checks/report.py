@@ -20,8 +20,10 @@ RULES: dict[str, str] = {
     "uri_scheme": "the dataset URI is a local path, file:// or s3://bucket/key",
     "s3_access": "the S3 endpoint answers and the AWS credentials may read/write the object",
     "dataset_split": "a `datasets` DatasetDict directory has a 'train' split",
-    "utf8": "each line is valid UTF-8",
-    "json": "each line is one JSON object",
+    "file_format": "a .parquet file is Parquet, a directory is a `datasets` save_to_disk",
+    "utf8": "each line (Parquet: each string) is valid UTF-8; a UTF-8 BOM may start a file",
+    "json": "each line is one JSON object (CRLF line endings are fine)",
+    "max_row_bytes": "each row is at most max_row_bytes bytes (larger ones are not read)",
     "min_rows": "the dataset has at least the configured number of rows",
     "required_columns": "the columns of the TRL format are present",
     "not_null": "required values are not null/NaN/missing",
@@ -31,7 +33,8 @@ RULES: dict[str, str] = {
     "chat_template": "conversational data has a chat template (the tokenizer's or "
                      "base_model.chat_template)",
     "non_empty_text": "text fields contain non-whitespace text",
-    "valid_utf8_text": "text has no lone surrogates, U+FFFD replacement characters or NUL",
+    "valid_utf8_text": "strings (any column) have no lone surrogates, U+FFFD replacement "
+                       "characters or NUL",
     "max_prompt_tokens": "the prompt fits the configured token limit",
     "max_total_tokens": "prompt + response fits the configured token limit",
     "chosen_differs_from_rejected": "chosen and rejected differ",

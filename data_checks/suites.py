@@ -24,10 +24,10 @@ _LOCK = threading.Lock()
 _BATCH_DEFINITION = None
 RESULT_FORMAT = {"result_format": "COMPLETE", "partial_unexpected_count": 5,
                  "return_unexpected_index_query": False}
-# Lone surrogates (text that came from broken escapes), the replacement character (text that
-# was decoded with errors="replace" somewhere upstream) and NUL.
-BROKEN_TEXT_REGEX = r"[\ud800-\udfff\ufffd\x00]"
 FLAG_MESSAGES = {
+    # Lone surrogates (broken escapes), U+FFFD (decoded with errors="replace" upstream) and
+    # NUL, in any column: found by frames.load, which must repair them before pandas sees them.
+    "valid_utf8_text": "{values}",
     "message_schema": "{values}",
     "chosen_differs_from_rejected": "chosen and rejected are identical",
     "duplicate_pairs": "duplicate pair: {values}",
@@ -81,10 +81,13 @@ def build_suite(name: str, spec: Spec, df: pd.DataFrame, limits: Limits):
     required = [c for c in [*spec.text_fields, *spec.required_columns] if c not in derived]
     needs = ", ".join(required) + (" (the prompt: a column, or implicit as the shared start of "
                                    "chosen and rejected)" if derived else "")
+    # What the file has instead: a renamed column ("response" for "completion") is then plain.
+    found = ", ".join(c for c in df.columns if not c.startswith("_") and "__" not in c) or "none"
     for col in required:
         if col not in cols:
             add(gxe.ExpectColumnToExist, "required_columns",
-                f"column {col!r} is missing (suite {spec.suite} needs {needs})", column=col)
+                f"column {col!r} is missing (suite {spec.suite} needs {needs}; found {found})",
+                column=col)
         else:
             add(gxe.ExpectColumnValuesToNotBeNull, "not_null", f"{col} is missing or null",
                 column=col)
@@ -98,9 +101,6 @@ def build_suite(name: str, spec: Spec, df: pd.DataFrame, limits: Limits):
             "implicit prompt (the shared start of chosen and rejected) is empty or whitespace "
             "only" if col in derived
             else f"{col} is empty or whitespace only", column=f"{col}__text", regex=r"\S")
-        add(gxe.ExpectColumnValuesToNotMatchRegex, "valid_utf8_text",
-            f"{col} contains lone surrogates, U+FFFD or NUL (broken encoding)",
-            column=f"{col}__text", regex=BROKEN_TEXT_REGEX)
     for col, allowed in spec.extra_columns.items():
         if col in cols:
             add(gxe.ExpectColumnValuesToBeInSet, "column_type",
@@ -125,9 +125,9 @@ def build_suite(name: str, spec: Spec, df: pd.DataFrame, limits: Limits):
     for rule, message in FLAG_MESSAGES.items():
         if f"_flag_{rule}" in cols:
             add(gxe.ExpectColumnValuesToBeNull, rule, message, column=f"_flag_{rule}")
-    if "pair_id" in cols and spec.text_fields:
+    if "pair_id__key" in cols and spec.text_fields:
         add(gxe.ExpectColumnValuesToBeUnique, "unique_pair_id", "pair_id {values} is not unique",
-            column="pair_id")
+            column="pair_id__key")
     if {"chosen_votes", "num_votes"} <= cols:
         add(gxe.ExpectColumnValuesToBeBetween, "vote_counts", "chosen_votes is {values} < 0",
             column="_chosen_votes", min_value=0)
@@ -141,10 +141,13 @@ def build_suite(name: str, spec: Spec, df: pd.DataFrame, limits: Limits):
         add(gxe.ExpectColumnValuesToBeInSet, "label_values",
             "preferred is {values}, expected 'chosen' or 'rejected'",
             column="preferred", value_set=["chosen", "rejected"])
-    if {"pair_id", "annotator_id"} <= cols and not spec.text_fields:
+    if {"pair_id__key", "annotator_id__key"} <= cols and not spec.text_fields:
         add(gxe.ExpectCompoundColumnsToBeUnique, "unique_votes",
             "the same annotator labelled the same pair more than once: {values}",
-            column_list=["pair_id", "annotator_id"])
+            column_list=["pair_id__key", "annotator_id__key"],
+            # A vote without a (well-typed) pair or annotator is not_null's or column_type's
+            # to report; two of them on one pair are not the same annotator twice.
+            ignore_row_if="any_value_is_missing")
     if "_chosen_first" in cols:
         add(gxe.ExpectColumnMeanToBeBetween, "position_bias",
             f"chosen was the response shown first in {{observed}} of labels, outside "
@@ -155,8 +158,22 @@ def build_suite(name: str, spec: Spec, df: pd.DataFrame, limits: Limits):
 
 
 def _short(v: Any, n: int = 80) -> str:
+    if isinstance(v, dict):  # a compound key: name its columns as the file does
+        v = {str(k).removesuffix("__key"): x for k, x in v.items()}
     s = repr(v) if not isinstance(v, str) else v
     return s if len(s) <= n else s[:n] + "..."
+
+
+def _exception_message(info: dict[str, Any]) -> str | None:
+    """The error GX caught while checking an expectation, if any. GX 1.24 reports it either
+    at the top level (``raised_exception``) or per metric (``{metric id: {...}}``) when a
+    metric function raised; the second form left the rule failing with no rows and no reason."""
+    if info.get("raised_exception"):
+        return str(info.get("exception_message"))
+    for v in info.values():
+        if isinstance(v, dict) and v.get("raised_exception"):
+            return str(v.get("exception_message"))
+    return None
 
 
 def validate(name: str, uri: str, spec: Spec, df: pd.DataFrame,
@@ -174,10 +191,9 @@ def validate(name: str, uri: str, spec: Spec, df: pd.DataFrame,
             continue
         meta = r.expectation_config.meta or {}
         rule, template = meta.get("rule", "unknown"), meta.get("message", "")
-        info = r.exception_info or {}
-        if info.get("raised_exception"):
-            failures.append(Failure(name, uri, rule, f"could not be checked: "
-                                    f"{str(info.get('exception_message'))[:300]}"))
+        error = _exception_message(r.exception_info or {})
+        if error is not None:
+            failures.append(Failure(name, uri, rule, f"could not be checked: {error[:300]}"))
             continue
         res = r.result or {}
         if "unexpected_index_list" in res:

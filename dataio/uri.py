@@ -28,6 +28,14 @@ class DataError(ValueError):
         why = f"rule {rule}: " if rule else ""
         super().__init__(f"{uri}: {where}{why}{message}")
 
+    def __reduce__(self):  # picklable (Prefect may store a failed state's exception)
+        return _data_error, (type(self), self.uri, self.message, self.rule, self.row)
+
+
+def _data_error(cls: type[DataError], uri: str, message: str, rule: str | None,
+                row: int | None) -> DataError:
+    return cls(uri, message, rule=rule, row=row)
+
 
 def local_path(uri: str) -> Path:
     """The local file or directory a URI names (an ``s3://`` object or prefix: its cached

@@ -68,6 +68,9 @@ def cmd_run(cfg: PipelineConfig) -> int:
     print(json.dumps({"result": out.result, "parent_run_id": out.parent_run_id,
                       "tracking_uri": out.tracking_uri, "reasons": out.decision.reasons,
                       "metrics": out.metrics}, indent=2))
+    if out.reused:
+        print("reused (unchanged key): " + ", ".join(f"{stage} from run {run}"
+                                                     for stage, run in out.reused.items()))
     if out.candidate is not None:
         c = out.candidate
         print(f"candidate: {c.policy_name} version {c.policy_version}"

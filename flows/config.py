@@ -20,6 +20,7 @@ from tasks.gate import GateConfig
 from tasks.launch import LaunchConfig
 from tasks.policy import PolicyConfig
 from tasks.register import RegistryConfig
+from tasks.refusal import Refusal
 from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
 from tasks.validation import ValidationConfig
@@ -27,8 +28,9 @@ from tasks.validation import ValidationConfig
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and the field."""
+class ConfigError(Refusal, ValueError):
+    """A config that cannot be used; the message names the file and the field (a refusal:
+    a scheduled run ends Failed with it, no traceback)."""
 
 
 class DataConfig(StageConfig):

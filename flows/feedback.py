@@ -24,6 +24,7 @@ from flows.config import PipelineConfig
 from flows.pipeline import PipelineResult, rlhf_pipeline
 from tasks.feedback import CheckedLabels, Models, check_task, label_task, select_task
 from tasks.labelers import make_labeler
+from tasks.refusal import accepted, refusals_as_failed
 from tasks.tracking import pipeline_run
 
 
@@ -51,6 +52,7 @@ def trained_models(result: PipelineResult) -> Models:
 
 
 @flow(name="rlhf-feedback-round")
+@refusals_as_failed  # refused data or labels: a Failed run, no traceback (tasks/refusal.py)
 def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
                    index: int = 1) -> RoundResult:
     """One round after the refused run ``triggered_by``; returns the new pipeline run's result."""
@@ -75,12 +77,12 @@ def feedback_round(config: PipelineConfig, triggered_by: PipelineResult,
         labeler = make_labeler(f, judge=c.evaluate.gold_judge, seed=seed)
         labels_uri = label_task(labeler, batch_uri)
         client.set_tag(rid, "rlhf.labels_uri", labels_uri)
-        checked = check_task(batch_uri=batch_uri, labels_uri=labels_uri,
-                             preferences_uri=c.data.preferences,
-                             preference_labels_uri=c.data.preference_labels,
-                             validation=c.validation, tokenizer_path=c.base_model.path,
-                             chat_template=c.base_model.chat_template, round_dir=round_dir,
-                             data_dir=str(root / "data"), ctx=ctx)
+        checked = accepted(check_task(batch_uri=batch_uri, labels_uri=labels_uri,
+                                      preferences_uri=c.data.preferences,
+                                      preference_labels_uri=c.data.preference_labels,
+                                      validation=c.validation, tokenizer_path=c.base_model.path,
+                                      chat_template=c.base_model.chat_template,
+                                      round_dir=round_dir, data_dir=str(root / "data"), ctx=ctx))
         for k, v in {**select_metrics, **checked.metrics}.items():
             client.log_metric(rid, k, v)
         client.log_metric(rid, "feedback/new_pairs", checked.preferences.new_rows)
@@ -112,6 +114,7 @@ def rounds_on_refusal(config: PipelineConfig, result: PipelineResult) -> bool:
 
 
 @flow(name="rlhf-feedback-rounds")
+@refusals_as_failed  # refused data or labels: a Failed run, no traceback (tasks/refusal.py)
 def feedback_rounds(config: PipelineConfig, rounds: int | None = None,
                     first: PipelineResult | None = None) -> tuple[PipelineResult, list[RoundResult]]:
     """The pipeline (unless ``first`` is its result already), then up to ``rounds`` feedback

@@ -6,9 +6,11 @@ needed". One MLflow parent run per pipeline run (``tasks.tracking.pipeline_run``
 opens its own child run from the ``TrackingContext`` handed to it (MLflow's active run is per
 thread). Stages hand each other small typed results (URIs, run ids, hashes), never models.
 
-Stage outputs go to ``{output_dir}/{name}/{stage}-{key}`` (``tasks.base.stage_dir``): the key
-hashes the stage's config, seed and inputs, so re-running the same config finds the same
-folder, which is how an interrupted PPO stage resumes from its checkpoint.
+Stages are content-addressed (``tasks.cache``): each runs in ``{output_dir}/{name}/{stage}-{key}``,
+the key hashing its config, seed, input contents and code version. A stage whose folder holds
+a finished result is reused, not run (said in the log and on its MLflow child run); an
+interrupted one runs again in the same folder (PPO resumes from its checkpoint); a change
+re-runs exactly the stages downstream of it.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig
-from tasks.base import stage_dir
+from tasks.cache import Stages
 from tasks.evaluate import evaluate_task
 from tasks.gate import Decision, ask_approval, gate_task
 from tasks.policy import policy_task
+from tasks.refusal import accepted, refusals_as_failed
 from tasks.register import Registration, champion_task, promote_task, register_task
 from tasks.report import report_task
 from tasks.reward import reward_task
@@ -52,6 +55,8 @@ class PipelineResult(BaseModel):
     """The promoted version and its aliases; None when the gate refused."""
     candidate: Registration | None = None
     """The evaluated policy's registry version (alias ``candidate``), promoted or not."""
+    reused: dict[str, str] = {}
+    """Stage -> the earlier MLflow run it was reused from (its key was unchanged)."""
 
 
 def next_step(registration: Registration | None) -> str:
@@ -65,6 +70,7 @@ def next_step(registration: Registration | None) -> str:
 # No log_prints: it would turn the bytecode listings that `datasets` prints into its own
 # fingerprint buffer into thousands of Prefect log lines.
 @flow(name="rlhf-pipeline")
+@refusals_as_failed  # refused data: a Failed run with one line, not a traceback (tasks/refusal.py)
 def rlhf_pipeline(config: PipelineConfig,
                   tags: dict[str, str] | None = None) -> PipelineResult:
     """Run every stage once; returns the gate's decision and where everything went.
@@ -73,45 +79,37 @@ def rlhf_pipeline(config: PipelineConfig,
     with pipeline_run(c.name, c.tracking.experiment, c.tracking.uri, c, tags=tags,
                       artifacts=c.tracking.artifact_location) as run:
         ctx = run.ctx
+        # Each stage runs in its own content-addressed folder, or is reused (tasks.cache).
+        stages = Stages(root, ctx)
         # With quarantine on, `checked.data` points at clean copies: train on those, never the
         # originals (which stay byte-identical).
-        checked = validation_task(c.validation, data=c.data.model_dump(),
-                                  tokenizer_path=c.base_model.path, out_dir=str(root), ctx=ctx,
-                                  chat_template=c.base_model.chat_template)
+        checked = accepted(stages.run(validation_task, c.validation, data=c.data.model_dump(),
+                                      tokenizer_path=c.base_model.path,
+                                      chat_template=c.base_model.chat_template))
         run.tag_data(checked.hashes)
-        data, h = checked.data, checked.hashes
-        sft = sft_task(c.sft, launch=c.launch, base_model=c.base_model, data_uri=data["sft"],
-                       seed=seed, ctx=ctx,
-                       out_dir=stage_dir(root, "sft", c.sft, c.base_model, h["sft"], seed))
-        reward = reward_task(c.reward, launch=c.launch, sft_model_uri=sft.model_uri,
-                             train_uri=data["preferences"],
-                             eval_uri=data["eval_pairs"], rl_prompts_uri=data["rl_prompts"],
-                             seed=seed, ctx=ctx,
-                             out_dir=stage_dir(root, "reward", c.reward, sft.model_uri,
-                                               h["preferences"], h["eval_pairs"], seed))
-        # Only the chosen algorithm's settings key the folder: editing DPO's settings must not
-        # orphan an interrupted PPO run's checkpoint.
-        algo = c.policy.algorithm
-        policy = policy_task(c.policy, launch=c.launch, sft_model_uri=sft.model_uri,
-                             reward_model_uri=reward.model_uri, prompts_uri=data["rl_prompts"],
-                             preferences_uri=data["preferences"], seed=seed, ctx=ctx,
-                             out_dir=stage_dir(root, "policy", algo, getattr(c.policy, algo),
-                                               sft.model_uri, reward.model_uri,
-                                               h["rl_prompts"], h["preferences"], seed))
+        data = checked.data
+        sft = stages.run(sft_task, c.sft, launch=c.launch, base_model=c.base_model,
+                         data_uri=data["sft"], seed=seed)
+        reward = stages.run(reward_task, c.reward, launch=c.launch, sft_model_uri=sft.model_uri,
+                            train_uri=data["preferences"], eval_uri=data["eval_pairs"],
+                            rl_prompts_uri=data["rl_prompts"], seed=seed)
+        policy = stages.run(policy_task, c.policy, launch=c.launch, sft_model_uri=sft.model_uri,
+                            reward_model_uri=reward.model_uri, prompts_uri=data["rl_prompts"],
+                            preferences_uri=data["preferences"], seed=seed)
         # The production version to beat, unless the candidate is that very version.
         champion = champion_task(c.registry, policy=policy, out_dir=str(root / "champion"),
                                  ctx=ctx)
-        evaluation = evaluate_task(c.evaluate, policy_uri=policy.model_uri,
-                                   sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,
-                                   heldout_reward_uri=reward.heldout_model_uri,
-                                   heldout_sft_uri=sft.heldout_uri,
-                                   champion_uri=champion.policy_dir if champion else None,
-                                   champion_version=champion.version if champion else None,
-                                   eval_prompts_uri=data["eval_prompts"], seed=seed, ctx=ctx)
+        evaluation = stages.run(evaluate_task, c.evaluate, policy_uri=policy.model_uri,
+                                sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,
+                                heldout_reward_uri=reward.heldout_model_uri,
+                                heldout_sft_uri=sft.heldout_uri,
+                                champion_uri=champion.policy_dir if champion else None,
+                                champion_version=champion.version if champion else None,
+                                eval_prompts_uri=data["eval_prompts"], seed=seed)
         candidate = register_task(c.registry, policy=policy, reward=reward, sft=sft,
-                                  evaluation=evaluation, data_hashes=h, ctx=ctx)
-        decision = gate_task(c.gate, evaluation=evaluation, reward=reward, policy=policy,
-                             data_passed=checked.passed, seed=seed, ctx=ctx)
+                                  evaluation=evaluation, data_hashes=checked.hashes, ctx=ctx)
+        decision = stages.run(gate_task, c.gate, evaluation=evaluation, reward=reward,
+                              policy=policy, data_passed=checked.passed, seed=seed)
         if decision.promote and c.gate.require_approval:
             decision = ask_approval(decision, c.gate, ctx)
         registration = promote_task(c.registry, candidate=candidate,
@@ -132,4 +130,5 @@ def rlhf_pipeline(config: PipelineConfig,
                           sft_model_uri=sft.model_uri, reward_model_uri=reward.model_uri,
                           heldout_reward_uri=reward.heldout_model_uri,
                           champion_uri=champion.policy_dir if champion else None,
-                          registration=registration, candidate=candidate)
+                          registration=registration, candidate=candidate,
+                          reused=stages.reused)

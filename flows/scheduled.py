@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 from flows.config import load_config
 from flows.feedback import feedback_rounds, rounds_on_refusal
 from flows.pipeline import PipelineResult, rlhf_pipeline
+from tasks.refusal import refusals_as_failed
 
 
 def registry_limit_name(policy_name: str) -> str:
@@ -72,6 +73,7 @@ def _registry_slot(policy_name: str):
 
 
 @flow(name="rlhf-scheduled-pipeline")
+@refusals_as_failed  # a bad config or refused data: a Failed run, no traceback (tasks/refusal.py)
 def scheduled_pipeline(config_path: str = "configs/demo.yaml",
                        overrides: list[str] | None = None) -> PipelineResult:
     """``rlhf run``: the pipeline on ``config_path`` (relative to the checkout) with
@@ -88,6 +90,7 @@ def scheduled_pipeline(config_path: str = "configs/demo.yaml",
 
 
 @flow(name="rlhf-scheduled-feedback")
+@refusals_as_failed  # a bad config or refused data: a Failed run, no traceback (tasks/refusal.py)
 def scheduled_feedback(config_path: str = "configs/demo.yaml",
                        overrides: list[str] | None = None,
                        rounds: int | None = None) -> PipelineResult:

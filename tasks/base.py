@@ -1,14 +1,12 @@
 """What every stage shares: the config base class and the small records stages hand on.
 
 Stages hand each other URIs, run ids and content hashes, never tensors or model objects
-(Prefect hashes task inputs for caching, and a model object would cost seconds per call).
+(each stage's cache key hashes its inputs, ``tasks.cache``: a path is hashed by content, a
+model object could not be).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +22,16 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
                               validate_assignment=True)
+
+    def key_dump(self) -> dict[str, Any]:
+        """What of this config determines the stage's output, for its cache key
+        (``tasks.cache``): all of it, unless a config knows better."""
+        return self.model_dump(mode="json")
+
+    def code_modules(self) -> list[str]:
+        """Modules this config names by string (e.g. a judge's ``module:function``), whose
+        source keys the stage like its own code (``tasks.cache.code_version``)."""
+        return []
 
 
 class BaseModelConfig(StageConfig):
@@ -53,15 +61,6 @@ class LoraSettings(StageConfig):
     """Dropout on the adapter input."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt (e.g. ``["q_proj", "v_proj"]``), or peft's ``"all-linear"``."""
-
-
-def stage_dir(root: str | Path, stage: str, *parts: Any) -> str:
-    """``root/<stage>-<key>``: the key hashes whatever determines the stage's output (its
-    config, seed, upstream keys, input hashes), so an unchanged re-run finds the same folder
-    (how an interrupted PPO stage resumes) and any change gets a fresh one."""
-    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p
-                       for p in parts], sort_keys=True, default=str)
-    return str(Path(root) / f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}")
 
 
 def peft_config(lora: LoraSettings | None, task_type: str, modules_to_save: list[str] | None = None):

@@ -54,6 +54,10 @@ class EvaluateConfig(StageConfig):
     confidence: float = 0.95
     """Coverage of the win rates' confidence intervals."""
 
+    def code_modules(self) -> list[str]:
+        """The gold judge's module: editing the judge re-runs the evaluation."""
+        return [self.gold_judge.partition(":")[0]] if self.gold_judge else []
+
 
 class EvaluateResult(StageResult):
     """Held-out metrics of the candidate (``eval/...``; ``eval/champion/...`` against the

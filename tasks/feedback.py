@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from dataio import jsonl_bytes, local_path, read_records, write_jsonl_atomic
 from labeling.label_studio import DEFAULT_TITLE, DEFAULT_TOKEN_ENV
 from tasks.base import StageConfig, TrackingContext
+from tasks.refusal import refusals_returned
 
 
 class FeedbackConfig(StageConfig):
@@ -452,4 +453,5 @@ def label_batch(labeler: Any, batch_uri: str) -> str:
 
 select_task = task(name="feedback-select")(run_select)
 label_task = task(name="feedback-label")(label_batch)
-check_task = task(name="feedback-check-and-version")(run_check_and_version)
+# Labels refused by validation come back as the task's value, for `accepted` (tasks/refusal.py).
+check_task = task(name="feedback-check-and-version")(refusals_returned(run_check_and_version))

@@ -39,6 +39,12 @@ class PolicyConfig(StageConfig):
     rloo: RLOOSettings = Field(default_factory=RLOOSettings)
     """Settings for ``algorithm: rloo``."""
 
+    def key_dump(self) -> dict:
+        """Only the chosen algorithm's settings: editing DPO's must neither re-run a finished
+        PPO stage nor orphan an interrupted one's checkpoint."""
+        return {"algorithm": self.algorithm,
+                self.algorithm: getattr(self, self.algorithm).model_dump(mode="json")}
+
 
 def run_policy(cfg: PolicyConfig, *, sft_model_uri: str, reward_model_uri: str, prompts_uri: str,
                preferences_uri: str, out_dir: str, seed: int,

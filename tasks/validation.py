@@ -25,6 +25,7 @@ from data_checks.frames import (SPECS, Loaded, add_cross_file_flags, add_helpers
 from data_checks.report import DatasetSummary, Failure, Report
 from dataio import DataError, content_hash, openable
 from tasks.base import StageConfig, StageResult, TrackingContext
+from tasks.refusal import Refusal, refusals_returned
 
 STAGE = "validation"
 # Tokenizers report a huge sentinel (int(1e30)) as model_max_length when they know no limit.
@@ -36,6 +37,10 @@ class ValidationConfig(StageConfig):
 
     min_rows: int = Field(default=16, ge=0)
     """Fewest rows any dataset may have (after parsing)."""
+    max_row_bytes: int | None = Field(default=16 * 2**20, ge=1)
+    """Largest row in bytes (a JSONL line, or a Parquet/``datasets`` row's values); larger rows
+    are refused (rule ``max_row_bytes``) without being read into memory. 16 MiB holds a
+    128k-token conversation several times over; None: no limit."""
     min_rows_by_dataset: dict[str, int] = Field(default_factory=dict)
     """Per-dataset overrides of ``min_rows``, keyed by data config name (e.g. ``eval_prompts``)."""
     max_prompt_tokens: int | None = Field(default=None, ge=1)
@@ -79,7 +84,7 @@ class ValidationResult(StageResult):
     passed: bool
 
 
-class DataValidationError(Exception):
+class DataValidationError(Refusal):
     """A dataset broke its contract; ``str(e)`` names file, rows and rule, ``.report`` has it all."""
 
     def __init__(self, report: Report, report_path: str | None = None):
@@ -89,6 +94,18 @@ class DataValidationError(Exception):
         if report_path:
             msg += f"\n  report: {report_path}"
         super().__init__(msg)
+
+    @property
+    def headline(self) -> str:
+        """The count, the first violation and the report, on one line (a Prefect state message)."""
+        first = self.report.errors[0].line() if self.report.errors else ""
+        more = len(self.report.errors) - 1
+        return (f"{self.report.summary().splitlines()[0]}: {first}"
+                + (f" (and {more} more)" if more > 0 else "")
+                + (f"; report: {self.report_path}" if self.report_path else ""))
+
+    def __reduce__(self):  # picklable as Prefect result storage may need (args are not msg)
+        return type(self), (self.report, self.report_path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -198,7 +215,9 @@ def _quarantine(cfg: ValidationConfig, loaded: Loaded, summary: DatasetSummary,
     qpath, cpath = qdir / f"{loaded.name}.jsonl", cdir / f"{loaded.name}.jsonl"
     with (qpath.open("wb") as q, cpath.open("wb") as c,
           (qdir / f"{loaded.name}.reasons.jsonl").open("w", encoding="utf-8") as why):
-        if loaded.raw_lines is not None:  # JSONL: copy the bytes exactly as they were
+        # JSONL: copy the bytes exactly as they were. A row over max_row_bytes was never read,
+        # so it is in neither file; reasons.jsonl lists it.
+        if loaded.raw_lines is not None:
             for row, raw in loaded.raw_lines.items():
                 (q if row in bad else c).write(raw if raw.endswith(b"\n") else raw + b"\n")
         else:
@@ -278,7 +297,7 @@ def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
     hashes: dict[str, str] = {}
     for name, uri in uris.items():
         try:
-            loaded[name] = load(name, uri)
+            loaded[name] = load(name, uri, max_row_bytes=cfg.max_row_bytes)
         except DataError as e:
             report.failures.append(Failure(name, uri, e.rule, e.message))
             continue
@@ -347,4 +366,6 @@ def _log_input(ctx: TrackingContext, run_id: str, name: str, loaded: Loaded,
         mlflow.set_tag(f"data.{name}.log_input_error", str(e)[:250])
 
 
-validation_task = prefect.task(name="validation")(run_validation)
+# Refused data comes back as the task's value (the flow's `accepted` raises it), so Prefect
+# logs no traceback for it (tasks/refusal.py).
+validation_task = prefect.task(name="validation")(refusals_returned(run_validation))

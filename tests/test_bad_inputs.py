@@ -1,68 +1,31 @@
 """A corpus of bad inputs, each refused by the validation stage with the right rule named.
 
 The corpus is generated into tmp_path from the DEFECTS table: a small valid dataset set
-(``write_base``) with one defect applied. Each case asserts the refusal names the rule (and
-the row, where the rule is row-level) and that no input file changed by a single byte.
+(``bad_corpus.base_rows``) with one defect applied, written as JSONL, Parquet and a `datasets`
+directory wherever the defect can exist in that format (``bad_corpus.formats_of``). Each case
+asserts the refusal names the rule (and the row, where the rule is row-level) and that no
+input file changed by a single byte. The defects any file can have, in every role, are in
+``test_bad_inputs_every_role.py``.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 
+from bad_corpus import (CHAT_TEMPLATE, FORMATS, N, ROLES, TOKENIZER, base_rows, build_case,
+                        formats_of, write_dataset)
 from dataio import content_hash
 from tasks.validation import DataValidationError, ValidationConfig, run_validation
 
-TOKENIZER = str(Path(__file__).resolve().parents[1] / "demo" / "base_model")  # no chat template
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>"
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-N = 40  # rows per dataset; above the default min_rows (16)
-ANNOTATORS = ("a0", "a1", "a2")
 
-
-def base_rows() -> dict[str, list[dict[str, Any]]]:
-    """A small dataset set that passes every rule (train and eval prompts disjoint)."""
-    train = [f"Tell me about movie number {i}" for i in range(N)]
-    held_out = [f"Describe held out show {i}" for i in range(N)]
-
-    def pair(i: int, prefix: str, prompt: str) -> dict[str, Any]:
-        # Alternate which text sorts first, so agreement has both values to work with.
-        good, bad = (f" answer A{i} is fine.", f" answer Z{i} is poor.")
-        chosen, rejected = (good, bad) if i % 2 else (bad.replace("poor", "ok"), good)
-        return {"pair_id": f"{prefix}{i:03d}", "prompt": prompt, "chosen": chosen,
-                "rejected": rejected, "chosen_votes": 3, "num_votes": 3}
-
-    prefs = [pair(i, "p", p) for i, p in enumerate(train)]
-    # Unanimous except one dissent per annotator, so alpha is high but not degenerate.
-    labels = [{"pair_id": p["pair_id"], "annotator_id": a,
-               "preferred": "rejected" if i == 5 * k + 1 else "chosen",
-               "chosen_shown_first": i % 2 == 0}
-              for i, p in enumerate(prefs) for k, a in enumerate(ANNOTATORS)]
-    return {
-        "sft": [{"prompt": p, "completion": f" it was good, part {i}."} for i, p in enumerate(train)],
-        "preferences": prefs,
-        "preference_labels": labels,
-        "rl_prompts": [{"prompt": p} for p in train],
-        "eval_prompts": [{"prompt": p} for p in held_out],
-        "eval_pairs": [pair(i, "e", p) for i, p in enumerate(held_out)],
-    }
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
-def write_base(tmp_path: Path, rows: dict[str, list[dict]] | None = None) -> dict[str, str]:
+def write_base(tmp_path: Path, rows: dict[str, list[dict]] | None = None,
+               fmt: str = "jsonl") -> dict[str, str]:
     rows = rows or base_rows()
-    data = {}
-    for name, rs in rows.items():
-        write_jsonl(tmp_path / f"{name}.jsonl", rs)
-        data[name] = str(tmp_path / f"{name}.jsonl")
-    return data
+    return {name: write_dataset(tmp_path, name, rs, fmt) for name, rs in rows.items()}
 
 
 # --- defects: each edits the rows (or the file bytes) of the valid base ----------------------
@@ -101,6 +64,14 @@ def _replace_line(i: int, new: bytes) -> Callable[[bytes], bytes]:
     def fn(b: bytes) -> bytes:
         lines = b.splitlines(keepends=True)
         lines[i] = new
+        return b"".join(lines)
+    return fn
+
+
+def _prefix_line(i: int, prefix: bytes) -> Callable[[bytes], bytes]:
+    def fn(b: bytes) -> bytes:
+        lines = b.splitlines(keepends=True)
+        lines[i] = prefix + lines[i]
         return b"".join(lines)
     return fn
 
@@ -176,7 +147,9 @@ DEFECTS: list[tuple[str, str, Callable, str, int | None, dict]] = [
     ("latin1_encoding", "sft", _raw("sft", lambda b: b.replace(b"part 3.", "caf\u00e9 3.".encode("latin-1"))),
      "utf8", 4, {}),
     ("utf16_file", "rl_prompts", _raw("rl_prompts", lambda b: b.decode().encode("utf-16")), "utf8", 1, {}),
-    ("utf8_bom", "eval_prompts", _raw("eval_prompts", lambda b: b"\xef\xbb\xbf" + b), "json", 1, {}),
+    # A BOM starting the file is read past (test_bad_inputs_every_role); one inside is not.
+    ("bom_inside_file", "eval_prompts", _raw("eval_prompts", _prefix_line(4, b"\xef\xbb\xbf")),
+     "json", 5, {}),
     ("not_an_object", "sft", _raw("sft", _replace_line(2, b'["a", "b"]\n')), "json", 3, {}),
     ("garbage_line", "eval_pairs", _raw("eval_pairs", _replace_line(9, b"this is not json\n")), "json", 10, {}),
     ("missing_column", "preferences", _drop_column("preferences", "rejected"), "required_columns", None, {}),
@@ -229,46 +202,30 @@ DEFECTS: list[tuple[str, str, Callable, str, int | None, dict]] = [
 ]
 
 
-# Which other files a dataset's rules read: leakage needs training prompts, labels need pairs.
-# A case validates only its dataset and these (GX costs ~25 ms per expectation, ~0.6 s per
-# suite, whatever the data size; the valid base is tested whole once).
-NEEDS = {"eval_prompts": ("rl_prompts",), "eval_pairs": ("rl_prompts",),
-         "preference_labels": ("preferences",)}
-
-
-def build_case(tmp_path: Path, dataset: str, edit: Callable) -> dict[str, str]:
-    rows = base_rows()
-    rows = {n: rows[n] for n in (dataset, *NEEDS.get(dataset, ()))}
-    data = {name: str(tmp_path / f"{name}.jsonl") for name in rows}
-    raw = edit(rows, data)
-    for name, rs in rows.items():
-        write_jsonl(tmp_path / f"{name}.jsonl", rs)
-    if raw:
-        name, fn = raw
-        path = Path(data[name])
-        path.write_bytes(fn(path.read_bytes()))
-    return data
+# Every case in every format it can be written in (formats_of: byte edits and columns of
+# mixed types exist only in JSONL; Parquet's own schema defects are in test_bad_inputs_every_role).
+CASES = [pytest.param(*d, fmt, id=f"{d[0]}-{fmt}") for d in DEFECTS for fmt in formats_of(d[1], d[2])]
 
 
 def test_corpus_has_enough_distinct_defects():
     assert len({case[0] for case in DEFECTS}) == len(DEFECTS) >= 30
 
 
-def test_valid_base_passes(tmp_path):
-    data = write_base(tmp_path)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_valid_base_passes(tmp_path, fmt):
+    data = write_base(tmp_path, fmt=fmt)
     result = run_validation(ValidationConfig(), data=data, tokenizer_path=TOKENIZER,
-                               out_dir=str(tmp_path / "out"), ctx=None)
-    assert result.passed and set(result.hashes) == set(data)
+                            out_dir=str(tmp_path / "out"), ctx=None)
+    assert result.passed and set(result.hashes) == set(data) == set(ROLES)
 
 
-@pytest.mark.parametrize("case, dataset, edit, rule, row, overrides", DEFECTS,
-                         ids=[d[0] for d in DEFECTS])
-def test_bad_input_is_refused(tmp_path, case, dataset, edit, rule, row, overrides):
-    data = build_case(tmp_path, dataset, edit)
+@pytest.mark.parametrize("case, dataset, edit, rule, row, overrides, fmt", CASES)
+def test_bad_input_is_refused(tmp_path, case, dataset, edit, rule, row, overrides, fmt):
+    data = build_case(tmp_path, dataset, edit, fmt)
     before = {n: content_hash(u) for n, u in data.items() if Path(u).exists()}
     with pytest.raises(DataValidationError) as exc:
         run_validation(ValidationConfig(**overrides), data=data, tokenizer_path=TOKENIZER,
-                          out_dir=str(tmp_path / "out"), ctx=None)
+                       out_dir=str(tmp_path / "out"), ctx=None)
     msg = str(exc.value)
     assert f"rule {rule}:" in msg, msg
     errors = [f for f in exc.value.report.errors if f.rule == rule]
@@ -279,6 +236,13 @@ def test_bad_input_is_refused(tmp_path, case, dataset, edit, rule, row, override
                    for line in msg.splitlines() if f"rule {rule}:" in line), msg
     assert {n: content_hash(u) for n, u in data.items() if Path(u).exists()} == before
     assert (tmp_path / "out" / "validation" / "report.html").exists()
+
+
+def test_every_format_holds_most_cases():
+    """The Parquet and `datasets` runs are not an empty shell: most cases can be written there."""
+    per_format = {fmt: sum(1 for c in CASES if c.values[-1] == fmt) for fmt in FORMATS}
+    assert per_format["jsonl"] == len(DEFECTS) and per_format["parquet"] >= 25, per_format
+    assert per_format["parquet"] == per_format["datasets"]
 
 
 def test_chat_template_setting_admits_conversational_data(tmp_path):

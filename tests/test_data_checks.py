@@ -200,8 +200,11 @@ def test_no_tokenizer_skips_token_limits(tmp_path):
 
 def test_rule_names_are_documented():
     import test_bad_inputs
+    import test_bad_inputs_every_role as every
 
     assert {case[3] for case in test_bad_inputs.DEFECTS} <= set(RULES)
+    assert {d.rule for d in every.ROW_DEFECTS} | {d[3] for d in every.FILE_DEFECTS} \
+        | {"file_exists", "file_format", "utf8"} <= set(RULES)
 
 
 def test_mlflow_child_run_has_hashes_metrics_and_report(tmp_path):

@@ -59,7 +59,8 @@ def test_strict_read_stops_at_the_first_bad_row(tmp_path):
     with pytest.raises(DataError) as exc:
         read_records(str(p))
     assert str(exc.value) == (f"{p}: row 3: rule utf8: not valid UTF-8 "
-                              f"(invalid continuation byte at byte 15)")
+                              f"(invalid continuation byte at byte 15): latin-1 or cp1252 text in a "
+                              f"UTF-8 file?")
     assert (exc.value.row, exc.value.rule) == (3, "utf8")
 
 
