@@ -175,7 +175,16 @@ def run_once(label: str, args: argparse.Namespace, work: Path, env: dict) -> dic
     busy0, total0 = busy_jiffies()
     t0 = time.perf_counter()
     with open(work / f"{label}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        # Its own process group, so an interrupted bench also stops the Prefect API server
+        # the worker started (its atexit hook does not run on a signal).
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait()
+        except BaseException:
+            os.killpg(proc.pid, 15)
+            proc.wait()
+            raise
     wall = time.perf_counter() - t0
     busy1, total1 = busy_jiffies()
     child1 = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -209,7 +209,7 @@ class PipelineRun:
         machine (bench/bench_pipeline.py)."""
         import time
 
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
