@@ -19,7 +19,6 @@ import importlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from tasks.base import StageConfig
+from tasks.process import stop_group
 
 TrainingStage = Literal["sft", "reward", "policy"]
 
@@ -178,12 +178,7 @@ def launch_stage(launch: LaunchConfig, stage: TrainingStage, inputs: dict[str, A
                     log.info("[%s] %s", stage, line)
             rc = proc.wait()
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, timeout=30)
         answer = json.loads(result.read_text()) if result.exists() else None
         errors = sorted(Path(tmp).glob(f"{result.name}.rank*.error"))
         # The lowest rank that failed (often all of them, with the same error).

@@ -10,7 +10,6 @@ run on a temporary API that has no UI worth opening.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Callable
+
+from tasks.process import stop_group
 
 # MLflow 3.17's UI picks its GenAI view or its model-training view from a ``workflowType``
 # URL parameter, else the browser's localStorage, default GenAI; it does not read the
@@ -115,17 +116,6 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float) -> None:
             pass
         time.sleep(0.5)
     raise UiError(f"mlflow server did not answer {base_url}/health in {timeout:.0f} s")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """Stop ``mlflow server`` and the uvicorn process it starts (one process group)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
 
 
 def serve_ui(tracking_uri: str, experiment: str, *, host: str = "127.0.0.1", port: int = 5000,

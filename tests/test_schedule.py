@@ -5,7 +5,6 @@ a run created by the server's scheduler and executed to COMPLETED by the worker 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import httpx
 import pytest
 import yaml
 
+from tasks.process import stop_group
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,17 +25,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group we started (server or worker and the runs it spawned)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def _wait(what: str, check, timeout: float, procs=()):
@@ -81,7 +71,7 @@ def prefect_server(tmp_path):
         _wait("prefect server /api/health", healthy, 150, [(proc, log)])
         yield api, env, (proc, log)
     finally:
-        _stop(proc)
+        stop_group(proc, timeout=30)
 
 
 def test_cli_schedule_without_server_exits_2(capsys):
@@ -234,4 +224,4 @@ def test_schedule_scheduled_run_executed_by_worker(prefect_server, tiny_override
         assert r.status_code == 200, r.text
         assert r.json()["limit"] == 1 and r.json()["active_slots"] == 0
     finally:
-        _stop(worker)
+        stop_group(worker, timeout=30)
