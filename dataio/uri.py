@@ -112,10 +112,25 @@ def _mask_userinfo(m: re.Match) -> str:
     return f"{m['scheme']}{m['user']}:{MASK}@" if m["password"] else f"{m['scheme']}{MASK}@"
 
 
+def environ_snapshot() -> dict[str, str]:
+    """A copy of ``os.environ`` read while other threads may set and unset variables.
+
+    ``os.environ`` is read key by key, so a variable unset by another thread between the two
+    steps raises ``KeyError`` (MLflow's telemetry thread does this with
+    ``_MLFLOW_TELEMETRY_SESSION_ID`` while a stage redacts its params: a pipeline run died of
+    it), and one set meanwhile raises ``RuntimeError``. Read again until one read is whole."""
+    for _ in range(1000):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)
+
+
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of the environment variables named like secrets, longest first (so a secret that
     contains another is masked whole)."""
-    env = os.environ if environ is None else environ
+    env = environ_snapshot() if environ is None else environ
     values = {v for k, v in env.items() if _SECRET_ENV.search(k) and len(v) >= _MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)
 

@@ -9,6 +9,7 @@ stage folders, the Prefect database and its logs, the run report, stdout and std
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import string
@@ -301,3 +302,32 @@ def test_no_secret_is_written_anywhere_by_a_run(prefect_harness, tiny_overrides,
              for name, value in planted.items() if value.encode() in data]
     assert leaks == [], leaks
     assert len(scanned) > 20, sorted(scanned)  # the scan covered the run, not an empty folder
+
+
+def test_redaction_survives_other_threads_changing_the_environment():
+    """Fault: another thread sets and unsets a variable while a stage redacts (MLflow's
+    telemetry thread does, and a pipeline run died of the KeyError). Guarantee: redaction reads
+    the environment whole and still masks every secret."""
+    import sys
+    import threading
+
+    stop = threading.Event()
+
+    def toggle():
+        while not stop.is_set():
+            os.environ["_RLHF_TOGGLED"] = "x"
+            os.environ.pop("_RLHF_TOGGLED", None)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows at once
+    os.environ["RLHF_TEST_API_TOKEN"] = "tok-" + "9" * 20
+    thread = threading.Thread(target=toggle)
+    thread.start()
+    try:
+        for _ in range(3000):
+            assert redact("url?x=1 tok-" + "9" * 20) == f"url?x=1 {MASK}"
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(old)
+        os.environ.pop("RLHF_TEST_API_TOKEN", None)
