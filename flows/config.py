@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dataio.uri import credentials_in
+from flows import DEFAULT_CONFIG
 from models.loading import unsafe_weights
 from tasks.base import BaseModelConfig, StageConfig
 from tasks.evaluate import EvaluateConfig
@@ -28,7 +29,6 @@ from tasks.reward import RewardConfig
 from tasks.sft import SFTConfig
 from tasks.validation import ValidationConfig
 
-DEFAULT_CONFIG = "configs/demo.yaml"
 
 
 class ConfigError(Refusal, ValueError):
