@@ -27,6 +27,23 @@ def tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def open_store(uri: str | None = None) -> None:
+    """Import MLflow and open the tracking and registry stores now, so that the run's first
+    MLflow call finds them open (MLflow keeps one store per URI): the CLI calls this while
+    Prefect's temporary API boots. A database store is opened, and its schema checked, on
+    first use; a server (``http://``) is only contacted by the run itself."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(uri)
+    if uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+
+
 def artifact_location(uri: str, experiment: str, root: str | None = None) -> str | None:
     """Where a new experiment's artifacts go: ``<root>/<experiment>`` if a root is configured;
     beside a SQLite database (``<its folder>/mlruns/<experiment>``, an absolute ``file://``
