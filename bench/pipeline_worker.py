@@ -12,8 +12,10 @@ whose time it attributes, and records for every wrapped call its thread, its sta
   every real import, lazy ones inside stages included);
 - ``mlflow``: every public ``MlflowClient`` method and the fluent calls the stages make
   (``start_run``, ``log_*``, ``set_tag*``, ``get_artifact_uri``, ...);
-- ``prefect_api``: starting and stopping Prefect's temporary API server (no
-  ``PREFECT_API_URL``: ``SubprocessASGIServer.start``/``stop``);
+- ``prefect_api``: starting, waiting for and stopping the temporary Prefect API server (no
+  ``PREFECT_API_URL``): the CLI's early start (``flows.prefect_api.TemporaryAPI``: the time
+  the run waits in ``ready``, the server boots in its own process meanwhile), or Prefect's own
+  ``SubprocessASGIServer.start``/``stop`` where Prefect starts it;
 - ``cache_key``: hashing stage inputs and code for content-addressed stages, where
   ``tasks.cache`` exists;
 - ``stage``: the body of a stage's ``run_<stage>`` function (validation, sft, reward,
@@ -82,21 +84,45 @@ def timed(category: str, name: str, fn):
     return wrapper
 
 
+AFTER_IMPORT: dict[str, list] = {}
+"""Module name -> functions that wrap its attributes once it is loaded: wrapping as modules
+arrive, rather than importing them all first, leaves the CLI's import order (and what it
+overlaps with Prefect's server start) as it is."""
+
+
+def after_import(*modules: str):
+    def register(fn):
+        for m in modules:
+            AFTER_IMPORT.setdefault(m, []).append(fn)
+        return fn
+    return register
+
+
 def wrap_imports() -> None:
     import importlib._bootstrap as bootstrap
 
-    bootstrap._find_and_load = timed("import", "import", bootstrap._find_and_load)
+    timed_load = timed("import", "import", bootstrap._find_and_load)
+
+    def find_and_load(name, *args, **kwargs):
+        module = timed_load(name, *args, **kwargs)
+        for wrap in AFTER_IMPORT.pop(name, ()):
+            wrap(module)
+        return module
+
+    bootstrap._find_and_load = find_and_load
 
 
-def wrap_mlflow() -> None:
-    import mlflow
-    import mlflow.artifacts
-    import mlflow.data
-    from mlflow.tracking.client import MlflowClient
+@after_import("mlflow.tracking.client")
+def wrap_mlflow_client(module) -> None:
+    MlflowClient = module.MlflowClient
 
     for name, attr in list(vars(MlflowClient).items()):
         if callable(attr) and not name.startswith("_"):
             setattr(MlflowClient, name, timed("mlflow", f"client.{name}", attr))
+
+
+@after_import("mlflow")
+def wrap_mlflow(mlflow) -> None:
     for name in ("start_run", "end_run", "log_params", "log_param", "log_metrics", "log_metric",
                  "log_dict", "log_artifacts", "log_artifact", "log_text", "log_table",
                  "set_tag", "set_tags", "get_artifact_uri", "set_tracking_uri",
@@ -104,46 +130,67 @@ def wrap_mlflow() -> None:
                  "search_runs", "get_run"):
         if hasattr(mlflow, name):
             setattr(mlflow, name, timed("mlflow", name, getattr(mlflow, name)))
-    mlflow.data.from_pandas = timed("mlflow", "data.from_pandas", mlflow.data.from_pandas)
-    mlflow.artifacts.download_artifacts = timed("mlflow", "download_artifacts",
-                                                mlflow.artifacts.download_artifacts)
 
 
-def wrap_prefect_server() -> None:
-    from prefect.server.api.server import SubprocessASGIServer
+@after_import("mlflow.data")
+def wrap_mlflow_data(module) -> None:
+    module.from_pandas = timed("mlflow", "data.from_pandas", module.from_pandas)
 
+
+@after_import("mlflow.artifacts")
+def wrap_mlflow_artifacts(module) -> None:
+    module.download_artifacts = timed("mlflow", "download_artifacts", module.download_artifacts)
+
+
+@after_import("prefect.server.api.server")
+def wrap_prefect_server(module) -> None:
+    """Prefect's own temporary server, where it starts one (the CLI normally starts it)."""
     for name in ("start", "stop"):
-        setattr(SubprocessASGIServer, name,
-                timed("prefect_api", f"server.{name}", getattr(SubprocessASGIServer, name)))
+        setattr(module.SubprocessASGIServer, name,
+                timed("prefect_api", f"server.{name}",
+                      getattr(module.SubprocessASGIServer, name)))
+
+
+@after_import("flows.prefect_api")
+def wrap_temporary_api(module) -> None:
+    """The CLI's early start of the temporary API: what the run waits for is ``ready`` (the
+    server boots meanwhile, in its own process) and ``stop`` at exit."""
+    for name in ("_start", "ready", "stop"):
+        setattr(module.TemporaryAPI, name,
+                timed("prefect_api", f"server.{name}", getattr(module.TemporaryAPI, name)))
 
 
 def wrap_stages() -> None:
-    import importlib
-
     # sft, reward and policy are looked up by name (``tasks.launch.stage_function``); the
     # other stages' tasks wrap their function directly, so the task's ``fn`` is wrapped (the
     # feedback round also calls ``run_validation`` by name). ``functools.wraps`` keeps the
     # name, module and signature that Prefect and the cache keys read.
+    def wrap_function(stage, name):
+        return lambda mod: setattr(mod, name, timed("stage", stage, getattr(mod, name)))
+
+    def wrap_task(stage, name):
+        def wrap(mod):
+            stage_task = getattr(mod, name)
+            stage_task.fn = timed("stage", stage, stage_task.fn)
+        return wrap
+
     for stage, target in {"validation": "tasks.validation:run_validation",
                           "sft": "tasks.sft:run_sft", "reward": "tasks.reward:run_reward",
                           "policy": "tasks.policy:run_policy"}.items():
         module, name = target.split(":")
-        mod = importlib.import_module(module)
-        setattr(mod, name, timed("stage", stage, getattr(mod, name)))
+        after_import(module)(wrap_function(stage, name))
     for stage, target in {"validation": "tasks.validation:validation_task",
                           "evaluate": "tasks.evaluate:evaluate_task",
                           "gate": "tasks.gate:gate_task",
                           "report": "tasks.report:report_task"}.items():
         module, name = target.split(":")
-        stage_task = getattr(importlib.import_module(module), name)
-        stage_task.fn = timed("stage", stage, stage_task.fn)
-    try:
-        cache = importlib.import_module("tasks.cache")
-    except ModuleNotFoundError:  # before content-addressed stages
-        return
-    for name in ("fingerprint", "code_version", "key_inputs"):
-        if hasattr(cache, name):
-            setattr(cache, name, timed("cache_key", name, getattr(cache, name)))
+        after_import(module)(wrap_task(stage, name))
+
+    @after_import("tasks.cache")
+    def wrap_cache_keys(cache):
+        for name in ("fingerprint", "code_version", "key_inputs"):
+            if hasattr(cache, name):
+                setattr(cache, name, timed("cache_key", name, getattr(cache, name)))
 
 
 def children_rss_kb(page_kb: int) -> int:
@@ -186,33 +233,31 @@ def main() -> int:
                                name="rss-sampler")
     sampler.start()
     wrap_imports()
-    # The CLI first: it sets Prefect's settings in the environment before Prefect loads them.
+    wrap_stages()
+    captured = {}
+
+    @after_import("flows.pipeline")
+    def wrap_flow(module) -> None:
+        flow = module.rlhf_pipeline
+
+        def run_flow(*args, **kwargs):
+            start = time.perf_counter()
+            captured["flow_start"] = start - P0
+            _STAGE["name"] = "flow"  # calls outside any stage body: the flow's own
+            try:
+                result = flow(*args, **kwargs)
+            finally:
+                captured["flow_end"] = time.perf_counter() - P0
+                _STAGE["name"] = "cli"
+            captured["result"] = result.model_dump(mode="json")
+            return result
+
+        module.rlhf_pipeline = run_flow  # cmd_run imports it from the module at call time
+
+    # The CLI (it sets Prefect's settings in the environment before Prefect loads them);
+    # everything else is wrapped as it is imported.
     from flows import cli
 
-    # Imported here rather than first used inside the flow so they can be wrapped; their
-    # import time is counted (category import, stage "cli") either way.
-    wrap_mlflow()
-    wrap_prefect_server()
-    wrap_stages()
-
-    import flows.pipeline
-
-    captured = {}
-    flow = flows.pipeline.rlhf_pipeline
-
-    def run_flow(*args, **kwargs):
-        start = time.perf_counter()
-        captured["flow_start"] = start - P0
-        _STAGE["name"] = "flow"  # calls outside any stage body: the flow's own
-        try:
-            result = flow(*args, **kwargs)
-        finally:
-            captured["flow_end"] = time.perf_counter() - P0
-            _STAGE["name"] = "cli"
-        captured["result"] = result.model_dump(mode="json")
-        return result
-
-    flows.pipeline.rlhf_pipeline = run_flow  # cmd_run imports it from the module at call time
     rc = cli.main(argv)
     end = time.perf_counter() - P0
     stop.set()
