@@ -15,6 +15,8 @@ the policy's trunk twice (policy and shared-trunk critic), generates with it und
 or needs ``static_graph`` for.
 
 Imports torch and accelerate only (no Prefect, no MLflow): it runs wherever the trainer runs.
+Both are imported where they are used: the SFT and reward stages ask ``is_main_process``,
+and importing a stage module (as the config does) must not cost torch's import.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
-
-import torch
 
 
 def process_index() -> int:
@@ -80,6 +80,8 @@ class DataParallel:
     def setup(cls) -> DataParallel:
         """Join the process group ``accelerate launch`` prepared (nccl on GPUs, one GPU per
         process; gloo on CPU when ``ACCELERATE_USE_CPU`` is set), or stay a single process."""
+        import torch
+
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         from accelerate import PartialState
@@ -121,6 +123,7 @@ class DataParallel:
         of the shares' means is the whole batch's mean); ``max_keys`` take the maximum."""
         if not self.distributed or not stats:
             return stats
+        import torch
         import torch.distributed as dist
 
         keys = sorted(stats)  # the same order on every process
@@ -141,6 +144,8 @@ class DataParallel:
         """``models.ppo.masked_whiten`` with the mean and (unbiased) variance of the whole
         batch, all processes' shares together: whitening each share on its own would give
         every process its own advantage scale."""
+        import torch
+
         from models.ppo import masked_whiten
 
         if not self.distributed:
@@ -161,6 +166,7 @@ class DataParallel:
         """Copy rank 0's values into every process's ``params`` (DDP does this at wrap time)."""
         if not self.distributed:
             return
+        import torch
         import torch.distributed as dist
 
         with torch.no_grad():
@@ -174,6 +180,7 @@ class DataParallel:
         gradient counts as zeros, so every process reduces the same buckets."""
         if not self.distributed:
             return
+        import torch
         import torch.distributed as dist
 
         for p in params:

@@ -22,11 +22,11 @@ unbiased estimate of the sequence-level KL.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from prefect import task
 
 from tasks.base import StageConfig, StageResult, TrackingContext
@@ -77,6 +77,18 @@ def load_judge(spec: str) -> Callable[[list[str]], list[float]]:
     return getattr(importlib.import_module(module), name)
 
 
+def no_grad(fn: Callable) -> Callable:
+    """``torch.no_grad()`` around ``fn``, torch imported at the first call: the config imports
+    this module for ``EvaluateConfig``, and every ``rlhf`` command would pay ~1 s for torch."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 @dataclass
 class Samples:
     """One policy's responses to the expanded prompts, scored; N prompts x k samples."""
@@ -87,12 +99,14 @@ class Samples:
     kl: torch.Tensor | None = None  # (N * k,) summed log-ratio to SFT (candidate only)
 
 
-@torch.no_grad()
+@no_grad
 def sample_and_score(model, tokenizer, prompts: list[str], cfg: EvaluateConfig, seed: int,
                      scorers: dict, sft=None) -> Samples:
     """Sample every prompt with ``model`` from the same random stream, score each response
     with every reward model in ``scorers`` (name -> model, raw scores); with ``sft`` given,
     also the per-sequence log-ratio to it on the same tokens."""
+    import torch
+
     from models.ppo import masked_sum
     from models.reward import score_sequences
     from models.rollout import generate, response_logprobs
@@ -139,9 +153,11 @@ def demonstration_text(row: dict, tokenizer) -> tuple[str, str]:
     return head, full[len(head):] if full.startswith(head) else full
 
 
-@torch.no_grad()
+@no_grad
 def heldout_perplexity(model, tokenizer, rows: list[dict], batch_size: int) -> float:
     """exp(mean NLL per completion token, EOS included) of held-out SFT demonstrations."""
+    import torch
+
     from models.ppo import masked_sum
     from models.rollout import pad_sequences, response_logprobs
 
@@ -191,13 +207,14 @@ def diagnostics(name: str, s: Samples) -> dict[str, float]:
     return out
 
 
-@torch.no_grad()
+@no_grad
 def run_evaluate(cfg: EvaluateConfig, *, policy_uri: str, sft_model_uri: str,
                  reward_model_uri: str, heldout_reward_uri: str | None, eval_prompts_uri: str,
                  heldout_sft_uri: str | None = None, champion_uri: str | None = None,
                  champion_version: str | None = None, seed: int,
                  ctx: TrackingContext) -> EvaluateResult:
     import mlflow
+    import torch
     from transformers import set_seed
 
     from models.diagnostics import spearman

@@ -15,12 +15,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import torch
-
-from models.rollout import SharedTrunkCritic
 from tasks.base import LoraSettings, PolicyResult, StageConfig, TrackingContext, peft_config
-from tasks.distributed import DataParallel
-from tasks.ppo_trainer import PPOModels, train_ppo
+
+# torch, the models and the loop are imported where they are used: the config imports this
+# module for ``PPOConfig``, and no ``rlhf`` command should pay for torch until a stage runs.
 
 
 class PPOConfig(StageConfig):
@@ -128,6 +126,8 @@ def frozen_dtype(cfg: PPOConfig) -> torch.dtype:
     """Weights of the frozen models: bf16 with ``mixed_precision: bf16`` (they only run
     forward, and bf16 keeps fp32's range, so no scaling is needed), else fp32. fp16 is not
     used for weights: its range overflows on large activations without a scaler."""
+    import torch
+
     return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
 
 
@@ -136,6 +136,8 @@ def trained_base_dtype(cfg: PPOConfig, device: torch.device) -> torch.dtype:
     unless LoRA trains them on a GPU under bf16: then the base weights never change, only the
     adapters (peft keeps those in fp32) do, and autocast mixes the two dtypes. On CPU there is
     no autocast, so a bf16 base would meet fp32 adapters: it stays fp32."""
+    import torch
+
     if cfg.lora is not None and cfg.mixed_precision == "bf16" and device.type == "cuda":
         return torch.bfloat16
     return torch.float32
@@ -149,6 +151,8 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
     from models.loading import (disable_dropout, freeze_bottom_layers, load_causal_lm,
                                 load_sequence_scorer, load_tokenizer, upcast_trainable)
     from models.reward import RewardNorm
+    from models.rollout import SharedTrunkCritic
+    from tasks.ppo_trainer import PPOModels
 
     tokenizer = load_tokenizer(sft_model_uri)
     pad_token_id = tokenizer.pad_token_id
@@ -202,6 +206,9 @@ def run_ppo(cfg: PPOConfig, *, sft_model_uri: str, reward_model_uri: str, prompt
     Under ``accelerate launch`` every process trains its share of each batch; the main one
     saves, logs and returns the result, the others return None."""
     from transformers import set_seed
+
+    from tasks.distributed import DataParallel
+    from tasks.ppo_trainer import train_ppo
 
     dp = DataParallel.setup()
     for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):

@@ -23,7 +23,6 @@ from pydantic import Field
 from dataio import (DataError, content_hash, explicit_prompts, is_conversational, preference_rows,
                     read_records, render_prompt)
 from tasks.base import LoraSettings, ModelResult, StageConfig, TrackingContext, peft_config
-from tasks.distributed import is_main_process
 from tasks.durable import atomic_dir, checkpoint_dir, finite_loss_callback, last_complete_checkpoint
 from tasks.launch import LaunchConfig, run_stage
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
@@ -239,6 +238,7 @@ def run_reward(cfg: RewardConfig, *, sft_model_uri: str, train_uri: str, eval_ur
     from models.loading import load_tokenizer
     from models.reward import (RewardNorm, expected_calibration_error, fit_temperature,
                                preference_accuracy, preference_nll)
+    from tasks.distributed import is_main_process
 
     main = is_main_process()
     with stage_run(ctx, "reward", cfg, seed) if main else contextlib.nullcontext() as run:

@@ -19,7 +19,6 @@ from pydantic import Field
 from dataio import DataError, content_hash, openable, read_records
 from tasks.base import (BaseModelConfig, LoraSettings, ModelResult, StageConfig, TrackingContext,
                         peft_config)
-from tasks.distributed import is_main_process, refuse_sharded_lora, trained_model
 from tasks.durable import atomic_dir, checkpoint_dir, finite_loss_callback, last_complete_checkpoint
 from tasks.launch import LaunchConfig, run_stage
 from tasks.tracking import (log_metrics, log_model_dir, stage_run, trainer_args,
@@ -94,6 +93,7 @@ def run_sft(cfg: SFTConfig, *, base_model: BaseModelConfig, data_uri: str, out_d
     import trl
 
     from models.loading import load_causal_lm, load_tokenizer
+    from tasks.distributed import is_main_process, refuse_sharded_lora, trained_model
 
     refuse_sharded_lora(cfg.lora)
     main = is_main_process()

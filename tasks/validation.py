@@ -16,16 +16,18 @@ import functools
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import prefect
 from pydantic import Field
 
-from data_checks.frames import (SPECS, Loaded, add_cross_file_flags, add_helpers, load, spec_for,
-                                 uses_messages)
 from data_checks.report import DatasetSummary, Failure, Report
 from dataio import DataError, content_hash, openable, redact
 from tasks.base import StageConfig, StageResult, TrackingContext
 from tasks.refusal import Refusal, refusals_returned
+
+if TYPE_CHECKING:  # data_checks.frames imports pandas: only when validation runs
+    from data_checks.frames import Loaded
 
 STAGE = "validation"
 # Tokenizers report a huge sentinel (int(1e30)) as model_max_length when they know no limit.
@@ -169,6 +171,7 @@ def _chat_template(frames: dict, specs: dict, uris: dict, report: Report, *, tok
     Without one, training would stop in transformers ("tokenizer.chat_template is not set")
     after validation passed; refusing here names the file and says how to set one.
     """
+    from data_checks.frames import uses_messages
     from models.loading import chat_template_text
 
     if chat_template is not None:
@@ -281,6 +284,7 @@ def run_validation(cfg: ValidationConfig, *, data: dict[str, str | None],
     any rule fails with severity error.
     """
     from data_checks import suites
+    from data_checks.frames import SPECS, add_cross_file_flags, add_helpers, load, spec_for
 
     out = Path(out_dir) / STAGE
     out.mkdir(parents=True, exist_ok=True)
