@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from flows.cli import main
@@ -49,3 +51,21 @@ def test_cli_validate_refuses_bad_file(tmp_path, capsys):
     assert main(["validate", "--set", f"data.sft={bad}", "--set", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "row 2" in err
+
+
+def test_the_config_and_flows_import_no_ml_library():
+    """Every rlhf command imports the config (hence every stage module) and run/feedback the
+    flows, while Prefect's temporary API boots (flows/prefect_api.py): torch, pandas, MLflow
+    and the rest load when a stage runs, not then (they cost ~2 s before the first stage)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = ("torch", "pandas", "numpy", "mlflow", "transformers", "great_expectations",
+             "datasets", "trl", "peft", "matplotlib")
+    code = ("import sys, flows.cli, flows.config, flows.pipeline, flows.feedback; "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(root)}, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
