@@ -452,6 +452,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_flow_command(args: argparse.Namespace, cfg: PipelineConfig,
+                     api: prefect_api.TemporaryAPI | None) -> int:
+    """``run`` or ``feedback``, on the Prefect API ``api`` (started by ``main``; None: the one
+    Prefect's settings name, or Prefect's own temporary one)."""
+    import flows.feedback  # noqa: F401  (imported before the objects are frozen below)
+    import flows.pipeline  # noqa: F401
+    from tasks.report import load_plotting
+    from tasks.tracking import open_store
+
+    # What every run loads anyway, loaded while the server boots: MLflow and its stores (first
+    # used by the parent run) and the report's plotting (used last).
+    open_store(cfg.tracking.uri)
+    load_plotting()
+    # Everything imported so far lives until exit: freezing it spares each full garbage
+    # collection from walking it, and the interpreter's exit too (~1 s of a re-run).
+    gc.freeze()
+    with prefect_api.serving(api):
+        return cmd_run(cfg) if args.command == "run" else cmd_feedback(cfg, args.rounds)
+
+
 REGISTRY_COMMANDS = {"models": cmd_models, "promote": cmd_promote, "rollback": cmd_rollback,
                      "serve": cmd_serve}
 
@@ -501,16 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return cmd_validate(cfg)
-        import flows.feedback  # noqa: F401  (the flows: their imports before the objects are frozen)
-        import flows.pipeline  # noqa: F401
-        from tasks.tracking import open_store
-
-        open_store(cfg.tracking.uri)  # MLflow too is ready before the server is
-        # Everything imported so far lives until exit: freezing it spares each full garbage
-        # collection from walking it, and the interpreter's exit too (~1 s of a re-run).
-        gc.freeze()
-        with prefect_api.serving(api):
-            return cmd_run(cfg) if args.command == "run" else cmd_feedback(cfg, args.rounds)
+        return run_flow_command(args, cfg, api)
     except (DataValidationError, DataError) as e:
         print(f"error: data refused before training:\n{e}", file=sys.stderr)
         return 2
