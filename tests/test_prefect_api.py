@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.prefect_api import TemporaryAPI, configured_elsewhere
+from flows.prefect_api import TemporaryAPI, configured_elsewhere, serving
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +46,17 @@ def test_an_api_configured_in_the_environment_or_the_active_profile_is_left_to_p
 
 
 def test_the_temporary_api_answers_as_prefect_and_stops(tmp_path, monkeypatch):
+    from prefect.settings import get_current_settings
+
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     api = TemporaryAPI()
     try:
-        url = api.ready()
-        with urllib.request.urlopen(f"{url}/admin/version", timeout=10) as r:
-            assert r.status == 200 and re.fullmatch(rb'"\d+\.\d+\.\d+.*"', r.read())
+        with serving(api):  # what the flow runs inside: Prefect's settings name our server
+            settings = get_current_settings()
+            url = settings.api.url
+            assert url == api.url and settings.flows.heartbeat_frequency is None
+            with urllib.request.urlopen(f"{url}/admin/version", timeout=10) as r:
+                assert r.status == 200 and re.fullmatch(rb'"\d+\.\d+\.\d+.*"', r.read())
     finally:
         proc = api.proc
         api.stop()
@@ -59,6 +64,22 @@ def test_the_temporary_api_answers_as_prefect_and_stops(tmp_path, monkeypatch):
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/health", timeout=5)
     api.stop()  # idempotent (the atexit hook calls it again)
+
+
+def test_an_api_named_by_prefects_settings_wins_over_the_early_start(tmp_path, monkeypatch):
+    """Settings the early check cannot see (``.env``, ``prefect.toml``; here a temporary
+    setting) name an API: the server started early is stopped unused, and the flow would run
+    against theirs."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    theirs = "http://127.0.0.1:9/api"
+    api = TemporaryAPI()
+    proc = api.proc
+    with temporary_settings({PREFECT_API_URL: theirs}):
+        with serving(api):
+            assert get_current_settings().api.url == theirs
+    assert proc.poll() is not None and api.proc is None
 
 
 def test_rlhf_run_without_a_server_runs_on_the_api_it_started_and_leaves_none(tmp_path):
