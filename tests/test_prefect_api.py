@@ -46,12 +46,14 @@ def test_an_api_configured_in_the_environment_or_the_active_profile_is_left_to_p
 
 
 def test_the_temporary_api_answers_as_prefect_and_stops(tmp_path, monkeypatch):
-    from prefect.settings import get_current_settings
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     api = TemporaryAPI()
     try:
-        with serving(api):  # what the flow runs inside: Prefect's settings name our server
+        # No API in Prefect's settings (in the suite, another test's harness may have set one),
+        # and the flow's settings inside serving() name our server.
+        with temporary_settings(restore_defaults={PREFECT_API_URL}), serving(api):
             settings = get_current_settings()
             url = settings.api.url
             assert url == api.url and settings.flows.heartbeat_frequency is None
