@@ -18,6 +18,24 @@ sys.path.insert(0, str(ROOT / "bench"))
 import ppo_bench_common as common  # noqa: E402
 
 
+def ppo_config(s: dict):
+    """Our ``PPOConfig`` for the driver's matched settings ``s`` (also bench/profile_ppo.py's)."""
+    import tasks.ppo as ppo
+
+    return ppo.PPOConfig(
+        total_episodes=s["total_episodes"], batch_size=s["batch_size"],
+        mini_batch_size=s["batch_size"] // s["mini_batches"], gradient_accumulation_steps=1,
+        ppo_epochs=s["ppo_epochs"], learning_rate=s["learning_rate"], lr_schedule="linear",
+        max_prompt_length=s["max_prompt_length"], max_new_tokens=s["response_length"],
+        temperature=s["temperature"], init_kl_coef=s["kl_coef"], adaptive_kl=False,
+        kl_estimator="k1", kl_in_reward=True, gamma=s["gamma"], lam=s["lam"],
+        clip_range=s["cliprange"], clip_range_value=s["cliprange_value"], vf_coef=s["vf_coef"],
+        ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
+        mixed_precision=s.get("mixed_precision", "no"), decode_cache=s.get("decode_cache", "dynamic"),
+        missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
+        checkpoint_every=10**9, log_every=1)
+
+
 def main(settings_path: str, result_path: str) -> None:
     s = common.read_settings(settings_path)
     torch, device = common.setup_torch(s)
@@ -31,18 +49,7 @@ def main(settings_path: str, result_path: str) -> None:
     import tasks.ppo as ppo
     import tasks.ppo_trainer as trainer
 
-    cfg = ppo.PPOConfig(
-        total_episodes=s["total_episodes"], batch_size=s["batch_size"],
-        mini_batch_size=s["batch_size"] // s["mini_batches"], gradient_accumulation_steps=1,
-        ppo_epochs=s["ppo_epochs"], learning_rate=s["learning_rate"], lr_schedule="linear",
-        max_prompt_length=s["max_prompt_length"], max_new_tokens=s["response_length"],
-        temperature=s["temperature"], init_kl_coef=s["kl_coef"], adaptive_kl=False,
-        kl_estimator="k1", kl_in_reward=True, gamma=s["gamma"], lam=s["lam"],
-        clip_range=s["cliprange"], clip_range_value=s["cliprange_value"], vf_coef=s["vf_coef"],
-        ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
-        mixed_precision=s.get("mixed_precision", "no"), decode_cache=s.get("decode_cache", "dynamic"),
-        missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
-        checkpoint_every=10**9, log_every=1)
+    cfg = ppo_config(s)
     models = ppo.build_models(cfg, s["policy_dir"], s["rm_dir"], device)
     tok = models.tokenizer
     prompts = ppo._load_prompts(s["prompts_path"], tok, cfg.max_prompt_length)
