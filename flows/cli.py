@@ -51,8 +51,8 @@ from flows import DEFAULT_CONFIG, prefect_api  # noqa: E402  (both stdlib only)
 if TYPE_CHECKING:
     from flows.config import PipelineConfig
 
-# The config imports every stage (torch, transformers, great-expectations, Prefect): main()
-# imports it only after it has started what can boot meanwhile (prefect_api).
+# The config imports every stage module and Prefect (~1.5 s; the ML libraries only load when
+# a stage runs): main() imports it after starting what can boot meanwhile (prefect_api).
 FLOW_COMMANDS = ("run", "feedback")
 """Commands that run a Prefect flow (and so need a Prefect API)."""
 
