@@ -76,6 +76,31 @@ class Clock:
         self.t1, self.cpu1 = time.perf_counter(), cpu_s()
 
 
+def instrument_ours(trainer, clock: Clock, eos_token_id: int):
+    """Our side's counters: sampled tokens counted at the source, as the trl side does (wraps
+    the ``generate`` that ``tasks.ppo_trainer`` imported, so it is patched there; one cumsum
+    per batch), and a ``log_fn`` that stamps the clock and keeps each update's ``ppo/perf/*``
+    (phase seconds and shapes: bench/device/ counts FLOPs from them). Returns (log_fn, perf)."""
+    inner_generate = trainer.generate
+
+    def counting_generate(*args, **kwargs):
+        out = inner_generate(*args, **kwargs)
+        n = count_response_tokens(out[0], eos_token_id)
+        clock.tokens += n
+        clock.updates_tokens.append(n)
+        return out
+
+    trainer.generate = counting_generate
+    perf: list[dict] = []
+
+    def on_update(metrics: dict, step: int) -> None:
+        clock.stamp()
+        perf.append({k.removeprefix("ppo/perf/"): v for k, v in metrics.items()
+                     if k.startswith("ppo/perf/")})
+
+    return on_update, perf
+
+
 def result(settings: dict, clock: Clock, *, side: str, versions: dict, rss_after_load_mb: float,
            cuda_peak_mb: float | None, extra: dict | None = None) -> dict:
     """One run's numbers: whole-call rates, steady-state rates (first update dropped), memory."""

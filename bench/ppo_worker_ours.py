@@ -56,29 +56,11 @@ def main(settings_path: str, result_path: str) -> None:
     rss_after_load = common.rss_mb()
 
     clock = common.Clock()
-    # Count sampled tokens at the source, as the trl side does: wrap the generate that
-    # tasks.ppo_trainer calls (it imported the name, so patch it there). One cumsum per batch.
-    inner_generate = trainer.generate
-
-    def counting_generate(*args, **kwargs):
-        out = inner_generate(*args, **kwargs)
-        n = common.count_response_tokens(out[0], tok.eos_token_id)
-        clock.tokens += n
-        clock.updates_tokens.append(n)
-        return out
-
-    trainer.generate = counting_generate
+    on_update, perf = common.instrument_ours(trainer, clock, tok.eos_token_id)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     clock.start()
-    perf: list[dict] = []  # per update: phase seconds and shapes (bench/device/ counts FLOPs)
-
-    def on_update(metrics: dict, step: int) -> None:
-        clock.stamp()
-        perf.append({k.removeprefix("ppo/perf/"): v for k, v in metrics.items()
-                     if k.startswith("ppo/perf/")})
-
     summary = trainer.train_ppo(cfg, models, prompts=prompts, seed=s["seed"], checkpoint=None,
                                 log_fn=on_update)
     if device.type == "cuda":

@@ -90,23 +90,8 @@ def main(settings_path: str, result_path: str) -> None:
         checkpoint_every=10**9)
     prompts = ppo._load_prompts(s["prompts_path"], models.tokenizer, cfg.max_prompt_length)
     rss_after_load = common.rss_mb()
-    clock, perf = common.Clock(), []
-
-    def on_update(metrics: dict, step: int) -> None:
-        clock.stamp()
-        perf.append({k.removeprefix("ppo/perf/"): v for k, v in metrics.items()
-                     if k.startswith("ppo/perf/")})
-
-    inner_generate = trainer.generate
-
-    def counting_generate(*args, **kwargs):
-        out = inner_generate(*args, **kwargs)
-        n = common.count_response_tokens(out[0], models.tokenizer.eos_token_id)
-        clock.tokens += n
-        clock.updates_tokens.append(n)
-        return out
-
-    trainer.generate = counting_generate
+    clock = common.Clock()
+    on_update, perf = common.instrument_ours(trainer, clock, models.tokenizer.eos_token_id)
     if device.type == "cuda":
         torch.cuda.synchronize()
         weights_mb = torch.cuda.memory_allocated() / 2**20
