@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import queue
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -20,6 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from tasks.process import stop_group
 
 
 class DevTools:
@@ -104,14 +104,14 @@ def wait_line(lines: queue.Queue, marker: str, deadline: float, what: str) -> st
                          + "".join(seen[-20:]))
 
 
-def stop(proc: subprocess.Popen, group: bool = False, timeout: float = 10) -> None:
-    """SIGTERM (to the process group with ``group``), then SIGKILL after ``timeout`` s."""
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` s (a process group: ``tasks.process.stop_group``)."""
     if proc.poll() is None:
-        (os.killpg(proc.pid, signal.SIGTERM) if group else proc.terminate())
+        proc.terminate()
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            (os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill())
+            proc.kill()
             proc.wait(timeout=10)
 
 
@@ -145,4 +145,4 @@ def headless_chromium(tmp_path: Path, deadline: float,
     finally:
         if devtools is not None:
             devtools.close()
-        stop(browser, group=True)
+        stop_group(browser, timeout=10)
