@@ -111,12 +111,6 @@ def uncertainty_scores(p_rm: Sequence[float], p_heldout: Sequence[float] | None 
     return scores
 
 
-def select_uncertain(p_rm: Sequence[float], k: int, p_heldout: Sequence[float] | None = None,
-                     disagreement_weight: float = 1.0) -> list[int]:
-    """Indices of the ``k`` most uncertain pairs, most uncertain first (ties: lower index)."""
-    return select_pairs(k, uncertainty_scores(p_rm, p_heldout, disagreement_weight), None, 0.0)
-
-
 TARGETED = ("length", "repetition", "overoptimisation", "win_rate", "win_rate_lower",
             "gold_gain", "champion")
 """Gate checks (``tasks.gate.CHECKS``) a pair's labels can speak to; KL, perplexity or a
@@ -174,11 +168,6 @@ def select_pairs(k: int, uncertainty: Sequence[float], weakness: Sequence[float]
     else:
         fill = sorted(rest, key=lambda i: (-uncertainty[i], i))[:k - len(picked)]
     return picked + fill
-
-
-def select_random(n: int, k: int, seed: int) -> list[int]:
-    """``k`` of ``n`` indices, seeded: the baseline selection."""
-    return random.Random(seed).sample(range(n), min(k, n))
 
 
 def pair_id(prompt: str, a: str, b: str) -> str:

@@ -7,24 +7,28 @@ import json
 
 import pytest
 
-from tasks.feedback import (labels_to_preferences, select_pairs, select_random, select_uncertain,
-                            uncertainty_scores, weakness_scores, write_version)
+from tasks.feedback import (labels_to_preferences, select_pairs, uncertainty_scores,
+                            weakness_scores, write_version)
 from tasks.labelers import missing_votes
 
 
 def test_uncertainty_scores_and_selection_by_hand():
     # 1 - |2p - 1|: p=0.5 -> 1, p=0.9 -> 0.2, p=0.1 -> 0.2, p=0.6 -> 0.8, p=1 -> 0
     assert uncertainty_scores([0.5, 0.9, 0.1, 0.6, 1.0]) == pytest.approx([1.0, 0.2, 0.2, 0.8, 0.0])
-    assert select_uncertain([0.5, 0.9, 0.1, 0.6, 1.0], k=3) == [0, 3, 1]  # tie 1/2: lower index
+    def most_uncertain(p_rm, k, p_ho=None, w=1.0):
+        return select_pairs(k, uncertainty_scores(p_rm, p_ho, w), None, 0.0)
+
+    assert most_uncertain([0.5, 0.9, 0.1, 0.6, 1.0], k=3) == [0, 3, 1]  # tie 1/2: lower index
     # Disagreement: pair 1 is sure (0.9) but the held-out model says 0.2: 0.2 + 0.7 = 0.9.
     p_ho = [0.5, 0.2, 0.1, 0.6, 1.0]
     assert uncertainty_scores([0.5, 0.9, 0.1, 0.6, 1.0], p_ho) == pytest.approx(
         [1.0, 0.9, 0.2, 0.8, 0.0])
-    assert select_uncertain([0.5, 0.9, 0.1, 0.6, 1.0], 2, p_ho) == [0, 1]
-    assert select_uncertain([0.5, 0.9, 0.1, 0.6, 1.0], 2, p_ho, disagreement_weight=0.0) == [0, 3]
-    assert select_uncertain([0.7], k=5) == [0]
-    r = select_random(10, 4, seed=3)
-    assert r == select_random(10, 4, seed=3) and len(set(r)) == 4 and max(r) < 10
+    assert most_uncertain([0.5, 0.9, 0.1, 0.6, 1.0], 2, p_ho) == [0, 1]
+    assert most_uncertain([0.5, 0.9, 0.1, 0.6, 1.0], 2, p_ho, w=0.0) == [0, 3]
+    assert most_uncertain([0.7], k=5) == [0]
+    r = select_pairs(4, [0.0] * 10, None, 0.0, random_seed=3)  # the random baseline
+    assert r == select_pairs(4, [0.0] * 10, None, 0.0, random_seed=3)
+    assert len(set(r)) == 4 and max(r) < 10
 
 
 def test_weakness_scores_by_hand():
