@@ -8,14 +8,13 @@ MLflow, it boots on the other core while this process imports, and the wait most
 
 It is Prefect's own server, started the way ``prefect.server.api.server.SubprocessASGIServer``
 starts it (same command and server settings) and living as long: until this process exits.
-Stdlib only: importing Prefect here would cost the very time this saves.
+Stdlib only (and `tasks.process`): importing Prefect here would cost the very time this saves.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Mapping
+
+from tasks.process import free_port
 
 # What Prefect's SubprocessASGIServer sets for its server: no UI, and the server knows it is
 # the temporary one.
@@ -58,12 +59,6 @@ def configured_elsewhere(environ: Mapping[str, str] = os.environ) -> bool:
     return bool(isinstance(profile, dict) and profile.get("PREFECT_API_URL"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TemporaryAPI:
     """A Prefect API server started now; ``ready()`` waits for it, ``stop()`` ends it (also at
     exit, after Prefect's own exit hooks have sent their last events and logs to it)."""
@@ -75,7 +70,7 @@ class TemporaryAPI:
         atexit.register(self.stop)  # registered before Prefect's hooks, so it runs after them
 
     def _start(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         app_dir = Path(find_spec("prefect").submodule_search_locations[0]).parent
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",

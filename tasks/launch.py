@@ -19,7 +19,6 @@ import importlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from tasks.base import StageConfig
-from tasks.process import stop_group
+from tasks.process import free_port, stop_group
 
 TrainingStage = Literal["sft", "reward", "policy"]
 
@@ -94,13 +93,6 @@ def run_stage(launch: LaunchConfig | None, stage: TrainingStage, **inputs: Any):
 
 
 # --- the launch ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the OS picks it), for the process group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_command(launch: LaunchConfig, request: Path, port: int | None) -> list[str]:

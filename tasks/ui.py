@@ -10,7 +10,6 @@ run on a temporary API that has no UI worth opening.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
-from tasks.process import stop_group
+from tasks.process import free_port, stop_group
 
 # MLflow 3.17's UI picks its GenAI view or its model-training view from a ``workflowType``
 # URL parameter, else the browser's localStorage, default GenAI; it does not read the
@@ -76,13 +75,6 @@ def server_env(environ: dict[str, str]) -> dict[str, str]:
     env = dict(environ)
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return env
-
-
-def free_port(host: str) -> int:
-    """A port free now on ``host`` (``--port 0``); mlflow server binds it a moment later."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def prefect_ui_url() -> str | None:

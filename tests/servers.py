@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,16 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from tasks.process import free_port
+
 # Dummy credentials for moto only: they open nothing anywhere else.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "rlhf-test-key-id", "AWS_SECRET_ACCESS_KEY": "rlhf-test-secret-9f3c",
           "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    """A port free right now (for servers that cannot bind port 0 and report it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import _stop, _wait_healthy, create_database, free_port
+from tasks.process import free_port
+from tests.servers import _stop, _wait_healthy, create_database
 
 
 class RestartableServer:

@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -26,6 +25,7 @@ from dataio import DataError, write_jsonl_atomic
 from labeling.batch import Pair, a_shown_first, read_batch
 from labeling.label_studio import (LabelStudio, LabelStudioError, labels_from_export, tasks_for,
                                    token_from_env)
+from tasks.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("LABEL_STUDIO_VENV", ROOT / ".venv-label-studio"))
@@ -106,9 +106,7 @@ def test_token_errors_name_the_variable_never_the_token(monkeypatch):
     monkeypatch.delenv("NO_SUCH_LS_TOKEN", raising=False)
     with pytest.raises(LabelStudioError, match=r"\$NO_SUCH_LS_TOKEN is not set"):
         token_from_env("NO_SUCH_LS_TOKEN")
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     client = LabelStudio(f"http://127.0.0.1:{port}", "secret-token-123456")
     with pytest.raises(LabelStudioError, match="cannot reach Label Studio") as e:
         client.export(1)
@@ -116,12 +114,6 @@ def test_token_errors_name_the_variable_never_the_token(monkeypatch):
 
 
 # --- a real Label Studio ----------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
@@ -137,7 +129,7 @@ def label_studio(tmp_path_factory):
     template = VENV / "template-data" / "label_studio.sqlite3"
     if template.exists():  # migrated already: starts in seconds instead of minutes
         shutil.copy(template, data / "label_studio.sqlite3")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, LABEL_STUDIO_BASE_DATA_DIR=str(data), LATEST_VERSION_CHECK="false",
                COLLECT_ANALYTICS="false")
     log = open(data / "server.log", "wb")

@@ -5,7 +5,6 @@ a run created by the server's scheduler and executed to COMPLETED by the worker 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,9 @@ import httpx
 import pytest
 import yaml
 
-from tasks.process import stop_group
+from tasks.process import free_port, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, check, timeout: float, procs=()):
@@ -47,7 +40,7 @@ def _wait(what: str, check, timeout: float, procs=()):
 def prefect_server(tmp_path):
     """`prefect server start` on 127.0.0.1:FREE with its own PREFECT_HOME (SQLite); the
     scheduler looks for due schedules every second instead of every 60."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
