@@ -19,14 +19,12 @@ import subprocess
 import sys
 import time
 import tomllib
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Mapping
 
-from tasks.process import free_port
+from tasks.process import ExitedEarly, free_port, wait_healthy
 
 # What Prefect's SubprocessASGIServer sets for its server: no UI, and the server knows it is
 # the temporary one.
@@ -87,23 +85,20 @@ class TemporaryAPI:
         timeout = timeout or float(os.environ.get(
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code == PORT_IN_USE:  # someone took the port meanwhile: another one
-                self._start()
-            elif code is not None:
-                raise RuntimeError(f"Prefect's temporary API server exited with code {code} "
-                                   "before it answered (its output is above)")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self.url
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"Prefect's temporary API server did not answer within {timeout:.0f} s "
-                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+        while True:
+            try:  # polled often: the run is waiting on it
+                wait_healthy(f"{self.url}/health", self.proc, deadline - time.monotonic(), 0.05)
+                return self.url
+            except ExitedEarly as e:
+                if e.code != PORT_IN_USE:
+                    raise RuntimeError(f"Prefect's temporary API server exited with code "
+                                       f"{e.code} before it answered (its output is above)") from None
+                self._start()  # someone took the port meanwhile: another one
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"Prefect's temporary API server did not answer within "
+                                   f"{timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+                                   ) from None
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s, as Prefect does); idempotent."""

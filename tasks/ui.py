@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
-from tasks.process import free_port, stop_group
+from tasks.process import ExitedEarly, free_port, stop_group, wait_healthy
 
 # MLflow 3.17's UI picks its GenAI view or its model-training view from a ``workflowType``
 # URL parameter, else the browser's localStorage, default GenAI; it does not read the
@@ -93,21 +92,15 @@ def experiment_id(tracking_uri: str, name: str) -> str | None:
     return exp.experiment_id if exp else None
 
 
-def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_for_mlflow(base_url: str, proc: subprocess.Popen, timeout: float) -> None:
     """Poll MLflow's ``/health`` until it answers OK; fail if the server exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UiError(f"mlflow server exited with code {proc.returncode} "
-                               "before it answered (its output is above)")
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise UiError(f"mlflow server did not answer {base_url}/health in {timeout:.0f} s")
+    try:
+        wait_healthy(f"{base_url}/health", proc, timeout)
+    except ExitedEarly as e:
+        raise UiError(f"mlflow server exited with code {e.code} "
+                      "before it answered (its output is above)") from None
+    except TimeoutError:
+        raise UiError(f"mlflow server did not answer {base_url}/health in {timeout:.0f} s") from None
 
 
 def serve_ui(tracking_uri: str, experiment: str, *, host: str = "127.0.0.1", port: int = 5000,
@@ -136,7 +129,7 @@ def serve_ui(tracking_uri: str, experiment: str, *, host: str = "127.0.0.1", por
     proc = subprocess.Popen(server_command(tracking_uri, host, port),
                             env=server_env(dict(os.environ)), start_new_session=True)
     try:
-        wait_healthy(base, proc, startup_timeout)
+        wait_for_mlflow(base, proc, startup_timeout)
         for line in UiLinks(base, exp_id and experiment_url(base, exp_id), prefect).lines(
                 experiment):
             on_ready(line)

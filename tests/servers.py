@@ -19,14 +19,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tasks.process import free_port
+from tasks.process import ExitedEarly, free_port, wait_healthy
 
 # Dummy credentials for moto only: they open nothing anywhere else.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "rlhf-test-key-id", "AWS_SECRET_ACCESS_KEY": "rlhf-test-secret-9f3c",
@@ -154,19 +152,13 @@ class MlflowServer:
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited ({proc.returncode}): "
-                               f"{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"mlflow server not healthy after {timeout} s: {log.read_text()[-3000:]}")
+    try:
+        wait_healthy(f"{url}/health", proc, timeout)
+    except ExitedEarly as e:
+        raise RuntimeError(f"mlflow server exited ({e.code}): {log.read_text()[-3000:]}") from None
+    except TimeoutError:
+        raise RuntimeError(f"mlflow server not healthy after {timeout} s: "
+                           f"{log.read_text()[-3000:]}") from None
 
 
 @pytest.fixture(scope="session")
