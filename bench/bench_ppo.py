@@ -71,6 +71,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+MAX_PROMPT_LENGTH = 32  # prompt tokens kept (the demo prompts are shorter)
+
+
 def settings(args: argparse.Namespace, policy_dir: str, rm_dir: str) -> dict:
     """The matched settings both workers read. PPO constants follow both trainers' defaults."""
     return {
@@ -78,7 +81,7 @@ def settings(args: argparse.Namespace, policy_dir: str, rm_dir: str) -> dict:
         "total_episodes": args.episodes, "batch_size": args.batch_size,
         "mini_batches": args.mini_batches, "response_length": args.response_length,
         "ppo_epochs": args.ppo_epochs, "learning_rate": args.learning_rate,
-        "max_prompt_length": 32, "temperature": 1.0, "kl_coef": 0.05,
+        "max_prompt_length": MAX_PROMPT_LENGTH, "temperature": 1.0, "kl_coef": 0.05,
         "missing_eos_penalty": 1.0, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
         "gamma": 1.0, "lam": 0.95, "seed": args.seed, "threads": args.threads,
         "device": args.device,

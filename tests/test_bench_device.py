@@ -45,6 +45,23 @@ def test_matmul_params_of_gpt2():
     assert mfu.matmul_params(model) == (12 * L * H * H, V * H)
 
 
+def test_matmul_params_count_lora_base_weights_once():
+    """peft's LoRA layer wraps a Linear and shows its weight as its own: counted once, the
+    base's count plus only the adapters' A and B matrices (a first 7 B run counted 2x)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(ROOT / "demo/base_model")
+    model = AutoModelForCausalLM.from_config(cfg)
+    trunk, head = mfu.matmul_params(model)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    H, L = cfg.n_embd, cfg.n_layer
+    # c_attn is H -> 3H: A is r x H, B is 3H x r, once per block.
+    assert mfu.matmul_params(lora) == (trunk + L * (4 * H + 3 * H * 4), head)
+    assert torch.is_tensor(lora.base_model.model.transformer.h[0].attn.c_attn.weight)
+
+
 @pytest.mark.timeout(120)
 def test_device_script_runs_on_cpu_at_tiny_size(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),

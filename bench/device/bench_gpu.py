@@ -6,9 +6,10 @@
 
 Each run is a subprocess of ``bench/bench_ppo.py``'s workers on its matched settings (GPT-2
 built from config with the demo tokenizer; reward model = its backbone with a fresh head),
-one run per (size, side, precision), in priority order so that a lease cut short still has
-the comparisons that matter: 100 M (bf16 and TF32), 1.2 B in bf16, the 7 B LoRA run, then
-ours with the static-cache decode and the 1.2 B TF32 pair.
+one run per (size, side, precision, decode), in priority order so that a lease cut short still
+has the comparisons that matter: ours and trl at every size in the first precision (bf16),
+ours with the static-cache decode at every size, the 7 B LoRA runs (dynamic, then static
+decode), then the other precisions' pairs (TF32).
 After every run ``bench_gpu.json`` and ``bench_gpu.md`` are rewritten in ``--out``.
 
 For ours it also reports, per phase (generation, scoring = reference/critic/reward forwards,
@@ -36,11 +37,15 @@ sys.path.insert(0, str(HERE))
 import bench_ppo  # noqa: E402
 import mfu  # noqa: E402
 
-# GPT-2 overrides per size; batch as in issue 12's table. "tiny" is demo/base_model (0.5 M).
+# GPT-2 overrides per size; batch as in issue 12's table. "tiny" is demo/base_model (0.5 M,
+# 64 positions). n_positions 1024 as in GPT-2 itself: demo/base_model's 64 cannot hold a
+# 32-token prompt and a 128-token response (the first GPU run died on that index).
 SIZES = {
     "tiny": {"config": None, "batch": 16, "episodes": 32},
-    "100m": {"config": {"n_layer": 12, "n_embd": 768, "n_head": 12}, "batch": 128, "episodes": 512},
-    "1.2b": {"config": {"n_layer": 24, "n_embd": 2048, "n_head": 16}, "batch": 64, "episodes": 256},
+    "100m": {"config": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024},
+             "batch": 128, "episodes": 512},
+    "1.2b": {"config": {"n_layer": 24, "n_embd": 2048, "n_head": 16, "n_positions": 1024},
+             "batch": 64, "episodes": 256},
 }
 # LoRA runs: a Qwen2-7B-shaped decoder (7.6 B with its own 152k vocabulary; with the demo
 # tokenizer's small vocabulary the bases are ~6.5 B each), or a tiny one for CPU.
@@ -64,6 +69,8 @@ def parse_args() -> argparse.Namespace:
                    help="also run ours bf16 with decode_cache=static (the default)")
     p.add_argument("--no-static-decode", dest="static_decode", action="store_false")
     p.add_argument("--lora", default="7b", help=f"LoRA run: {', '.join(LORA)} or none")
+    p.add_argument("--lora-decodes", default="dynamic,static",
+                   help="decode caches of the LoRA runs, in order")
     p.add_argument("--response-length", type=int, default=128)
     p.add_argument("--episodes", type=int, default=None, help="override every size's episodes")
     p.add_argument("--threads", type=int, default=8)
@@ -86,6 +93,22 @@ def settings_for(args, size: dict, policy_dir: str, rm_dir: str, precision: str,
             "decode_cache": decode, "tf32": True}
 
 
+def check_positions(args) -> None:
+    """A prompt and response longer than the model's positions fail on a GPU as a device-side
+    assert deep in the embedding lookup, minutes into the lease: refuse them before any run."""
+    from transformers import AutoConfig
+
+    need = bench_ppo.MAX_PROMPT_LENGTH + args.response_length
+    base = AutoConfig.from_pretrained(ROOT / "demo/base_model").n_positions
+    for name in (x for x in args.sizes.split(",") if x):
+        limit = (SIZES[name]["config"] or {}).get("n_positions", base)
+        if need > limit:
+            raise SystemExit(f"bench_gpu: size {name} has {limit} positions, but a prompt of "
+                             f"{bench_ppo.MAX_PROMPT_LENGTH} and a response of "
+                             f"{args.response_length} tokens need {need}: lower "
+                             f"--response-length or pick a larger size")
+
+
 def plan(args) -> list[dict]:
     """Jobs in priority order (see the module docstring)."""
     sizes = [s for s in args.sizes.split(",") if s]
@@ -102,13 +125,14 @@ def plan(args) -> list[dict]:
                      "decode": "static"}]
         return []
 
-    first, later = runs(sizes[0], precisions), static(sizes[0])
-    for size in sizes[1:]:  # bigger sizes: the first precision now, the rest after LoRA
-        first += runs(size, precisions[:1])
-        later += runs(size, precisions[1:]) + static(size)
-    lora = [] if args.lora == "none" else [{"kind": "lora", "size": args.lora, "side": "ours-lora",
-                                            "precision": "bf16", "decode": "dynamic"}]
-    return first + lora + later
+    first = [job for size in sizes for job in runs(size, precisions[:1])]
+    later = [job for size in sizes for job in static(size)]
+    lora = [] if args.lora == "none" else [
+        {"kind": "lora", "size": args.lora, "side": "ours-lora", "precision": "bf16",
+         "decode": d} for d in args.lora_decodes.split(",")
+        if d and (d != "static" or args.static_decode)]
+    rest = [job for size in sizes for job in runs(size, precisions[1:])]
+    return first + later + lora + rest
 
 
 def counts_for(policy_dir: str, precision: str) -> mfu.ModelCounts:
@@ -230,6 +254,7 @@ def main() -> None:
     out = Path(args.out)
     run_dir = Path(args.runs_dir) if args.runs_dir else out / "runs"
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_positions(args)
     dev = device_info(args.device)
     jobs = plan(args)
     report = {"command": " ".join(["python", "bench/device/bench_gpu.py", *sys.argv[1:]]),

@@ -97,9 +97,12 @@ def matmul_params(model) -> tuple[int, int]:
     is a matmul, whatever it shares with the embedding lookup). Works on a meta-device model."""
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_w = getattr(out_emb, "weight", None)
-    trunk = 0
+    trunk, seen = 0, {id(head_w)}
     for module in model.modules():
         w = getattr(module, "weight", None)
-        if type(module).__name__ in ("Linear", "Conv1D") and w is not None and w is not head_w:
+        # Each weight once: peft's LoRA layer (also a class named Linear) wraps its base
+        # Linear and exposes the base's weight as its own, so both modules name one tensor.
+        if type(module).__name__ in ("Linear", "Conv1D") and w is not None and id(w) not in seen:
+            seen.add(id(w))
             trunk += w.numel()
     return trunk, (head_w.numel() if head_w is not None else 0)
