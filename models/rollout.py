@@ -45,11 +45,12 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], 1)
 
-    def select(self, idx: torch.Tensor) -> "Rollout":
+    def select(self, idx: torch.Tensor, width: int | None = None) -> "Rollout":
         """Rows ``idx`` of every tensor field (for minibatches), with the response columns
-        cut to the longest real response among those rows."""
+        cut to the longest real response among those rows, or to ``width`` when the caller
+        knows it (on a GPU, reading the longest off the device waits for all queued work)."""
         fields = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        T = max(int(fields["response_mask"].sum(1).max()), 1)
+        T = width if width is not None else max(int(fields["response_mask"].sum(1).max()), 1)
         for k in PER_TOKEN_FIELDS:
             if fields[k] is not None:
                 fields[k] = fields[k][:, :T]

@@ -321,19 +321,25 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
     With ``dp``, ``ro`` is this process's share of the batch and each optimiser step sees
     ``mini_batch_size / world_size`` of its episodes, gradients averaged over processes: the
     same number of steps, each over ``mini_batch_size`` episodes in all."""
-    stats: dict[str, list[float]] = {}
+    # Stats stay on the device until the end: reading each one as it is made would make the
+    # host wait for the GPU at every micro-batch, leaving the GPU idle while the host then
+    # prepares the next one. Likewise the response lengths are read once, not per micro-batch.
+    stats: dict[str, list[torch.Tensor]] = {}
     world = dp.world_size if dp is not None else 1
     B = ro.response_ids.shape[0]
     mini = cfg.mini_batch_size // world
     accum = local_accumulation(cfg, world)
     micro = mini // accum
     params = models.trainable_params()
+    lengths = ro.response_mask.sum(1).cpu()  # (B,) real response tokens per row
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
         for start in range(0, B, mini):
             optimizer.zero_grad(set_to_none=True)
             for m in range(start, min(start + mini, B), micro):
-                mb = ro.select(perm[m:m + micro].to(ro.response_ids.device))
+                rows = perm[m:m + micro]
+                mb = ro.select(rows.to(ro.response_ids.device),
+                               width=max(int(lengths[rows].max()), 1))
                 ids, attn = mb.input_ids, mb.attention_mask
                 with autocast(cfg, ids.device):
                     logp, ent = response_logprobs(models.policy, ids, attn, mb.response_ids,
@@ -355,19 +361,19 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                 for k, v in {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
                              "policy/entropy": entropy, "loss/policy": pl.loss,
                              "loss/value": vl, "val/clipfrac": vclip}.items():
-                    stats.setdefault(k, []).append(float(v.detach()))
+                    stats.setdefault(k, []).append(v.detach())
             if dp is not None:  # before unscaling and clipping: every process then agrees on both
                 dp.average_grads_(params)
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-            stats.setdefault("policy/grad_norm", []).append(float(grad_norm))
+            stats.setdefault("policy/grad_norm", []).append(grad_norm.detach())
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    return {k: sum(float(x) for x in v) / len(v) for k, v in stats.items()}
 
 
 def rollout_metrics(ro: Rollout, beta: float) -> dict[str, float]:
