@@ -134,6 +134,18 @@ def freeze_bottom_layers(model, n: int) -> None:
         block.requires_grad_(False)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them (transformers' own mechanism; it acts in train mode only, so sampling and scoring
+    under ``no_grad`` are untouched). Non-reentrant checkpointing: no input needs
+    ``requires_grad``, so frozen embeddings and LoRA bases work as they are."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def disable_dropout(model) -> None:
     """Set every dropout probability to 0 (Huang et al. 2024: dropout makes the PPO ratio
     differ from 1 on identical weights, and the log-probs of rollout and update disagree)."""

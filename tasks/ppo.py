@@ -93,6 +93,11 @@ class PPOConfig(StageConfig):
     with adapters disabled: no second copy of either base's weights."""
     freeze_layers: int = 0
     """Freeze the input embeddings and the first N transformer blocks of policy and critic."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's and critic's block activations in the backward pass instead of
+    storing them: activation memory of one block instead of all, for about one more forward
+    pass of compute per update (a third more). For models whose micro-batches do not fit;
+    lowering the micro-batch (``gradient_accumulation_steps``) is the cheaper first step."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     """Autocast dtype for the trained models' forward passes on a GPU, over fp32 master weights
     (fp16 adds loss scaling); on CPU they run in fp32. ``bf16`` also holds the frozen models
@@ -148,8 +153,9 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
     """Policy and critic to train, reference and reward model frozen, with the SFT tokenizer
     and the reward stage's score normalisation. With LoRA the reference (and, with
     ``critic_init: reward``, the reward model) is None: the trained model's adapters off."""
-    from models.loading import (disable_dropout, freeze_bottom_layers, load_causal_lm,
-                                load_sequence_scorer, load_tokenizer, upcast_trainable)
+    from models.loading import (disable_dropout, enable_gradient_checkpointing,
+                                freeze_bottom_layers, load_causal_lm, load_sequence_scorer,
+                                load_tokenizer, upcast_trainable)
     from models.reward import RewardNorm
     from models.rollout import SharedTrunkCritic
     from tasks.ppo_trainer import PPOModels
@@ -166,6 +172,10 @@ def build_models(cfg: PPOConfig, sft_model_uri: str, reward_model_uri: str,
                                       else sft_model_uri, dtype=trained)
         critic.config.pad_token_id = pad_token_id
         freeze_bottom_layers(critic, cfg.freeze_layers)
+    if cfg.gradient_checkpointing:  # before peft wraps them; a shared-trunk critic is the policy's
+        for m in (policy, critic):
+            if m is not None:
+                enable_gradient_checkpointing(m)
     reference = reward_model = None
     if cfg.lora is None:
         reference = load_causal_lm(sft_model_uri, dtype=frozen)

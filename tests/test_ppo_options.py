@@ -203,6 +203,38 @@ def test_freeze_layers(rm_dir, prompts):
                            transformer_blocks(models.reference)[1].state_dict()["attn.c_attn.weight"])
 
 
+@pytest.mark.parametrize("critic_init", ["reward", "policy"])
+def test_gradient_checkpointing_recomputes_blocks_and_trains_alike(rm_dir, prompts, critic_init):
+    """With checkpointing every block runs forward twice per training micro-batch (once more
+    in the backward pass), never while sampling or scoring, and the weights come out as
+    without it: recomputation repeats the same arithmetic."""
+    cfg = PPOConfig(**SMALL, critic_init=critic_init)
+    _, _, plain = run(cfg, rm_dir, prompts)
+    ckpt_cfg = cfg.model_copy(update={"gradient_checkpointing": True})
+    models = models_for(ckpt_cfg, rm_dir)
+    calls = {"train": 0, "eval": 0}
+    # Counted in a part's forward itself: transformers checkpoints the block's forward, and
+    # torch's recomputation runs forwards without their modules' hooks.
+    mlp = transformer_blocks(models.policy)[0].mlp
+    forward = mlp.forward
+
+    def counted(*args, **kwargs):
+        calls["train" if mlp.training else "eval"] += 1
+        return forward(*args, **kwargs)
+
+    mlp.forward = counted
+    train_ppo(ckpt_cfg, models, prompts=prompts, seed=0)
+    # 2 updates x 1 epoch x 2 micro-batches; the policy forward, plus the critic's with a
+    # shared trunk, each recomputed once in the backward pass.
+    forwards = 2 * 2 * (2 if critic_init == "policy" else 1)
+    assert calls["train"] == 2 * forwards
+    assert calls["eval"] > 0  # sampling and scoring ran the block, without recomputation
+    for a, b in zip(plain.policy.parameters(), models.policy.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(plain.critic.parameters(), models.critic.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_kl_budget_stops_early_with_reason(rm_dir, prompts, tmp_path):
     cfg = PPOConfig(**dict(SMALL, total_episodes=32), kl_budget=-1.0)
     summary, logs, _ = run(cfg, rm_dir, prompts, checkpoint=tmp_path / "ckpt.pt")
