@@ -181,13 +181,15 @@ def busy_jiffies() -> tuple[int, int]:
     return sum(f) - idle, sum(f)
 
 
-def run_worker(side: str, python: str, s: dict, out_dir: Path, tag: str) -> dict:
-    """One worker run; also measures how much CPU other processes took meanwhile."""
+def run_worker(side: str, python: str, s: dict, out_dir: Path, tag: str,
+               timeout: float | None = None) -> dict:
+    """One worker run; also measures how much CPU other processes took meanwhile. A worker
+    still running after ``timeout`` seconds is killed and reported as failed."""
     import resource
 
     child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, total0 = busy_jiffies()
-    r = _run_worker(side, python, s, out_dir, tag)
+    r = _run_worker(side, python, s, out_dir, tag, timeout)
     busy1, total1 = busy_jiffies()
     child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     tick = os.sysconf("SC_CLK_TCK")
@@ -198,7 +200,8 @@ def run_worker(side: str, python: str, s: dict, out_dir: Path, tag: str) -> dict
     return r
 
 
-def _run_worker(side: str, python: str, s: dict, out_dir: Path, tag: str) -> dict:
+def _run_worker(side: str, python: str, s: dict, out_dir: Path, tag: str,
+                timeout: float | None) -> dict:
     settings_path, result_path = out_dir / f"{tag}.settings.json", out_dir / f"{tag}.json"
     settings_path.write_text(json.dumps(s, indent=2))
     result_path.unlink(missing_ok=True)
@@ -206,8 +209,13 @@ def _run_worker(side: str, python: str, s: dict, out_dir: Path, tag: str) -> dic
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with open(out_dir / f"{tag}.log", "w") as log:
-        proc = subprocess.run([python, str(WORKERS[side]), str(settings_path), str(result_path)],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc = subprocess.run([python, str(WORKERS[side]), str(settings_path),
+                                   str(result_path)], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{side} worker still running after {timeout:.0f} s, killed; "
+                               f"see {out_dir / tag}.log") from None
     if proc.returncode != 0 or not result_path.exists():
         raise RuntimeError(f"{side} worker failed (rc {proc.returncode}); see {out_dir / tag}.log")
     return json.loads(result_path.read_text())

@@ -7,9 +7,9 @@
 Each run is a subprocess of ``bench/bench_ppo.py``'s workers on its matched settings (GPT-2
 built from config with the demo tokenizer; reward model = its backbone with a fresh head),
 one run per (size, side, precision, decode), in priority order so that a lease cut short still
-has the comparisons that matter: ours and trl at every size in the first precision (bf16),
-ours with the static-cache decode at every size, the 7 B LoRA runs (dynamic, then static
-decode), then the other precisions' pairs (TF32).
+has what issue 12 asks for first: ours and trl at every size in the first precision (bf16),
+ours with the static-cache decode at every size (it compiles: a minute or so each), the 7 B
+LoRA runs (``--lora-decodes``, in order), then the other precisions' pairs (TF32).
 After every run ``bench_gpu.json`` and ``bench_gpu.md`` are rewritten in ``--out``.
 
 For ours it also reports, per phase (generation, scoring = reference/critic/reward forwards,
@@ -77,6 +77,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=400,
                    help="start no new run after this many seconds: the device tool stops a "
                         "command at 600 s, and a 1.2 B run with loading takes 1-2 minutes")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="kill a run still going this many seconds after the start, so the "
+                        "script ends (and packs its logs) before the device tool's limit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench/out/device"))
     p.add_argument("--runs-dir", default=None, help="per-run logs and results (default OUT/runs)")
@@ -180,7 +183,8 @@ def result_batch(result: dict) -> int:
     return result["batch_size"]
 
 
-def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str) -> dict:
+def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
+            timeout: float | None = None) -> dict:
     tag = f"{job['size']}_{job['side']}_{job['precision']}_{job['decode']}"
     if job["kind"] == "lora":
         spec = LORA[job["size"]]
@@ -189,14 +193,14 @@ def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str) -> d
         s.update(arch=spec["arch"], arch_config=spec["arch_config"], lora_r=16,
                  total_episodes=args.episodes or spec["episodes"])
         bench_ppo.WORKERS["ours-lora"] = HERE / "lora_worker.py"
-        r = bench_ppo.run_worker("ours-lora", sys.executable, s, run_dir, tag)
+        r = bench_ppo.run_worker("ours-lora", sys.executable, s, run_dir, tag, timeout)
         r["batch_size"] = s["batch_size"]
         counts = mfu.ModelCounts(**r["counts"], head_bytes=2) if "counts" in r else None
     else:
         size = SIZES[job["size"]]
         policy_dir, rm_dir = models[job["size"]]
         s = settings_for(args, size, policy_dir, rm_dir, job["precision"], job["decode"])
-        r = bench_ppo.run_worker(job["side"], sys.executable, s, run_dir, tag)
+        r = bench_ppo.run_worker(job["side"], sys.executable, s, run_dir, tag, timeout)
         r["batch_size"] = s["batch_size"]
         counts = counts_for(policy_dir, job["precision"]) if job["side"] == "ours" else None
     r.update(job=job, tag=tag)
@@ -263,7 +267,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
         models: dict[str, tuple[str, str]] = {}
         for job in jobs:
-            if time.monotonic() - t_start > args.budget_s:
+            elapsed = time.monotonic() - t_start
+            if elapsed > args.budget_s or (args.deadline_s is not None
+                                           and args.deadline_s - elapsed < 10):
                 report["skipped"].append(job)
                 continue
             if job["kind"] == "pair" and job["size"] not in models:
@@ -273,8 +279,9 @@ def main() -> None:
                 models[job["size"]] = bench_ppo.prepare_models(
                     d, json.dumps(cfg) if cfg else None, args.seed)
             t0 = time.monotonic()
+            timeout = None if args.deadline_s is None else args.deadline_s - (t0 - t_start)
             try:
-                r = run_job(args, job, models, run_dir, dev["name"])
+                r = run_job(args, job, models, run_dir, dev["name"], timeout)
             except RuntimeError as e:  # one failed run leaves the others' results standing
                 report["failed"].append({**job, "error": str(e)})
                 print(f"FAILED {job}: {e}", flush=True)
