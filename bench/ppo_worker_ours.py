@@ -75,7 +75,7 @@ def main(settings_path: str, result_path: str) -> None:
         extra={"final": {k: final.get(k) for k in ("objective/kl", "objective/scores",
                                                   "episode/eos_rate", "episode/length")},
                "perf_updates": perf, "mixed_precision": cfg.mixed_precision,
-               "decode_cache": cfg.decode_cache}))
+               "decode_cache": trainer.decode_cache(cfg, models.policy, device)}))
 
 
 if __name__ == "__main__":

@@ -229,6 +229,16 @@ def grad_scaler(cfg: PPOConfig, device: torch.device) -> torch.amp.GradScaler | 
     return None
 
 
+def decode_cache(cfg: PPOConfig, model: torch.nn.Module, device: torch.device) -> str:
+    """The KV cache ``cfg.decode_cache`` names, with ``auto`` decided: static where
+    transformers compiles the decode step (a CUDA device, a model it marks compilable, no
+    LoRA), else dynamic."""
+    if cfg.decode_cache != "auto":
+        return cfg.decode_cache
+    compilable = getattr(model, "_can_compile_fullgraph", False)
+    return "static" if device.type == "cuda" and compilable and cfg.lora is None else "dynamic"
+
+
 def phase_clock(device: torch.device) -> float:
     """perf_counter after the device's queued work is done: CUDA runs asynchronously, so
     without the sync a phase's time would land in whichever phase next waits on the GPU."""
@@ -256,7 +266,8 @@ def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
         temperature=cfg.temperature, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, with_logprobs=True,
         static_cache_len=(cfg.max_prompt_length + cfg.max_new_tokens
-                          if cfg.decode_cache == "static" else None))
+                          if decode_cache(cfg, models.policy, models.device) == "static"
+                          else None))
     if timings is not None:
         t1 = phase_clock(models.device)
         timings["generation_s"] = t1 - t0

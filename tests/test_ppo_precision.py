@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.loading import load_tokenizer
+from models.loading import load_causal_lm, load_tokenizer
 from tasks.ppo import PPOConfig, _load_prompts, build_models, frozen_dtype, trained_base_dtype
 from tasks.ppo_trainer import make_rollout, train_ppo
 from tasks.base import LoraSettings
@@ -84,6 +84,24 @@ def test_static_cache_decode_samples_what_the_dynamic_one_does(tiny_reward_dir, 
     assert s.response_ids.shape[1] <= 24
     torch.testing.assert_close(d.logprobs, s.logprobs, atol=1e-4, rtol=0)
     torch.testing.assert_close(d.scores, s.scores)
+
+
+def test_auto_decode_cache_is_static_only_where_transformers_compiles_it():
+    """``auto``: static on a CUDA device for a compilable model without LoRA; dynamic on CPU,
+    with LoRA, or for a model transformers does not mark compilable. Explicit values stand."""
+    from tasks.ppo_trainer import decode_cache
+
+    gpt2 = load_causal_lm(BASE)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device name: no GPU needed
+    auto = PPOConfig()
+    assert auto.decode_cache == "auto"
+    assert decode_cache(auto, gpt2, cuda) == "static"
+    assert decode_cache(auto, gpt2, cpu) == "dynamic"
+    assert decode_cache(auto.model_copy(update={"lora": LoraSettings()}), gpt2, cuda) == "dynamic"
+    assert decode_cache(auto, torch.nn.Linear(2, 2), cuda) == "dynamic"  # not compilable
+    for explicit in ("static", "dynamic"):
+        cfg = auto.model_copy(update={"decode_cache": explicit})
+        assert decode_cache(cfg, gpt2, cpu) == decode_cache(cfg, gpt2, cuda) == explicit
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1e3])  # below and above max_norm

@@ -108,7 +108,7 @@ def main(settings_path: str, result_path: str) -> None:
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
         extra={"final": {k: summary["final"].get(k) for k in ("objective/kl", "objective/scores")},
                "perf_updates": perf, "mixed_precision": cfg.mixed_precision,
-               "decode_cache": cfg.decode_cache, "arch": s["arch"],
+               "decode_cache": trainer.decode_cache(cfg, models.policy, device), "arch": s["arch"],
                "arch_config": json.loads(conf.to_json_string()),
                "counts": counts, "base_params_per_copy": n_base, "trained_params": n_trained,
                "cuda_weights_mb": weights_mb if cuda else None}))
