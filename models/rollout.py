@@ -37,13 +37,11 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None     # (B, T)
 
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.query_ids, self.response_ids], 1)  # (B, P+T)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], 1)
+    def episodes(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's prompt and response back to back, left-padded: ids and mask (B, L) with
+        L the longest episode (``left_pad_episodes``), the layout the forwards read."""
+        return left_pad_episodes(self.query_ids, self.query_mask, self.response_ids,
+                                 self.response_mask, width)
 
     def select(self, idx: torch.Tensor, width: int | None = None) -> "Rollout":
         """Rows ``idx`` of every tensor field (for minibatches), with the response columns
@@ -73,6 +71,38 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, left: bool
         ids[i, cols] = torch.tensor(s, dtype=torch.long)
         mask[i, cols] = 1
     return ids, mask
+
+
+def left_pad_episodes(query_ids: torch.Tensor, query_mask: torch.Tensor,
+                      response_ids: torch.Tensor, response_mask: torch.Tensor,
+                      width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt (B, P) and response (B, T) -> each row's real tokens back to back, left-padded:
+    ids and mask (B, L), every episode ending at column L - 1.
+
+    [left-padded prompt | right-padded response] is max(prompt) + max(response) wide; this is
+    max(prompt + response) wide (at least T + 1, so a response always has a column before it):
+    on the demo ~8 % fewer token rows in every forward. Response token t of row i (length r_i)
+    sits at column L - r_i + t. A stable sort of the mask moves the padding to the front and
+    keeps the real tokens in order. ``width``: the longest episode when the caller knows it
+    (on a GPU, reading it off the device waits for all queued work).
+    """
+    ids = torch.cat([query_ids, response_ids], 1)  # (B, P+T)
+    mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], 1)
+    order = torch.sort(mask, dim=1, stable=True).indices  # padding (0) first, then real tokens
+    if width is None:
+        width = int(mask.sum(1).max())
+    width = max(width, response_ids.shape[1] + 1)
+    return ids.gather(1, order)[:, -width:], mask.gather(1, order)[:, -width:]
+
+
+def left_align_responses(x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-token values whose row i holds response token t at column T - r_i + t (the
+    last T columns of ``left_pad_episodes``' layout) -> token t at column t, the rollout's
+    layout. r_i = response_mask[i].sum(); columns t >= r_i (padding) repeat column T - 1."""
+    T = x.shape[1]
+    r = response_mask.sum(1).long()  # (B,)
+    cols = (T - r)[:, None] + torch.arange(T, device=x.device)  # (B, T)
+    return x.gather(1, cols.clamp(max=T - 1))
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None
@@ -135,35 +165,51 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_ne
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    response_len: int, temperature: float = 1.0) -> torch.Tensor:
-    """Logits predicting each response token: (B, P+T) -> (B, T, V).
+    """Logits at the T = ``response_len`` columns before the last: (B, L) -> (B, T, V).
 
-    Logits at column P-1+t predict response token t. Divided by the sampling temperature so
-    that log-probs match the distribution the tokens were drawn from (Huang et al. 2024).
+    Both layouts end every longest response at column L - 1, so these are the logits that
+    predict the last T columns. [prompt | response] (response token t at column P + t): the
+    logits predicting token t. ``left_pad_episodes``' layout: the same, T - r_i columns
+    further right (``left_align_responses`` moves them). Divided by the sampling temperature
+    so that log-probs match the distribution the tokens were drawn from (Huang et al. 2024).
     """
-    # logits_to_keep: project only the last T+1 positions onto the vocabulary; the prompt's
-    # logits are never used and the vocab projection dominates small models' cost.
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=response_len + 1)
-    logits = out.logits[:, -response_len - 1:-1]
-    return logits / temperature
+    # The last column only predicts past the response: it never enters the forward (the
+    # model is causal, so no other position changes). logits_to_keep: project only the kept
+    # positions onto the vocabulary; the vocab projection dominates small models' cost.
+    ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=False, logits_to_keep=response_len)
+    return out.logits[:, -response_len:] / temperature
 
 
 def response_logprobs(model, input_ids, attention_mask, response_ids, temperature: float = 1.0,
-                      with_entropy: bool = False, entropy_grad: bool = True):
+                      with_entropy: bool = False, entropy_grad: bool = True,
+                      response_mask: torch.Tensor | None = None):
     """log pi(response_t | prefix) (B, T), and optionally the per-token entropy (B, T).
 
+    ``input_ids`` (B, L): [left-padded prompt | response_ids], or with ``response_mask`` the
+    ``left_pad_episodes`` layout of the same episodes (fewer columns); either way the result
+    is in the response's layout, token t at column t.
     ``entropy_grad=False`` computes the entropy outside autograd: it is then only a metric,
     and keeping it out of the graph saves its backward (entropy bonus 0, the default).
     """
-    logits = forward_logits(model, input_ids, attention_mask, response_ids.shape[1], temperature)
-    logp = logprobs_from_logits(logits, response_ids)
+    T = response_ids.shape[1]
+    logits = forward_logits(model, input_ids, attention_mask, T, temperature)
+    # Left-padded episodes: the tokens these logits predict are the last T columns.
+    targets = response_ids if response_mask is None else input_ids[:, -T:]
+    logp = logprobs_from_logits(logits, targets)
     if not with_entropy:
-        return logp
+        return _left_aligned(logp, response_mask)
     if entropy_grad:
-        return logp, entropy_from_logits(logits)
-    with torch.no_grad():
-        return logp, entropy_from_logits(logits.detach())
+        ent = entropy_from_logits(logits)
+    else:
+        with torch.no_grad():
+            ent = entropy_from_logits(logits.detach())
+    return _left_aligned(logp, response_mask), _left_aligned(ent, response_mask)
+
+
+def _left_aligned(x: torch.Tensor, response_mask: torch.Tensor | None) -> torch.Tensor:
+    return x if response_mask is None else left_align_responses(x, response_mask)
 
 
 def scalar_head_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -179,9 +225,15 @@ def scalar_head_per_token(model, input_ids: torch.Tensor, attention_mask: torch.
     return model.score(hidden).squeeze(-1)
 
 
-def response_values(critic, input_ids, attention_mask, response_len: int) -> torch.Tensor:
-    """V(s_t) for each response token t: the head at column P-1+t (the state before it)."""
-    return scalar_head_per_token(critic, input_ids, attention_mask)[:, -response_len - 1:-1]
+def response_values(critic, input_ids, attention_mask, response_len: int,
+                    response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """V(s_t) for each response token t, the head at the column before it: (B, T).
+
+    Layouts as in ``response_logprobs`` (with ``response_mask``: ``left_pad_episodes``').
+    The last column (the state after the whole episode) is never computed.
+    """
+    values = scalar_head_per_token(critic, input_ids[:, :-1], attention_mask[:, :-1])
+    return _left_aligned(values[:, -response_len:], response_mask)
 
 
 class SharedTrunkCritic(torch.nn.Module):
