@@ -7,6 +7,7 @@ decide what is real: many tokenizers use EOS as their pad token.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,19 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs (B, V), u (B,) uniform in [0, 1) -> token ids (B,).
+
+    Row b gets the first token whose cumulative probability exceeds u_b * total, so token v
+    is drawn with probability probs[b, v] / total, and a zero-probability token never.
+    One uniform per row, where ``torch.multinomial`` draws an exponential per vocabulary
+    entry (its Gumbel-max fast path): 64 x 720 logs a step, ~20 % of a decode step on CPU.
+    """
+    cdf = probs.float().cumsum(-1)  # (B, V)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)  # (B, 1), below the row's total
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float, eos_token_id: int | None, pad_token_id: int,
@@ -131,28 +145,34 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_ne
 
     Returns response ids (B, T), mask (B, T), ended with EOS (B,), and with ``with_logprobs``
     the log-probs (B, T) of the sampled tokens, read off the logits generation computed
-    anyway (as TRL's PPOTrainer does): one policy forward per rollout saved.
+    anyway (as TRL's PPOTrainer does): one policy forward per rollout saved. T <= max_new_tokens:
+    sampling stops once every row has its EOS, so nothing downstream spends compute on
+    columns that are padding in every row.
 
-    ``static_cache_len``: decode with transformers' static KV cache of at least that many
-    positions (prompt + response). Sized for the longest prompt the run allows, every batch's
-    decode step has the same shapes, so the step transformers compiles on a GPU is compiled
-    once, not once per prompt width. None: the default dynamic cache.
+    ``static_cache_len``: decode through ``model.generate`` with transformers' static KV cache
+    of at least that many positions (prompt + response). Sized for the longest prompt the
+    run allows, every batch's decode step has the same shapes, so the step transformers
+    compiles on a GPU is compiled once, not once per prompt width. None: ``decode``, our
+    loop over the model's dynamic cache, which drops finished rows.
     """
-    cache = {}
-    if static_cache_len is not None:
-        cache["cache_implementation"] = "static"
-        # generation_config.max_cache_len (transformers >= 5.2x) sizes the cache for the
-        # worst case; older versions size it per call (max of this and earlier calls).
-        if hasattr(model.generation_config, "max_cache_len"):
-            cache["max_cache_len"] = static_cache_len
+    if static_cache_len is None:
+        response, logp = decode(model, query_ids, query_mask, max_new_tokens=max_new_tokens,
+                                temperature=temperature, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id)
+        mask, ended = response_mask_from_ids(response, eos_token_id)
+        mask = mask.to(query_mask.device)
+        return (response, mask, ended, logp * mask) if with_logprobs else (response, mask, ended)
+    cache = {"cache_implementation": "static"}
+    # generation_config.max_cache_len (transformers >= 5.2x) sizes the cache for the
+    # worst case; older versions size it per call (max of this and earlier calls).
+    if hasattr(model.generation_config, "max_cache_len"):
+        cache["max_cache_len"] = static_cache_len
     out = model.generate(
         input_ids=query_ids, attention_mask=query_mask, do_sample=True, top_k=0, top_p=1.0,
         temperature=temperature, max_new_tokens=max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
         return_dict_in_generate=True, output_logits=with_logprobs, **cache,
     )
-    # generate stops once every row has ended, so T <= max_new_tokens: nothing downstream
-    # spends compute on columns that are padding in every row.
     response = out.sequences[:, query_ids.shape[1]:]
     mask, ended = response_mask_from_ids(response, eos_token_id)
     response = response.masked_fill(mask == 0, pad_token_id)
@@ -161,6 +181,61 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_ne
         return response, mask, ended
     logits = torch.stack(out.logits, 1) / temperature  # (B, T, V) raw logits, not processed
     return response, mask, ended, logprobs_from_logits(logits, response) * mask
+
+
+@torch.no_grad()
+def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
+           temperature: float, eos_token_id: int | None, pad_token_id: int,
+           drop_finished: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample responses token by token with the KV cache: (B, P) prompts -> ids (B, T), pad
+    after each row's EOS, and their log-probs (B, T) (0 there).
+
+    Rows that have sampled their EOS leave the batch (``Cache.batch_select_indices``), where
+    ``model.generate`` keeps computing all B rows until the last one ends: on the demo a
+    response is ~11 tokens and a batch runs ~17 steps. Every step draws one uniform per
+    batch row, finished or not, so a row's tokens do not depend on which rows are still in
+    the batch (``drop_finished=False`` samples the same tokens; a cache without
+    ``batch_select_indices`` keeps every row).
+    """
+    from transformers import DynamicCache
+
+    B, device = query_ids.shape[0], query_ids.device
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(B, max_new_tokens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # batch rows in the cache, in its order
+    mask, positions = query_mask, position_ids_from_mask(query_mask)
+    cache = DynamicCache(config=model.config)
+    # transformers 5.24 names the argument ``cache`` (``past_key_values`` warns, and goes in
+    # 5.40); 5.17, the GPU image's, knows only ``past_key_values``; peft's forward takes
+    # **kwargs and passes either on. Drop the fallback once no supported version lacks it.
+    cache_arg = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                 else "past_key_values")
+    out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+    positions = positions[:, -1:]  # (n, 1)
+    steps = 0
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, -1)  # (n, V)
+        u = torch.rand(B, device=device)[rows]  # (n,) one draw per batch row
+        tok = sample_from_probs(logp.exp(), u)  # (n,)
+        live = ~done[rows]  # rows kept without batch_select_indices may have ended
+        tokens[rows[live], t] = tok[live]
+        logps[rows[live], t] = logp.gather(1, tok[:, None]).squeeze(1)[live]
+        steps = t + 1
+        if eos_token_id is not None:
+            done[rows] |= tok == eos_token_id
+        if steps == max_new_tokens or bool(done.all()):
+            break
+        if drop_finished and hasattr(cache, "batch_select_indices") and bool(done[rows].any()):
+            keep = (~done[rows]).nonzero().squeeze(1)  # (n',)
+            cache.batch_select_indices(keep)
+            rows, mask, positions, tok = rows[keep], mask[keep], positions[keep], tok[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)  # (n, P + t + 1)
+        positions = positions + 1
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions,
+                    use_cache=True, **{cache_arg: cache})
+    return tokens[:, :steps], logps[:, :steps]
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -244,3 +244,18 @@ def test_left_align_responses_by_hand():
     rm = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     # row 0 (2 tokens) ends at the last column: tokens at 2, 3; padding repeats column 3
     assert left_align_responses(x, rm).tolist() == [[12, 13, 13, 13], [20, 21, 22, 23]]
+
+
+def test_sample_from_probs_by_hand():
+    from models.rollout import sample_from_probs
+
+    probs = torch.tensor([[0.2, 0.5, 0.3]]).expand(6, 3)
+    u = torch.tensor([0.0, 0.19, 0.2, 0.69, 0.7, 0.999])  # cdf 0.2, 0.7, 1.0
+    assert sample_from_probs(probs, u).tolist() == [0, 0, 1, 1, 2, 2]
+    # a zero-probability token is never drawn, even at u = 0; unnormalised rows are scaled
+    assert sample_from_probs(torch.tensor([[0.0, 2.0, 2.0]]), torch.tensor([0.0])).tolist() == [1]
+    assert sample_from_probs(torch.tensor([[0.0, 2.0, 2.0]]), torch.tensor([0.5])).tolist() == [2]
+    # an even grid of 1000 uniforms lands in proportion to the probabilities
+    grid = (torch.arange(1000) + 0.5) / 1000
+    drawn = sample_from_probs(torch.tensor([[0.1, 0.6, 0.3]]).expand(1000, 3), grid)
+    assert torch.bincount(drawn, minlength=3).tolist() == [100, 600, 300]

@@ -332,6 +332,33 @@ def test_left_padded_episodes_give_the_same_logprobs_and_values(tok, prompts):
         assert torch.allclose(a * mask, b * mask, atol=1e-5)
 
 
+def test_decode_drops_finished_rows_without_changing_samples(tok, prompts):
+    """Finished rows leave the batch: the same seed samples the same tokens as keeping every
+    row (one uniform per batch row and step), log-probs equal to float noise, pad after EOS,
+    and the loop stops once every row has its EOS."""
+    from models.loading import load_causal_lm
+    from models.rollout import decode, pad_sequences, response_mask_from_ids
+
+    policy = load_causal_lm(BASE).eval()
+    q, qm = pad_sequences(prompts[:16], tok.pad_token_id, left=True)
+    out = {}
+    for drop in (True, False):
+        torch.manual_seed(1)
+        out[drop] = decode(policy, q, qm, max_new_tokens=24, temperature=0.9,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           drop_finished=drop)
+    (ids, logp), (ids_all, logp_all) = out[True], out[False]
+    assert torch.equal(ids, ids_all)
+    torch.testing.assert_close(logp, logp_all, atol=1e-5, rtol=0)
+    mask, ended = response_mask_from_ids(ids, tok.eos_token_id)
+    lengths = mask.sum(1)
+    assert lengths.min() < lengths.max()  # rows did finish at different steps
+    if ended.all():
+        assert lengths.max() == ids.shape[1] < 24  # no column after the last EOS
+    assert (ids[mask == 0] == tok.pad_token_id).all() and (logp[mask == 0] == 0).all()
+    assert (logp[mask == 1] < 0).all()
+
+
 def test_trainer_imports_without_prefect_or_mlflow():
     """A GPU box may have torch, transformers and pydantic only: the trainer and the stage
     module must import without Prefect or MLflow (mlflow is imported inside run_ppo)."""
