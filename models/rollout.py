@@ -207,9 +207,10 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
     mask, positions = query_mask, position_ids_from_mask(query_mask)
     cache = DynamicCache(config=model.config)
     # transformers 5.24 names the argument ``cache`` (``past_key_values`` warns, and goes in
-    # 5.40); 5.17, the GPU image's, knows only ``past_key_values``; peft's forward takes
-    # **kwargs and passes either on. Drop the fallback once no supported version lacks it.
-    cache_arg = ("cache" if "cache" in inspect.signature(model.forward).parameters
+    # 5.40); 5.17, the GPU image's, knows only ``past_key_values``. peft passes either on
+    # to its base model, so ask that one. Drop the fallback once no supported version lacks it.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_arg = ("cache" if "cache" in inspect.signature(base.forward).parameters
                  else "past_key_values")
     out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1, **{cache_arg: cache})
