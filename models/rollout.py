@@ -221,8 +221,8 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
         u = torch.rand(B, device=device)[rows]  # (n,) one draw per batch row
         tok = sample_from_probs(logp.exp(), u)  # (n,)
         live = ~done[rows]  # rows kept without batch_select_indices may have ended
-        tokens[rows[live], t] = tok[live]
-        logps[rows[live], t] = logp.gather(1, tok[:, None]).squeeze(1)[live]
+        tokens[rows, t] = torch.where(live, tok, pad_token_id)
+        logps[rows, t] = torch.where(live, logp.gather(1, tok[:, None]).squeeze(1), 0.0)
         steps = t + 1
         if eos_token_id is not None:
             done[rows] |= tok == eos_token_id
