@@ -7,6 +7,7 @@ decide what is real: many tokenizers use EOS as their pad token.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -37,13 +38,11 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None     # (B, T)
 
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.query_ids, self.response_ids], 1)  # (B, P+T)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.query_mask, self.response_mask.to(self.query_mask.dtype)], 1)
+    def episodes(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's prompt and response back to back, left-padded: ids and mask (B, L) with
+        L the longest episode (``left_pad_episodes``), the layout the forwards read."""
+        return left_pad_episodes(self.query_ids, self.query_mask, self.response_ids,
+                                 self.response_mask, width)
 
     def select(self, idx: torch.Tensor, width: int | None = None) -> "Rollout":
         """Rows ``idx`` of every tensor field (for minibatches), with the response columns
@@ -75,6 +74,38 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, left: bool
     return ids, mask
 
 
+def left_pad_episodes(query_ids: torch.Tensor, query_mask: torch.Tensor,
+                      response_ids: torch.Tensor, response_mask: torch.Tensor,
+                      width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt (B, P) and response (B, T) -> each row's real tokens back to back, left-padded:
+    ids and mask (B, L), every episode ending at column L - 1.
+
+    [left-padded prompt | right-padded response] is max(prompt) + max(response) wide; this is
+    max(prompt + response) wide (at least T + 1, so a response always has a column before it):
+    on the demo ~8 % fewer token rows in every forward. Response token t of row i (length r_i)
+    sits at column L - r_i + t. A stable sort of the mask moves the padding to the front and
+    keeps the real tokens in order. ``width``: the longest episode when the caller knows it
+    (on a GPU, reading it off the device waits for all queued work).
+    """
+    ids = torch.cat([query_ids, response_ids], 1)  # (B, P+T)
+    mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], 1)
+    order = torch.sort(mask, dim=1, stable=True).indices  # padding (0) first, then real tokens
+    if width is None:
+        width = int(mask.sum(1).max())
+    width = max(width, response_ids.shape[1] + 1)
+    return ids.gather(1, order)[:, -width:], mask.gather(1, order)[:, -width:]
+
+
+def left_align_responses(x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-token values whose row i holds response token t at column T - r_i + t (the
+    last T columns of ``left_pad_episodes``' layout) -> token t at column t, the rollout's
+    layout. r_i = response_mask[i].sum(); columns t >= r_i (padding) repeat column T - 1."""
+    T = x.shape[1]
+    r = response_mask.sum(1).long()  # (B,)
+    cols = (T - r)[:, None] + torch.arange(T, device=x.device)  # (B, T)
+    return x.gather(1, cols.clamp(max=T - 1))
+
+
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids -> mask 1 up to and including the first EOS, and whether EOS occurred."""
@@ -92,6 +123,19 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs (B, V), u (B,) uniform in [0, 1) -> token ids (B,).
+
+    Row b gets the first token whose cumulative probability exceeds u_b * total, so token v
+    is drawn with probability probs[b, v] / total, and a zero-probability token never.
+    One uniform per row, where ``torch.multinomial`` draws an exponential per vocabulary
+    entry (its Gumbel-max fast path): 64 x 720 logs a step, ~20 % of a decode step on CPU.
+    """
+    cdf = probs.float().cumsum(-1)  # (B, V)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)  # (B, 1), below the row's total
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float, eos_token_id: int | None, pad_token_id: int,
@@ -101,28 +145,34 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_ne
 
     Returns response ids (B, T), mask (B, T), ended with EOS (B,), and with ``with_logprobs``
     the log-probs (B, T) of the sampled tokens, read off the logits generation computed
-    anyway (as TRL's PPOTrainer does): one policy forward per rollout saved.
+    anyway (as TRL's PPOTrainer does): one policy forward per rollout saved. T <= max_new_tokens:
+    sampling stops once every row has its EOS, so nothing downstream spends compute on
+    columns that are padding in every row.
 
-    ``static_cache_len``: decode with transformers' static KV cache of at least that many
-    positions (prompt + response). Sized for the longest prompt the run allows, every batch's
-    decode step has the same shapes, so the step transformers compiles on a GPU is compiled
-    once, not once per prompt width. None: the default dynamic cache.
+    ``static_cache_len``: decode through ``model.generate`` with transformers' static KV cache
+    of at least that many positions (prompt + response). Sized for the longest prompt the
+    run allows, every batch's decode step has the same shapes, so the step transformers
+    compiles on a GPU is compiled once, not once per prompt width. None: ``decode``, our
+    loop over the model's dynamic cache, which drops finished rows.
     """
-    cache = {}
-    if static_cache_len is not None:
-        cache["cache_implementation"] = "static"
-        # generation_config.max_cache_len (transformers >= 5.2x) sizes the cache for the
-        # worst case; older versions size it per call (max of this and earlier calls).
-        if hasattr(model.generation_config, "max_cache_len"):
-            cache["max_cache_len"] = static_cache_len
+    if static_cache_len is None:
+        response, logp = decode(model, query_ids, query_mask, max_new_tokens=max_new_tokens,
+                                temperature=temperature, eos_token_id=eos_token_id,
+                                pad_token_id=pad_token_id)
+        mask, ended = response_mask_from_ids(response, eos_token_id)
+        mask = mask.to(query_mask.device)
+        return (response, mask, ended, logp * mask) if with_logprobs else (response, mask, ended)
+    cache = {"cache_implementation": "static"}
+    # generation_config.max_cache_len (transformers >= 5.2x) sizes the cache for the
+    # worst case; older versions size it per call (max of this and earlier calls).
+    if hasattr(model.generation_config, "max_cache_len"):
+        cache["max_cache_len"] = static_cache_len
     out = model.generate(
         input_ids=query_ids, attention_mask=query_mask, do_sample=True, top_k=0, top_p=1.0,
         temperature=temperature, max_new_tokens=max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
         return_dict_in_generate=True, output_logits=with_logprobs, **cache,
     )
-    # generate stops once every row has ended, so T <= max_new_tokens: nothing downstream
-    # spends compute on columns that are padding in every row.
     response = out.sequences[:, query_ids.shape[1]:]
     mask, ended = response_mask_from_ids(response, eos_token_id)
     response = response.masked_fill(mask == 0, pad_token_id)
@@ -133,37 +183,109 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_ne
     return response, mask, ended, logprobs_from_logits(logits, response) * mask
 
 
+@torch.no_grad()
+def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
+           temperature: float, eos_token_id: int | None, pad_token_id: int,
+           drop_finished: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample responses token by token with the KV cache: (B, P) prompts -> ids (B, T), pad
+    after each row's EOS, and their log-probs (B, T) (0 there).
+
+    Rows that have sampled their EOS leave the batch (``Cache.batch_select_indices``), where
+    ``model.generate`` keeps computing all B rows until the last one ends: on the demo a
+    response is ~11 tokens and a batch runs ~17 steps. Every step draws one uniform per
+    batch row, finished or not, so a row's tokens do not depend on which rows are still in
+    the batch (``drop_finished=False`` samples the same tokens; a cache without
+    ``batch_select_indices`` keeps every row).
+    """
+    from transformers import DynamicCache
+
+    B, device = query_ids.shape[0], query_ids.device
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(B, max_new_tokens, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # batch rows in the cache, in its order
+    mask, positions = query_mask, position_ids_from_mask(query_mask)
+    cache = DynamicCache(config=model.config)
+    # transformers 5.24 names the argument ``cache`` (``past_key_values`` warns, and goes in
+    # 5.40); 5.17, the GPU image's, knows only ``past_key_values``. peft passes either on
+    # to its base model, so ask that one. Drop the fallback once no supported version lacks it.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_arg = ("cache" if "cache" in inspect.signature(base.forward).parameters
+                 else "past_key_values")
+    out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+    positions = positions[:, -1:]  # (n, 1)
+    steps = 0
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, -1)  # (n, V)
+        u = torch.rand(B, device=device)[rows]  # (n,) one draw per batch row
+        tok = sample_from_probs(logp.exp(), u)  # (n,)
+        live = ~done[rows]  # rows kept without batch_select_indices may have ended
+        tokens[rows, t] = torch.where(live, tok, pad_token_id)
+        logps[rows, t] = torch.where(live, logp.gather(1, tok[:, None]).squeeze(1), 0.0)
+        steps = t + 1
+        if eos_token_id is not None:
+            done[rows] |= tok == eos_token_id
+        if steps == max_new_tokens or bool(done.all()):
+            break
+        if drop_finished and hasattr(cache, "batch_select_indices") and bool(done[rows].any()):
+            keep = (~done[rows]).nonzero().squeeze(1)  # (n',)
+            cache.batch_select_indices(keep)
+            rows, mask, positions, tok = rows[keep], mask[keep], positions[keep], tok[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)  # (n, P + t + 1)
+        positions = positions + 1
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions,
+                    use_cache=True, **{cache_arg: cache})
+    return tokens[:, :steps], logps[:, :steps]
+
+
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    response_len: int, temperature: float = 1.0) -> torch.Tensor:
-    """Logits predicting each response token: (B, P+T) -> (B, T, V).
+    """Logits at the T = ``response_len`` columns before the last: (B, L) -> (B, T, V).
 
-    Logits at column P-1+t predict response token t. Divided by the sampling temperature so
-    that log-probs match the distribution the tokens were drawn from (Huang et al. 2024).
+    Both layouts end every longest response at column L - 1, so these are the logits that
+    predict the last T columns. [prompt | response] (response token t at column P + t): the
+    logits predicting token t. ``left_pad_episodes``' layout: the same, T - r_i columns
+    further right (``left_align_responses`` moves them). Divided by the sampling temperature
+    so that log-probs match the distribution the tokens were drawn from (Huang et al. 2024).
     """
-    # logits_to_keep: project only the last T+1 positions onto the vocabulary; the prompt's
-    # logits are never used and the vocab projection dominates small models' cost.
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=response_len + 1)
-    logits = out.logits[:, -response_len - 1:-1]
-    return logits / temperature
+    # The last column only predicts past the response: it never enters the forward (the
+    # model is causal, so no other position changes). logits_to_keep: project only the kept
+    # positions onto the vocabulary; the vocab projection dominates small models' cost.
+    ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=False, logits_to_keep=response_len)
+    return out.logits[:, -response_len:] / temperature
 
 
 def response_logprobs(model, input_ids, attention_mask, response_ids, temperature: float = 1.0,
-                      with_entropy: bool = False, entropy_grad: bool = True):
+                      with_entropy: bool = False, entropy_grad: bool = True,
+                      response_mask: torch.Tensor | None = None):
     """log pi(response_t | prefix) (B, T), and optionally the per-token entropy (B, T).
 
+    ``input_ids`` (B, L): [left-padded prompt | response_ids], or with ``response_mask`` the
+    ``left_pad_episodes`` layout of the same episodes (fewer columns); either way the result
+    is in the response's layout, token t at column t.
     ``entropy_grad=False`` computes the entropy outside autograd: it is then only a metric,
     and keeping it out of the graph saves its backward (entropy bonus 0, the default).
     """
-    logits = forward_logits(model, input_ids, attention_mask, response_ids.shape[1], temperature)
-    logp = logprobs_from_logits(logits, response_ids)
+    T = response_ids.shape[1]
+    logits = forward_logits(model, input_ids, attention_mask, T, temperature)
+    # Left-padded episodes: the tokens these logits predict are the last T columns.
+    targets = response_ids if response_mask is None else input_ids[:, -T:]
+    logp = logprobs_from_logits(logits, targets)
     if not with_entropy:
-        return logp
+        return _left_aligned(logp, response_mask)
     if entropy_grad:
-        return logp, entropy_from_logits(logits)
-    with torch.no_grad():
-        return logp, entropy_from_logits(logits.detach())
+        ent = entropy_from_logits(logits)
+    else:
+        with torch.no_grad():
+            ent = entropy_from_logits(logits.detach())
+    return _left_aligned(logp, response_mask), _left_aligned(ent, response_mask)
+
+
+def _left_aligned(x: torch.Tensor, response_mask: torch.Tensor | None) -> torch.Tensor:
+    return x if response_mask is None else left_align_responses(x, response_mask)
 
 
 def scalar_head_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -179,9 +301,15 @@ def scalar_head_per_token(model, input_ids: torch.Tensor, attention_mask: torch.
     return model.score(hidden).squeeze(-1)
 
 
-def response_values(critic, input_ids, attention_mask, response_len: int) -> torch.Tensor:
-    """V(s_t) for each response token t: the head at column P-1+t (the state before it)."""
-    return scalar_head_per_token(critic, input_ids, attention_mask)[:, -response_len - 1:-1]
+def response_values(critic, input_ids, attention_mask, response_len: int,
+                    response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """V(s_t) for each response token t, the head at the column before it: (B, T).
+
+    Layouts as in ``response_logprobs`` (with ``response_mask``: ``left_pad_episodes``').
+    The last column (the state after the whole episode) is never computed.
+    """
+    values = scalar_head_per_token(critic, input_ids[:, :-1], attention_mask[:, :-1])
+    return _left_aligned(values[:, -response_len:], response_mask)
 
 
 class SharedTrunkCritic(torch.nn.Module):

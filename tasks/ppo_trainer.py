@@ -27,7 +27,8 @@ from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, co
                         explained_variance, kl_estimate, masked_mean, masked_whiten,
                         policy_loss, value_loss)
 from models.reward import RewardNorm, score_sequences
-from models.rollout import Rollout, generate, pad_sequences, response_logprobs, response_values
+from models.rollout import (Rollout, generate, left_pad_episodes, pad_sequences,
+                            response_logprobs, response_values)
 from tasks.distributed import DataParallel
 
 if TYPE_CHECKING:  # tasks.ppo imports this module for run_ppo; the config is only a type here
@@ -271,11 +272,13 @@ def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
     if timings is not None:
         t1 = phase_clock(models.device)
         timings["generation_s"] = t1 - t0
-    ids = torch.cat([query_ids, response], 1)  # (B, P+T)
-    attn = torch.cat([query_mask, rmask.long()], 1)
+    # (B, L) episodes back to back, left-padded: no padding between prompt and response.
+    ids, attn = left_pad_episodes(query_ids, query_mask, response, rmask)
     with models.reference_view() as ref:
-        ref_logp = response_logprobs(ref, ids, attn, response, cfg.temperature)  # (B, T)
-    values = response_values(models.critic, ids, attn, response.shape[1]).float()  # (B, T)
+        ref_logp = response_logprobs(ref, ids, attn, response, cfg.temperature,
+                                     response_mask=rmask)  # (B, T)
+    values = response_values(models.critic, ids, attn, response.shape[1],
+                             response_mask=rmask).float()  # (B, T)
     with models.reward_model_view() as rm:
         scores = models.reward_norm.normalize(score_sequences(rm, ids, attn).float())  # (B,)
     if cfg.reward_clip is not None:
@@ -343,6 +346,7 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
     micro = mini // accum
     params = models.trainable_params()
     lengths = ro.response_mask.sum(1).cpu()  # (B,) real response tokens per row
+    episode_lengths = lengths + ro.query_mask.sum(1).cpu()  # (B,) prompt + response
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
         for start in range(0, B, mini):
@@ -351,13 +355,14 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                 rows = perm[m:m + micro]
                 mb = ro.select(rows.to(ro.response_ids.device),
                                width=max(int(lengths[rows].max()), 1))
-                ids, attn = mb.input_ids, mb.attention_mask
+                ids, attn = mb.episodes(width=int(episode_lengths[rows].max()))  # (B, L)
                 with autocast(cfg, ids.device):
                     logp, ent = response_logprobs(models.policy, ids, attn, mb.response_ids,
                                                   cfg.temperature, with_entropy=True,
-                                                  entropy_grad=cfg.ent_coef != 0)
-                    vpred = response_values(models.critic, ids, attn,
-                                            mb.response_ids.shape[1]).float()
+                                                  entropy_grad=cfg.ent_coef != 0,
+                                                  response_mask=mb.response_mask)
+                    vpred = response_values(models.critic, ids, attn, mb.response_ids.shape[1],
+                                            response_mask=mb.response_mask).float()
                 pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
                 vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask,
                                        cfg.clip_range_value)

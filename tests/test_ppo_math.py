@@ -218,3 +218,44 @@ def test_pad_sequences_left_and_right():
     assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     ids, mask = pad_sequences([[], []], pad_id=0, left=False)  # nothing: one padding column
     assert ids.shape == (2, 1) and mask.sum() == 0
+
+
+def test_left_pad_episodes_by_hand():
+    from models.rollout import left_pad_episodes
+
+    q = torch.tensor([[0, 0, 5], [0, 8, 9]])  # left-padded prompts (pad 0)
+    qm = torch.tensor([[0, 0, 1], [0, 1, 1]])
+    r = torch.tensor([[3, 4, 6], [2, 1, 1]])  # right-padded responses (pad 1)
+    rm = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    ids, mask = left_pad_episodes(q, qm, r, rm)
+    # episodes 5 3 4 6 and 8 9 2: 4 columns, not 3 + 3; the padding keeps its own ids
+    assert ids.tolist() == [[5, 3, 4, 6], [1, 8, 9, 2]]
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
+    # at least T + 1 columns, so the first response token has a column before it
+    ids, mask = left_pad_episodes(torch.tensor([[5]]), torch.tensor([[1]]),
+                                  torch.tensor([[3, 1]]), torch.tensor([[1.0, 0.0]]))
+    assert ids.tolist() == [[1, 5, 3]] and mask.tolist() == [[0, 1, 1]]
+
+
+def test_left_align_responses_by_hand():
+    from models.rollout import left_align_responses
+
+    x = torch.tensor([[10.0, 11.0, 12.0, 13.0], [20.0, 21.0, 22.0, 23.0]])
+    rm = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # row 0 (2 tokens) ends at the last column: tokens at 2, 3; padding repeats column 3
+    assert left_align_responses(x, rm).tolist() == [[12, 13, 13, 13], [20, 21, 22, 23]]
+
+
+def test_sample_from_probs_by_hand():
+    from models.rollout import sample_from_probs
+
+    probs = torch.tensor([[0.2, 0.5, 0.3]]).expand(6, 3)
+    u = torch.tensor([0.0, 0.19, 0.2, 0.69, 0.7, 0.999])  # cdf 0.2, 0.7, 1.0
+    assert sample_from_probs(probs, u).tolist() == [0, 0, 1, 1, 2, 2]
+    # a zero-probability token is never drawn, even at u = 0; unnormalised rows are scaled
+    assert sample_from_probs(torch.tensor([[0.0, 2.0, 2.0]]), torch.tensor([0.0])).tolist() == [1]
+    assert sample_from_probs(torch.tensor([[0.0, 2.0, 2.0]]), torch.tensor([0.5])).tolist() == [2]
+    # an even grid of 1000 uniforms lands in proportion to the probabilities
+    grid = (torch.arange(1000) + 0.5) / 1000
+    drawn = sample_from_probs(torch.tensor([[0.1, 0.6, 0.3]]).expand(1000, 3), grid)
+    assert torch.bincount(drawn, minlength=3).tolist() == [100, 600, 300]

@@ -301,6 +301,64 @@ def test_generation_logprobs_match_a_full_forward(tok, prompts):
     assert torch.allclose(logp, full, atol=1e-4)
 
 
+def test_left_padded_episodes_give_the_same_logprobs_and_values(tok, prompts):
+    """The trainer's forwards read episodes back to back (``left_pad_episodes``, fewer
+    columns); log-probs, entropy and values at real response tokens must be those of the
+    [prompt | response] layout, up to float summation order."""
+    from models.loading import load_causal_lm
+    from models.rollout import (SharedTrunkCritic, generate, left_pad_episodes, pad_sequences,
+                                response_logprobs, response_values)
+
+    policy = load_causal_lm(BASE).eval()
+    critic = SharedTrunkCritic(policy).eval()
+    torch.nn.init.normal_(critic.score.weight)  # non-zero values to compare
+    q, qm = pad_sequences(prompts[:16], tok.pad_token_id, left=True)
+    torch.manual_seed(0)
+    resp, mask, _ = generate(policy, q, qm, max_new_tokens=16, temperature=1.0,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert 0 < mask.sum() < mask.numel()  # responses of several lengths
+    ids, attn = torch.cat([q, resp], 1), torch.cat([qm, mask.long()], 1)
+    eids, eattn = left_pad_episodes(q, qm, resp, mask)
+    assert eids.shape[1] < ids.shape[1]
+    T = resp.shape[1]
+    with torch.no_grad():
+        lp, ent = response_logprobs(policy, ids, attn, resp, 0.7, with_entropy=True)
+        elp, eent = response_logprobs(policy, eids, eattn, resp, 0.7, with_entropy=True,
+                                      response_mask=mask)
+        v = response_values(critic, ids, attn, T)
+        ev = response_values(critic, eids, eattn, T, response_mask=mask)
+    for a, b in ((lp, elp), (ent, eent), (v, ev)):
+        assert a.shape == b.shape == mask.shape
+        assert torch.allclose(a * mask, b * mask, atol=1e-5)
+
+
+def test_decode_drops_finished_rows_without_changing_samples(tok, prompts):
+    """Finished rows leave the batch: the same seed samples the same tokens as keeping every
+    row (one uniform per batch row and step), log-probs equal to float noise, pad after EOS,
+    and the loop stops once every row has its EOS."""
+    from models.loading import load_causal_lm
+    from models.rollout import decode, pad_sequences, response_mask_from_ids
+
+    policy = load_causal_lm(BASE).eval()
+    q, qm = pad_sequences(prompts[:16], tok.pad_token_id, left=True)
+    out = {}
+    for drop in (True, False):
+        torch.manual_seed(1)
+        out[drop] = decode(policy, q, qm, max_new_tokens=24, temperature=0.9,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           drop_finished=drop)
+    (ids, logp), (ids_all, logp_all) = out[True], out[False]
+    assert torch.equal(ids, ids_all)
+    torch.testing.assert_close(logp, logp_all, atol=1e-5, rtol=0)
+    mask, ended = response_mask_from_ids(ids, tok.eos_token_id)
+    lengths = mask.sum(1)
+    assert lengths.min() < lengths.max()  # rows did finish at different steps
+    if ended.all():
+        assert lengths.max() == ids.shape[1] < 24  # no column after the last EOS
+    assert (ids[mask == 0] == tok.pad_token_id).all() and (logp[mask == 0] == 0).all()
+    assert (logp[mask == 1] < 0).all()
+
+
 def test_trainer_imports_without_prefect_or_mlflow():
     """A GPU box may have torch, transformers and pydantic only: the trainer and the stage
     module must import without Prefect or MLflow (mlflow is imported inside run_ppo)."""

@@ -69,21 +69,36 @@ def test_bf16_holds_frozen_models_in_bf16_and_trains_close_to_fp32(tiny_reward_d
         assert abs(a["score"] - b["score"]) < 0.01, (a, b)
 
 
-def test_static_cache_decode_samples_what_the_dynamic_one_does(tiny_reward_dir, prompts):
-    """Same seed: the same tokens, the same stop (generate ends once every row has its EOS;
-    response columns past that are never produced), log-probs equal to float noise."""
-    out = {}
-    for cache in ("dynamic", "static"):
-        cfg = PPOConfig(**dict(SMALL, max_new_tokens=24), mixed_precision="no", decode_cache=cache)
-        models = build_models(cfg, BASE, tiny_reward_dir, torch.device("cpu"))
-        torch.manual_seed(3)
-        out[cache] = make_rollout(cfg, models, prompts[:8], beta=0.05)
-    d, s = out["dynamic"], out["static"]
-    assert torch.equal(d.response_ids, s.response_ids)
-    assert torch.equal(d.response_mask, s.response_mask)
+def test_static_cache_decode_samples_what_generate_does(tiny_reward_dir, prompts):
+    """``decode_cache: static`` samples through ``model.generate`` (whose static decode step a
+    GPU compiles): same seed, the tokens of ``model.generate`` with its default cache, the
+    same stop (every row's EOS), and log-probs equal to a fresh forward's up to float noise.
+    The default dynamic path (``models.rollout.decode``) draws its own samples: tested in
+    tests/test_ppo_options.py."""
+    from models.rollout import (left_pad_episodes, pad_sequences, response_logprobs,
+                                response_mask_from_ids)
+
+    cfg = PPOConfig(**dict(SMALL, max_new_tokens=24), mixed_precision="no",
+                    decode_cache="static")
+    models = build_models(cfg, BASE, tiny_reward_dir, torch.device("cpu"))
+    tok = models.tokenizer
+    torch.manual_seed(3)
+    s = make_rollout(cfg, models, prompts[:8], beta=0.05)
+    q, qm = pad_sequences(prompts[:8], tok.pad_token_id, left=True)
+    torch.manual_seed(3)
+    out = models.policy.generate(input_ids=q, attention_mask=qm, do_sample=True, top_k=0,
+                                 top_p=1.0, temperature=cfg.temperature, max_new_tokens=24,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    response = out[:, q.shape[1]:]
+    mask, _ = response_mask_from_ids(response, tok.eos_token_id)
+    assert torch.equal(s.response_ids, response.masked_fill(mask == 0, tok.pad_token_id))
+    assert torch.equal(s.response_mask, mask)
     assert s.response_ids.shape[1] <= 24
-    torch.testing.assert_close(d.logprobs, s.logprobs, atol=1e-4, rtol=0)
-    torch.testing.assert_close(d.scores, s.scores)
+    ids, attn = left_pad_episodes(q, qm, s.response_ids, s.response_mask)
+    with torch.no_grad():
+        full = response_logprobs(models.policy, ids, attn, s.response_ids, cfg.temperature,
+                                 response_mask=s.response_mask) * s.response_mask
+    torch.testing.assert_close(s.logprobs, full, atol=1e-4, rtol=0)
 
 
 def test_auto_decode_cache_is_static_only_where_transformers_compiles_it():
