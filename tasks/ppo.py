@@ -93,6 +93,13 @@ class PPOConfig(StageConfig):
     with adapters disabled: no second copy of either base's weights."""
     freeze_layers: int = 0
     """Freeze the input embeddings and the first N transformer blocks of policy and critic."""
+    auto_micro_batch: bool = False
+    """On a GPU out-of-memory error in a mini-batch, redo it in smaller micro-batches (the
+    next divisor of mini_batch_size above gradient_accumulation_steps) and keep that split
+    for the rest of the run (checkpointed; logged as ``ppo/perf/accumulation``): the largest
+    micro-batch that fits, found by trying, as transformers' ``auto_find_batch_size`` does.
+    One process only. The loss is then the mean over more, smaller micro-batches, as if that
+    gradient_accumulation_steps had been set from the start."""
     gradient_checkpointing: bool = False
     """Recompute the policy's and critic's block activations in the backward pass instead of
     storing them: activation memory of one block instead of all, for about one more forward

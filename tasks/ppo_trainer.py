@@ -14,6 +14,7 @@ loading, MLflow) is ``tasks/ppo.py``; the math is ``models/ppo.py``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -30,6 +31,8 @@ from models.reward import RewardNorm, score_sequences
 from models.rollout import (Rollout, generate, left_pad_episodes, pad_sequences,
                             response_logprobs, response_values)
 from tasks.distributed import DataParallel
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # tasks.ppo imports this module for run_ppo; the config is only a type here
     from transformers import PreTrainedTokenizerBase
@@ -137,6 +140,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)     # {"step", "kl", "score"} per update
     stats: dict[str, float] = field(default_factory=dict)  # the last update's metrics
     stop_reason: str | None = None  # why the run stopped before total_episodes (KL budget)
+    accumulation: int | None = None  # micro-batches per mini-batch, once auto_micro_batch split
 
 
 def init_train_state(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], seed: int,
@@ -173,7 +177,7 @@ def save_checkpoint(path: Path, models: PPOModels, state: TrainState,
         "scheduler": state.scheduler.state_dict(), "kl_ctl": state.kl_ctl.state_dict(),
         "sampler": state.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
         "gen": state.gen.get_state(), "history": state.history, "stats": state.stats,
-        "stop_reason": state.stop_reason,
+        "stop_reason": state.stop_reason, "accumulation": state.accumulation,
     }
     if torch.cuda.is_available():
         ckpt["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -209,6 +213,7 @@ def restore_checkpoint(path: Path, models: PPOModels, state: TrainState,
     state.gen.set_state(ckpt["gen"])
     state.step, state.history = ckpt["step"], ckpt["history"]
     state.stats, state.stop_reason = ckpt["stats"], ckpt["stop_reason"]
+    state.accumulation = ckpt.get("accumulation")  # absent from checkpoints before it existed
 
 
 # --- sampling and one update ---------------------------------------------------------------
@@ -326,15 +331,69 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return total
 
 
+def next_accumulation(mini: int, accum: int) -> int | None:
+    """The next number of micro-batches to split a mini-batch of ``mini`` episodes into after
+    ``accum`` ran out of memory: the smallest divisor of ``mini`` above ``accum`` (equal
+    micro-batches, so the mean of their losses weighs each alike), None when each
+    micro-batch is already one episode."""
+    return next((d for d in range(accum + 1, mini + 1) if mini % d == 0), None)
+
+
+def accumulate_grads(cfg: PPOConfig, models: PPOModels, ro: Rollout, rows: torch.Tensor,
+                     accum: int, *, beta: float, lengths: torch.Tensor,
+                     episode_lengths: torch.Tensor, scaler: torch.amp.GradScaler | None = None
+                     ) -> dict[str, list[torch.Tensor]]:
+    """Forward and backward over the mini-batch ``rows`` of ``ro`` in ``accum`` equal
+    micro-batches, gradients summed into ``.grad`` (each micro-batch's loss over ``accum``);
+    returns the micro-batches' stats, still on the device. ``lengths`` / ``episode_lengths``
+    (B,) on the host: real response / prompt + response tokens per row of ``ro``."""
+    stats: dict[str, list[torch.Tensor]] = {}
+    micro = len(rows) // accum
+    for m in range(0, len(rows), micro):
+        idx = rows[m:m + micro]
+        mb = ro.select(idx.to(ro.response_ids.device), width=max(int(lengths[idx].max()), 1))
+        ids, attn = mb.episodes(width=int(episode_lengths[idx].max()))  # (B, L)
+        with autocast(cfg, ids.device):
+            logp, ent = response_logprobs(models.policy, ids, attn, mb.response_ids,
+                                          cfg.temperature, with_entropy=True,
+                                          entropy_grad=cfg.ent_coef != 0,
+                                          response_mask=mb.response_mask)
+            vpred = response_values(models.critic, ids, attn, mb.response_ids.shape[1],
+                                    response_mask=mb.response_mask).float()
+        pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
+        vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask,
+                               cfg.clip_range_value)
+        entropy = masked_mean(ent, mb.response_mask)
+        loss = pl.loss + cfg.vf_coef * vl - cfg.ent_coef * entropy
+        if not cfg.kl_in_reward:  # KL as a loss term (k3 by default, GRPO style)
+            kl_term = masked_mean(kl_estimate(logp, mb.ref_logprobs, cfg.kl_estimator),
+                                  mb.response_mask)
+            loss = loss + beta * kl_term
+        scaled = loss / accum
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        for k, v in {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
+                     "policy/entropy": entropy, "loss/policy": pl.loss,
+                     "loss/value": vl, "val/clipfrac": vclip}.items():
+            stats.setdefault(k, []).append(v.detach())
+    return stats
+
+
 def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                optimizer: torch.optim.Optimizer, gen: torch.Generator,
                scaler: torch.amp.GradScaler | None = None,
-               dp: DataParallel | None = None) -> dict[str, float]:
+               dp: DataParallel | None = None, accumulation: int | None = None
+               ) -> dict[str, float]:
     """ppo_epochs passes of minibatch SGD on one rollout batch; returns averaged stats.
 
     With ``dp``, ``ro`` is this process's share of the batch and each optimiser step sees
     ``mini_batch_size / world_size`` of its episodes, gradients averaged over processes: the
-    same number of steps, each over ``mini_batch_size`` episodes in all."""
+    same number of steps, each over ``mini_batch_size`` episodes in all.
+
+    ``accumulation``: micro-batches per mini-batch (default: from the config). With
+    ``auto_micro_batch`` a mini-batch that runs out of GPU memory is redone in the next
+    finer split (``next_accumulation``), kept for the rest of the update; the stats report
+    the split used last as ``perf/accumulation``.
+    """
     # Stats stay on the device until the end: reading each one as it is made would make the
     # host wait for the GPU at every micro-batch, leaving the GPU idle while the host then
     # prepares the next one. Likewise the response lengths are read once, not per micro-batch.
@@ -342,42 +401,28 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
     world = dp.world_size if dp is not None else 1
     B = ro.response_ids.shape[0]
     mini = cfg.mini_batch_size // world
-    accum = local_accumulation(cfg, world)
-    micro = mini // accum
+    accum = accumulation or local_accumulation(cfg, world)
     params = models.trainable_params()
     lengths = ro.response_mask.sum(1).cpu()  # (B,) real response tokens per row
     episode_lengths = lengths + ro.query_mask.sum(1).cpu()  # (B,) prompt + response
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=gen)
         for start in range(0, B, mini):
-            optimizer.zero_grad(set_to_none=True)
-            for m in range(start, min(start + mini, B), micro):
-                rows = perm[m:m + micro]
-                mb = ro.select(rows.to(ro.response_ids.device),
-                               width=max(int(lengths[rows].max()), 1))
-                ids, attn = mb.episodes(width=int(episode_lengths[rows].max()))  # (B, L)
-                with autocast(cfg, ids.device):
-                    logp, ent = response_logprobs(models.policy, ids, attn, mb.response_ids,
-                                                  cfg.temperature, with_entropy=True,
-                                                  entropy_grad=cfg.ent_coef != 0,
-                                                  response_mask=mb.response_mask)
-                    vpred = response_values(models.critic, ids, attn, mb.response_ids.shape[1],
-                                            response_mask=mb.response_mask).float()
-                pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
-                vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask,
-                                       cfg.clip_range_value)
-                entropy = masked_mean(ent, mb.response_mask)
-                loss = pl.loss + cfg.vf_coef * vl - cfg.ent_coef * entropy
-                if not cfg.kl_in_reward:  # KL as a loss term (k3 by default, GRPO style)
-                    kl_term = masked_mean(kl_estimate(logp, mb.ref_logprobs, cfg.kl_estimator),
-                                          mb.response_mask)
-                    loss = loss + beta * kl_term
-                scaled = loss / accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                for k, v in {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
-                             "policy/entropy": entropy, "loss/policy": pl.loss,
-                             "loss/value": vl, "val/clipfrac": vclip}.items():
-                    stats.setdefault(k, []).append(v.detach())
+            while True:
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    grads_stats = accumulate_grads(
+                        cfg, models, ro, perm[start:start + mini], accum, beta=beta,
+                        lengths=lengths, episode_lengths=episode_lengths, scaler=scaler)
+                    break
+                except torch.OutOfMemoryError:
+                    if not cfg.auto_micro_batch:
+                        raise
+                # Outside the except clause: the exception's frames (and the activations
+                # they hold) are gone, so the memory is free before the finer retry.
+                accum = _after_out_of_memory(mini, accum, optimizer)
+            for k, v in grads_stats.items():
+                stats.setdefault(k, []).extend(v)
             if dp is not None:  # before unscaling and clipping: every process then agrees on both
                 dp.average_grads_(params)
             if scaler:
@@ -389,7 +434,28 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
                 scaler.update()
             else:
                 optimizer.step()
-    return {k: sum(float(x) for x in v) / len(v) for k, v in stats.items()}
+    out = {k: sum(float(x) for x in v) / len(v) for k, v in stats.items()}
+    out["perf/accumulation"] = float(accum)
+    return out
+
+
+def _after_out_of_memory(mini: int, accum: int, optimizer: torch.optim.Optimizer) -> int:
+    """Free what the failed attempt left and return the next split (or raise: none left)."""
+    import gc
+
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    finer = next_accumulation(mini, accum)
+    if finer is None:
+        raise torch.OutOfMemoryError(
+            f"ppo: out of memory with micro-batches of one episode (mini-batch {mini}, "
+            f"auto_micro_batch): a single sequence's forward and backward do not fit; try "
+            f"gradient_checkpointing, LoRA, or a shorter max_new_tokens")
+    log.warning("ppo: out of memory in a mini-batch of %d episodes as %d micro-batch(es) of "
+                "%d; redoing it as %d of %d", mini, accum, mini // accum, finer, mini // finer)
+    return finer
 
 
 def rollout_metrics(ro: Rollout, beta: float) -> dict[str, float]:
@@ -464,6 +530,11 @@ def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], se
     if cfg.mini_batch_size % world or (cfg.mini_batch_size // world) % accum:
         raise ValueError(f"ppo: mini_batch_size {cfg.mini_batch_size} must split evenly over "
                          f"{world} processes, each share into {accum} micro-batches")
+    if cfg.auto_micro_batch and world > 1:
+        # One process running out of memory would split alone while the others wait for its
+        # gradients in the all-reduce: every process must use the same split.
+        raise ValueError(f"ppo: auto_micro_batch works in one process, not {world}: set "
+                         f"gradient_accumulation_steps for a launch")
     device = models.device
     n_updates = max(1, cfg.total_episodes // cfg.batch_size)
     state = init_train_state(cfg, models, prompts, seed, n_updates)
@@ -490,7 +561,8 @@ def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], se
         t_update = time.perf_counter()
         models.train()
         stats = ppo_update(cfg, models, ro, beta=beta, optimizer=state.optimizer, gen=state.gen,
-                           scaler=scaler, dp=dp)
+                           scaler=scaler, dp=dp, accumulation=state.accumulation)
+        state.accumulation = int(stats["perf/accumulation"])
         state.scheduler.step()
         stats.update(rollout_metrics(ro, beta))  # reads the update's stats: the device is done
         stats["perf/tokens"] = float(ro.response_mask.sum())

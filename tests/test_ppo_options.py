@@ -14,7 +14,8 @@ import torch
 from models.loading import load_sequence_scorer, load_tokenizer, transformer_blocks
 from models.reward import RewardNorm
 from tasks.ppo import PPOConfig, _load_prompts, build_models
-from tasks.ppo_trainer import autocast, grad_scaler, make_rollout, train_ppo
+from tasks.ppo_trainer import (autocast, grad_scaler, make_rollout, next_accumulation,
+                               train_ppo)
 from tasks.base import LoraSettings
 
 BASE = "demo/base_model"
@@ -233,6 +234,58 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_alike(rm_dir, promp
         assert torch.equal(a, b)
     for a, b in zip(plain.critic.parameters(), models.critic.parameters()):
         assert torch.equal(a, b)
+
+
+def test_next_accumulation_is_the_next_even_split():
+    assert [next_accumulation(16, a) for a in (1, 2, 4, 8, 16)] == [2, 4, 8, 16, None]
+    assert [next_accumulation(12, a) for a in (1, 2, 3, 4, 6, 12)] == [2, 3, 4, 6, 12, None]
+    assert next_accumulation(7, 1) == 7  # a prime mini-batch: one episode per micro-batch
+
+
+def fail_training_forwards_over(models, rows: int):
+    """Make the policy's training forward raise CUDA's out-of-memory error on more than
+    ``rows`` episodes: the memory limit of a GPU, staged on CPU (where none can be hit)."""
+    def hook(module, args, kwargs):
+        if module.training and kwargs["input_ids"].shape[0] > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (staged by the test)")
+    models.policy.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_auto_micro_batch_redoes_a_mini_batch_that_runs_out_of_memory(rm_dir, prompts, caplog):
+    """Mini-batches of 4 where only 2 episodes fit: the first mini-batch is redone as 2
+    micro-batches and the run goes on so, ending with the weights of a run configured with
+    gradient_accumulation_steps 2 from the start; without the option the error stands."""
+    cfg = PPOConfig(**SMALL, auto_micro_batch=True)
+    _, _, planned = run(cfg.model_copy(update={"gradient_accumulation_steps": 2,
+                                               "auto_micro_batch": False}), rm_dir, prompts)
+    models, logs = models_for(cfg, rm_dir), []
+    fail_training_forwards_over(models, rows=2)
+    summary = train_ppo(cfg, models, prompts=prompts, seed=0, log_fn=lambda m, s: logs.append(m))
+    assert summary["steps"] == 2
+    assert [m["ppo/perf/accumulation"] for m in logs] == [2.0, 2.0]
+    assert "redoing it as 2 of 2" in caplog.text
+    for a, b in zip(planned.policy.parameters(), models.policy.parameters()):
+        assert torch.equal(a, b)
+
+    plain = models_for(cfg.model_copy(update={"auto_micro_batch": False}), rm_dir)
+    fail_training_forwards_over(plain, rows=2)
+    with pytest.raises(torch.OutOfMemoryError, match="staged"):
+        train_ppo(cfg.model_copy(update={"auto_micro_batch": False}), plain, prompts=prompts,
+                  seed=0)
+
+    hopeless = models_for(cfg, rm_dir)
+    fail_training_forwards_over(hopeless, rows=0)
+    with pytest.raises(torch.OutOfMemoryError, match="micro-batches of one episode"):
+        train_ppo(cfg, hopeless, prompts=prompts, seed=0)
+
+
+def test_auto_micro_batch_is_refused_across_processes(rm_dir, prompts):
+    from tasks.distributed import DataParallel
+
+    cfg = PPOConfig(**SMALL, auto_micro_batch=True)
+    dp = DataParallel(rank=0, world_size=2, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="auto_micro_batch works in one process, not 2"):
+        train_ppo(cfg, models_for(cfg, rm_dir), prompts=prompts, seed=0, dp=dp)
 
 
 def test_kl_budget_stops_early_with_reason(rm_dir, prompts, tmp_path):
