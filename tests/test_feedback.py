@@ -84,7 +84,10 @@ def test_select_writes_a_labeling_batch(tiny_reward_dir, tmp_path, selection, ba
     assert all(p.response_a != p.response_b for p in pairs)
     assert metrics["select/candidates"] == 12 and metrics["select/pairs"] == 4
     assert metrics["select/weakness_pairs"] == (2 if "length" in failed else 0)
-    if selection == "uncertainty":  # the picked pairs are the most uncertain ones
+    if selection == "uncertainty" and not failed:  # then every pick is by uncertainty,
+        # so the picked pairs are the most uncertain ones (with failed checks half the
+        # batch is picked by weakness instead: test_select_pairs_mixes_weakness_and_uncertainty
+        # covers that mix)
         assert metrics["select/uncertainty_picked"] >= metrics["select/uncertainty_all"]
     again, _ = run_select(cfg, models=models, prompts_uri="demo/data/rl_prompts.jsonl", seed=0,
                           out_dir=str(tmp_path / "again"))
@@ -246,7 +249,14 @@ def test_feedback_round_end_to_end(prefect_harness, tiny_overrides, tmp_path):
     assert "agreement/alpha" in rr.data.metrics and "rlhf.agreement_alpha" in rr.data.tags
     # REFUSE fails the win rate: half the batch targets it (pairs the reward model is sure of).
     assert rr.data.metrics["select/weakness_pairs"] == 20
-    assert r.checked.flagged == ["a4"] and rr.data.tags["rlhf.flagged_annotators"] == "a4"
+    # The careless annotator (a4, T = 3) is flagged and has the lowest agreement, and the
+    # round's tag lists exactly what the checks flagged. Whether a careful one is flagged too
+    # is sampling noise on 40 pairs (a3, T = 0.3, agreed on 73 % of 37 votes against the
+    # others' ~91 % once); tests/test_data_checks.py pins the rule on the demo's 3,000 pairs.
+    rates = {k.split("/")[1]: v for k, v in r.checked.metrics.items()
+             if k.startswith("agreement/") and k.endswith("/agreement_with_majority")}
+    assert "a4" in r.checked.flagged and min(rates, key=rates.get) == "a4", rates
+    assert rr.data.tags["rlhf.flagged_annotators"] == ",".join(r.checked.flagged)
     inputs = {d.dataset.name for d in rr.inputs.dataset_inputs}
     assert f"preferences@{v.sha256[:12]}" in inputs
     assert client.get_experiment(rr.info.experiment_id).name == cfg.tracking.experiment
