@@ -2,14 +2,15 @@
 # One GPU lease, one command: install the carried wheels, run bench_gpu.py, leave JSON + a
 # markdown table in $OUT (the device tool brings that folder back) or bench/out/device.
 #
-#   here, once:   bench/device/fetch_wheels.sh          # -> .whl/ (trl 1.12, datasets, pydantic)
-#   device tool:  run(command="bench/device/run.sh", carry=[".whl"], timeout_s=600)
-#   on CPU:       PYTHON=.venv/bin/python bench/device/run.sh --device cpu --sizes tiny \
+#   here, once:   bench/device/fetch_wheels.sh   # -> .whl/ (transformers 5.24, trl 1.12, datasets, pydantic)
+#   device tool:  run(command="bench/device/run.sh --precisions bf16 --budget-s 400 --deadline-s 465",
+#                     carry=[".whl"], timeout_s=490)   # what one 15-minute lease held, twice
+#   on CPU:       SKIP_WHEELS=1 PYTHON=.venv/bin/python bench/device/run.sh --device cpu --sizes tiny \
 #                     --sides ours --lora tiny --response-length 8 --threads 2
 #
-# Extra arguments go to bench_gpu.py (see its --help). The GPU image has torch, transformers,
-# peft and accelerate; the wheels add what it lacks and are installed with --no-deps into
-# /tmp/site, so the image's own torch/transformers are the ones measured.
+# Extra arguments go to bench_gpu.py (see its --help). The GPU image has torch, transformers
+# 5.17, peft and accelerate; the wheels add what it lacks, and transformers 5.24 (the version
+# CI tests), installed with --no-deps into /tmp/site: the image's own torch is measured.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
