@@ -24,7 +24,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Mapping
 
-from tasks.process import ExitedEarly, free_port, wait_healthy
+from tasks.process import ExitedEarly, free_port, stop_process, wait_healthy
 
 # What Prefect's SubprocessASGIServer sets for its server: no UI, and the server knows it is
 # the temporary one.
@@ -103,14 +103,8 @@ class TemporaryAPI:
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s, as Prefect does); idempotent."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout=5)
 
 
 def start_unless_configured() -> TemporaryAPI | None:

@@ -46,6 +46,18 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float,
     raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop one process (not its children: ``stop_group`` for a process group): SIGTERM, then
+    SIGKILL if it has not exited within ``timeout`` seconds. Nothing to do once it exited."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
 def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     """Stop a process started with ``start_new_session=True`` and everything it forked (its
     process group): SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""

@@ -104,17 +104,6 @@ def wait_line(lines: queue.Queue, marker: str, deadline: float, what: str) -> st
                          + "".join(seen[-20:]))
 
 
-def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL after ``timeout`` s (a process group: ``tasks.process.stop_group``)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @contextlib.contextmanager
 def headless_chromium(tmp_path: Path, deadline: float,
                       window: tuple[int, int] = (1280, 800)) -> Iterator[DevTools]:

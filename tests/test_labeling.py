@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from browser import headless_chromium, start_reader, stop, wait_line
+from browser import headless_chromium, start_reader, wait_line
 from dataio import DataError
 from labeling.batch import (LabelStore, a_shown_first, default_labels_path, read_batch)
 from labeling.server import open_server
+from tasks.process import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,7 +206,7 @@ def test_label_a_batch_by_keyboard_in_headless_chromium(tmp_path):
             devtools.send("Page.navigate", url=url)
             label_by_keyboard(devtools, pairs, labels, deadline)
     finally:
-        stop(server)
+        stop_process(server, timeout=10)
     assert server.returncode == 0, "rlhf label should exit cleanly on SIGTERM"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from release.aliases import (KEY_TAG, Change, DeleteAlias, DeleteTag, ModelState
                              check_alias_name, find_by_key, plan_move, plan_promotion,
                              plan_rollback, undo_writes)
 from release.registry import VersionRow, content_key, versions_table
+from tasks.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The acting of this film was"
@@ -423,9 +423,7 @@ def test_servers_answer_and_rlhf_serve_follows_the_alias(store, policies, reques
     for policy in policies[:2]:
         register_candidate(cfg, **_stage_records(store, policy))
     assert _cli(store, request, "promote", "1", "--to", "production") == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        mlflow_port = s.getsockname()[1]
+    mlflow_port = free_port()
     # Both servers start at once (each ~10-25 s on 2 busy cores).
     mlflow_serve = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",

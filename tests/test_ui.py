@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from browser import headless_chromium, start_reader, stop, wait_line
+from browser import headless_chromium, start_reader, wait_line
 from flows.config import load_config
+from tasks.process import stop_process
 from tasks.ui import UiError, UiLinks, experiment_url, serve_ui, server_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,5 +162,5 @@ def test_rlhf_ui_shows_the_pipeline_runs_and_kl_chart_in_chromium(prefect_harnes
         print(f"rlhf ui answered in {server_ready:.1f} s; browser checks done in "
               f"{time.monotonic() - started - server_ready:.1f} s")
     finally:
-        stop(ui, timeout=60)  # it stops mlflow server first: seconds, more on a busy machine
+        stop_process(ui, timeout=60)  # it stops mlflow server first: seconds, more on a busy machine
     assert ui.returncode == 0, "rlhf ui should exit cleanly on SIGTERM"
