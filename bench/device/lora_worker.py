@@ -28,15 +28,25 @@ ARCHS = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassific
          "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification")}
 
 
-def build(s: dict, torch, device):
-    """Policy and critic from ``s["arch"]`` / ``s["arch_config"]``, LoRA on both."""
+def ppo_config(s: dict):
+    """The benchmark's matched PPO settings (``ppo_worker_ours.ppo_config``), with LoRA."""
+    from ppo_worker_ours import ppo_config as matched
+
+    from tasks.base import LoraSettings
+
+    lora = LoraSettings(r=s["lora_r"], alpha=2 * s["lora_r"], dropout=0.0)
+    return matched(s).model_copy(update={"lora": lora})
+
+
+def build(s: dict, cfg, torch, device):
+    """Policy and critic from ``s["arch"]`` / ``s["arch_config"]``, ``cfg.lora`` on both."""
     import transformers
     from peft import get_peft_model
 
     from models.loading import disable_dropout, load_tokenizer, upcast_trainable
     from models.reward import RewardNorm
-    from tasks.base import LoraSettings, peft_config
-    from tasks.ppo import PPOConfig, trained_base_dtype
+    from tasks.base import peft_config
+    from tasks.ppo import trained_base_dtype
     from tasks.ppo_trainer import PPOModels
 
     tok = load_tokenizer(str(ROOT / "demo/base_model"))
@@ -45,15 +55,13 @@ def build(s: dict, torch, device):
                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                     num_labels=1, tie_word_embeddings=False, **s["arch_config"])
     conf._attn_implementation = "sdpa"
-    lora = LoraSettings(r=s["lora_r"], alpha=2 * s["lora_r"], dropout=0.0)
-    cfg = PPOConfig(lora=lora, mixed_precision=s["mixed_precision"])
     dtype = trained_base_dtype(cfg, device)
     torch.manual_seed(s["seed"])
     with torch.device(device):  # initialise on the GPU: seconds, not minutes, at 7 B
         policy = lm_cls._from_config(conf, dtype=dtype)
         critic = seq_cls._from_config(conf, dtype=dtype)
-    policy = get_peft_model(policy, peft_config(lora, "CAUSAL_LM"))
-    critic = get_peft_model(critic, peft_config(lora, "SEQ_CLS", ["score"]))
+    policy = get_peft_model(policy, peft_config(cfg.lora, "CAUSAL_LM"))
+    critic = get_peft_model(critic, peft_config(cfg.lora, "SEQ_CLS", ["score"]))
     for m in (policy, critic):
         disable_dropout(m)
         upcast_trainable(m)
@@ -70,7 +78,8 @@ def main(settings_path: str, result_path: str) -> None:
     import tasks.ppo as ppo
     import tasks.ppo_trainer as trainer
 
-    models, conf = build(s, torch, device)
+    cfg = ppo_config(s)
+    models, conf = build(s, cfg, torch, device)
     import mfu
 
     pol_trunk, head = mfu.matmul_params(models.policy)
@@ -79,15 +88,6 @@ def main(settings_path: str, result_path: str) -> None:
               "reward_trunk": critic_trunk}  # the reward model is the critic, adapters off
     n_base = sum(p.numel() for p in models.policy.parameters() if not p.requires_grad)
     n_trained = sum(p.numel() for p in models.trainable_params())
-    cfg = ppo.PPOConfig(
-        total_episodes=s["total_episodes"], batch_size=s["batch_size"],
-        mini_batch_size=s["batch_size"] // s["mini_batches"], ppo_epochs=s["ppo_epochs"],
-        learning_rate=s["learning_rate"], max_prompt_length=s["max_prompt_length"],
-        max_new_tokens=s["response_length"], temperature=s["temperature"],
-        init_kl_coef=s["kl_coef"], adaptive_kl=False, missing_eos_penalty=s["missing_eos_penalty"],
-        mixed_precision=s["mixed_precision"], decode_cache=s.get("decode_cache", "dynamic"),
-        lora=ppo.LoraSettings(r=s["lora_r"], alpha=2 * s["lora_r"], dropout=0.0),
-        checkpoint_every=10**9)
     prompts = ppo._load_prompts(s["prompts_path"], models.tokenizer, cfg.max_prompt_length)
     rss_after_load = common.rss_mb()
     clock = common.Clock()
