@@ -207,7 +207,7 @@ def _run_worker(side: str, python: str, s: dict, out_dir: Path, tag: str,
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(s["threads"]), "MKL_NUM_THREADS": str(s["threads"]),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **s.get("env", {})}
     with open(out_dir / f"{tag}.log", "w") as log:
         try:
             proc = subprocess.run([python, str(WORKERS[side]), str(settings_path),

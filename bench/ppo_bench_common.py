@@ -31,6 +31,11 @@ def setup_torch(settings: dict):
         # what both sides ran with in issue 12's table; bf16 runs are unaffected.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if settings.get("cudnn_sdp") is False:
+        # Takes cuDNN out of scaled_dot_product_attention's backends (flash, memory-efficient
+        # and math remain): bench/device/'s warm-up probe, see bench_gpu.WARMUP_VARIANTS. A
+        # CUDA-only backend, but the flag is set (and reported) on any device.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return torch, device
 
 
@@ -80,7 +85,8 @@ def instrument_ours(trainer, clock: Clock, eos_token_id: int):
     """Our side's counters: sampled tokens counted at the source, as the trl side does (wraps
     the ``generate`` that ``tasks.ppo_trainer`` imported, so it is patched there; one cumsum
     per batch), and a ``log_fn`` that stamps the clock and keeps each update's ``ppo/perf/*``
-    (phase seconds and shapes: bench/device/ counts FLOPs from them). Returns (log_fn, perf)."""
+    (phase seconds and shapes: bench/device/ counts FLOPs from them), with the update's
+    CUDA allocator counts on a GPU. Returns (log_fn, perf)."""
     inner_generate = trainer.generate
 
     def counting_generate(*args, **kwargs):
@@ -92,13 +98,29 @@ def instrument_ours(trainer, clock: Clock, eos_token_id: int):
 
     trainer.generate = counting_generate
     perf: list[dict] = []
+    last = cuda_allocator_counts()
 
     def on_update(metrics: dict, step: int) -> None:
         clock.stamp()
+        now = cuda_allocator_counts()
         perf.append({k.removeprefix("ppo/perf/"): v for k, v in metrics.items()
-                     if k.startswith("ppo/perf/")})
+                     if k.startswith("ppo/perf/")} | {k: now[k] - last.get(k, 0) for k in now})
+        last.update(now)
 
     return on_update, perf
+
+
+def cuda_allocator_counts() -> dict:
+    """The CUDA caching allocator's running counts (empty off CUDA): ``cudaMalloc`` and
+    ``cudaFree`` calls, and retries (a failed allocation that freed the cache and tried again).
+    Per update (``instrument_ours``) they show whether its time went to growing the cache."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {f"cuda_{k}": stats.get(k, 0) for k in ("num_device_alloc", "num_device_free",
+                                                   "num_alloc_retries")}
 
 
 def result(settings: dict, clock: Clock, *, side: str, versions: dict, rss_after_load_mb: float,

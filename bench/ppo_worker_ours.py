@@ -8,6 +8,7 @@ loading excluded) and writes one result (see ``ppo_bench_common.result``).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -71,10 +72,13 @@ def main(settings_path: str, result_path: str) -> None:
     common.write_result(result_path, common.result(
         s, clock, side="ours", rss_after_load_mb=rss_after_load, cuda_peak_mb=cuda_peak,
         versions={"torch": torch.__version__, "transformers": transformers.__version__,
-                  "trl": trl_version},
+                  "trl": trl_version, "cudnn": torch.backends.cudnn.version()},
         extra={"final": {k: final.get(k) for k in ("objective/kl", "objective/scores",
                                                   "episode/eos_rate", "episode/length")},
                "perf_updates": perf, "mixed_precision": cfg.mixed_precision,
+               # what a warm-up probe's variant set (bench/device/bench_gpu.WARMUP_VARIANTS)
+               "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled(),
+               "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                "decode_cache": trainer.decode_cache(cfg, models.policy, device)}))
 
 

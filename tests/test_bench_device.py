@@ -87,3 +87,81 @@ def test_device_script_runs_on_cpu_at_tiny_size(tmp_path):
     md = (out / "bench_gpu.md").read_text()
     assert md.count("| tiny | ours") == 2
     assert (out / "runs.tar.gz").stat().st_size > 0
+
+
+def test_kernel_kinds_and_summary_by_hand():
+    """The GPU profile's grouping, on kernel names as an H100 profile shows them."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import profile_ppo
+
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matrix multiplies",
+        "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT": "matrix multiplies",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": "attention",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",  # not a GEMM: attention first
+        "void at::native::(anonymous namespace)::fused_adamw_kernel": "AdamW (fused) and other multi-tensor ops",
+        "void at::native::multi_tensor_apply_kernel<TensorListMetadata<1>>": "AdamW (fused) and other multi-tensor ops",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel": "layer norm",
+        "void at::native::GeluCUDAKernelImpl": "GELU",
+        "void at::native::reduce_kernel<512, 1, ReduceOp<float, NormTwoOps>>": "reductions (norms, sums, max)",
+        "Memcpy DtoD (Device -> Device)": "copies, casts, fills",
+        "void at::native::vectorized_elementwise_kernel<4, AUnaryFunctor<mul>>": "other elementwise",
+        "void at::native::index_elementwise_kernel": "other elementwise",
+        "triton_poi_fused_add_0": "other kernels",
+    }
+    for name, kind in names.items():
+        assert profile_ppo.kernel_kind(name) == kind, name
+    g = profile_ppo.kernel_summary([("nvjet_a", 600.0), ("nvjet_a", 200.0),
+                                    ("Memcpy HtoD", 100.0), ("triton_x", 100.0)], wall_us=2000.0)
+    assert g["kernel_ms"] == 1.0 and g["wall_ms"] == 2.0 and g["launches"] == 4
+    assert g["idle_share"] == 0.5
+    assert g["kinds_ms"] == {"matrix multiplies": 0.8, "copies, casts, fills": 0.1,
+                             "other kernels": 0.1}
+    assert list(g["top_kernels_ms"]) == ["nvjet_a", "Memcpy HtoD", "triton_x"]
+
+
+def test_probe_plan():
+    import bench_gpu
+
+    args = bench_gpu.argparse.Namespace(probes="warmup,profile", sizes="100m",
+                                        warmup_variants="default,no-cudnn-sdpa",
+                                        profile_sizes="1.2b", profile_decode="static")
+    tags = [(j["kind"], j["size"], j["decode"], j.get("variant")) for j in bench_gpu.plan(args)]
+    assert tags == [("pair", "100m", "dynamic", "default"), ("pair", "100m", "dynamic", "no-cudnn-sdpa"),
+                    ("pair", "100m", "static", "cold"), ("pair", "100m", "static", "warm"),
+                    ("profile", "1.2b", "static", None)]
+    with pytest.raises(SystemExit, match="unknown warm-up variant 'cudnn'"):
+        bench_gpu.plan(bench_gpu.argparse.Namespace(**{**vars(args), "warmup_variants": "cudnn"}))
+    with pytest.raises(SystemExit, match="unknown probe 'warm'"):
+        bench_gpu.plan(bench_gpu.argparse.Namespace(**{**vars(args), "probes": "warm"}))
+
+
+@pytest.mark.timeout(180)
+def test_device_probes_run_on_cpu_at_tiny_size(tmp_path):
+    """The warm-up probe's variant reaches the worker (its cuDNN attention flag and allocator
+    setting come back in the result), the static decode runs twice, and the profile worker
+    times every part of the update."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "OMP_NUM_THREADS": "1", "SKIP_WHEELS": "1"}
+    proc = subprocess.run(
+        ["bash", "bench/device/run.sh", "--device", "cpu", "--sizes", "tiny", "--probes",
+         "warmup,profile", "--warmup-variants", "both", "--profile-sizes", "tiny",
+         "--response-length", "8", "--threads", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out/bench_gpu.json").read_text())
+    assert not report["failed"] and not report["skipped"]
+    runs = {r["tag"]: r for r in report["runs"]}
+    assert list(runs) == ["tiny_ours_bf16_dynamic_both", "tiny_ours_bf16_static_cold",
+                          "tiny_ours_bf16_static_warm"]
+    both = runs["tiny_ours_bf16_dynamic_both"]
+    assert both["cudnn_sdp"] is False and both["cuda_alloc_conf"] == "expandable_segments:True"
+    cold = runs["tiny_ours_bf16_static_cold"]
+    assert cold["cudnn_sdp"] is True and cold["cuda_alloc_conf"] is None
+    assert all(r["updates"] == 3 and r["decode_cache"] == r["job"]["decode"] for r in runs.values())
+    [prof] = report["profiles"]
+    med = prof["median"]
+    assert all(med[f"update/{k}"] > 0 for k in ("response_logprobs", "response_values",
+                                                "backward", "optimizer step"))
+    md = (tmp_path / "out/bench_gpu.md").read_text()
+    assert md.count("| tiny_ours_bf16_static_warm | ") == 3 and "Profile `tiny_profile_bf16_static`" in md

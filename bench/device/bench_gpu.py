@@ -17,6 +17,13 @@ update), achieved TFLOP/s and MFU against the device's dense peak (bf16, or TF32
 runs), counted as ``bench/device/mfu.py`` says, over the updates after the first (which
 carries warm-up and compilation); and sampled tokens/s against the decode bound (every policy
 weight read once per step at the device's HBM bandwidth).
+
+``--probes warmup,profile`` runs diagnostics of ours instead (what the last lease left
+unexplained): the warm-up probe times three updates of a bf16 run per ``WARMUP_VARIANTS``
+entry (one suspect of the first update's extra 16-20 s taken away each) with the CUDA
+allocator's counts per update, and the static decode twice (a cold, then a warm compile
+cache); the profile runs ``bench/profile_ppo.py`` on a size's settings and reads the GPU
+kernels of one update's PPO phase (the 1.2 B update ran at 20 % MFU).
 """
 
 from __future__ import annotations
@@ -57,6 +64,24 @@ LORA = {
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}},
 }
 
+# The warm-up probe (``--probes warmup``): the first update of a bf16 run on an H100 took
+# 16-20 s more than the next ones, nearly all in sampling, and more again in the update phase
+# after a dynamic-cache decode (bench/README.md). Each variant is one suspect taken away.
+WARMUP_VARIANTS = {
+    "default": {},
+    # torch puts cuDNN first among SDPA's backends on Hopper with a recent cuDNN, and cuDNN
+    # builds an execution plan the first time it sees a shape (batch, query and key lengths),
+    # reported at hundreds of ms each: a dynamic-cache decode shows it a new key length at
+    # every step, and a new prompt width a new set of shapes.
+    "no-cudnn-sdpa": {"cudnn_sdp": False},
+    # The caching allocator grows by cudaMalloc'd segments; a KV cache grown by concatenation
+    # leaves odd-sized blocks, and the update's larger tensors may miss them, free the cache
+    # and retry (the worker logs cudaMalloc calls and retries per update).
+    "expandable-segments": {"env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
+    "both": {"cudnn_sdp": False,
+             "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
+}
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,6 +104,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--deadline-s", type=float, default=None,
                    help="kill a run still going this many seconds after the start, so the "
                         "script ends (and packs its logs) before the device tool's limit")
+    p.add_argument("--probes", default="",
+                   help="instead of the comparison, diagnostic runs of ours: 'warmup' (at "
+                        "--sizes: a bf16 dynamic-decode run per --warmup-variants, then the "
+                        "static decode twice, with a cold and a warm compile cache) and/or "
+                        "'profile' (at --profile-sizes: bench/profile_ppo.py, GPU kernels of "
+                        "one update's PPO phase); 3 updates per warm-up run")
+    p.add_argument("--warmup-variants", default=",".join(WARMUP_VARIANTS),
+                   help=f"of {', '.join(WARMUP_VARIANTS)}")
+    p.add_argument("--profile-sizes", default="1.2b")
+    p.add_argument("--profile-decode", default="static",
+                   help="decode cache of the profiled run (auto: what the trainer picks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench/out/device"))
     p.add_argument("--runs-dir", default=None, help="per-run logs and results (default OUT/runs)")
@@ -93,6 +129,31 @@ def settings_for(args, size: dict, policy_dir: str, rm_dir: str, precision: str,
         ppo_epochs=4, learning_rate=1e-5, seed=args.seed, threads=args.threads, device=args.device)
     return {**bench_ppo.settings(ns, policy_dir, rm_dir), "mixed_precision": precision,
             "decode_cache": decode, "tf32": True}
+
+
+def probe_plan(args) -> list[dict]:
+    """The diagnostic jobs of ``--probes`` (see its help), in the order given."""
+    jobs = []
+    for probe in (p for p in args.probes.split(",") if p):
+        if probe == "warmup":
+            for size in (x for x in args.sizes.split(",") if x):
+                jobs += [{"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
+                          "decode": "dynamic", "variant": v}
+                         for v in args.warmup_variants.split(",") if v]
+                # the second run finds the first one's compiled graphs in inductor's cache
+                jobs += [{"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
+                          "decode": "static", "variant": v} for v in ("cold", "warm")]
+        elif probe == "profile":
+            jobs += [{"kind": "profile", "size": size, "side": "profile", "precision": "bf16",
+                      "decode": args.profile_decode}
+                     for size in args.profile_sizes.split(",") if size]
+        else:
+            raise SystemExit(f"bench_gpu: unknown probe {probe!r}: warmup or profile")
+    for job in jobs:
+        if job.get("variant") not in (None, "cold", "warm", *WARMUP_VARIANTS):
+            raise SystemExit(f"bench_gpu: unknown warm-up variant {job['variant']!r}: "
+                             f"{', '.join(WARMUP_VARIANTS)}")
+    return jobs
 
 
 def check_positions(args) -> None:
@@ -112,7 +173,9 @@ def check_positions(args) -> None:
 
 
 def plan(args) -> list[dict]:
-    """Jobs in priority order (see the module docstring)."""
+    """Jobs in priority order (see the module docstring), or the probes' jobs."""
+    if args.probes:
+        return probe_plan(args)
     sizes = [s for s in args.sizes.split(",") if s]
     sides = [s for s in args.sides.split(",") if s]
     precisions = [p for p in args.precisions.split(",") if p]
@@ -184,7 +247,16 @@ def result_batch(result: dict) -> int:
 
 def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
             timeout: float | None = None) -> dict:
-    tag = f"{job['size']}_{job['side']}_{job['precision']}_{job['decode']}"
+    tag = f"{job['size']}_{job['side']}_{job['precision']}_{job['decode']}" + (
+        f"_{job['variant']}" if job.get("variant") else "")
+    if job["kind"] == "profile":
+        size = SIZES[job["size"]]
+        s = settings_for(args, size, *models[job["size"]], job["precision"], job["decode"])
+        s["profile_updates"] = 2
+        bench_ppo.WORKERS["profile"] = ROOT / "bench/profile_ppo.py"
+        r = bench_ppo.run_worker("profile", sys.executable, s, run_dir, tag, timeout)
+        r.update(job=job, tag=tag)
+        return r
     if job["kind"] == "lora":
         spec = LORA[job["size"]]
         s = settings_for(args, {"batch": spec["batch"], "episodes": spec["episodes"]}, "", "",
@@ -199,6 +271,9 @@ def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
         size = SIZES[job["size"]]
         policy_dir, rm_dir = models[job["size"]]
         s = settings_for(args, size, policy_dir, rm_dir, job["precision"], job["decode"])
+        if "variant" in job:  # a warm-up probe: three updates, one suspect taken away
+            s.update(WARMUP_VARIANTS.get(job["variant"], {}))
+            s["total_episodes"] = args.episodes or 3 * s["batch_size"]
         r = bench_ppo.run_worker(job["side"], sys.executable, s, run_dir, tag, timeout)
         r["batch_size"] = s["batch_size"]
         counts = counts_for(policy_dir, job["precision"]) if job["side"] == "ours" else None
@@ -231,12 +306,41 @@ def table(runs: list[dict]) -> str:
         bound = a.get("decode_bound_tokens_per_s")
         gen_s = (f"{gen:.0f}" + (f" ({bound:.0f})" if bound else "")) if gen else "-"
         cuda = r.get("cuda_max_memory_allocated_mb")
+        decode = j["decode"] + (f" ({j['variant']})" if j.get("variant") else "")
         rows.append(
-            f"| {j['size']} | {j['side']} | {j['precision']} | {j['decode']} | {r['batch_size']} | "
+            f"| {j['size']} | {j['side']} | {j['precision']} | {decode} | {r['batch_size']} | "
             f"{r['episodes_per_s']:.2f} | {st.get('episodes_per_s', float('nan')):.2f} | {ratio} | "
             f"{r['first_update_s']:.1f} | {f'{cuda / 1024:.1f}' if cuda else '-'} | "
             f"{pct('generation')} / {pct('scoring')} / {pct('update')} | {gen_s} |")
     return "\n".join(rows)
+
+
+def warmup_table(runs: list[dict]) -> str:
+    """The warm-up probe's runs: each update's phases, and what the CUDA allocator did."""
+    rows = ["| run | update | generation s | scoring s | update s | cudaMalloc calls | "
+            "cudaFree calls | alloc retries |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for i, u in enumerate(r.get("perf_updates") or [], 1):
+            rows.append(f"| {r['tag']} | {i} | {u['generation_s']:.2f} | {u['scoring_s']:.2f} | "
+                        f"{u['update_s']:.2f} | {u.get('cuda_num_device_alloc', '-')} | "
+                        f"{u.get('cuda_num_device_free', '-')} | "
+                        f"{u.get('cuda_num_alloc_retries', '-')} |")
+    return "\n".join(rows)
+
+
+def write_report(out: Path, report: dict) -> str:
+    """``bench_gpu.json`` and ``bench_gpu.md`` as they stand (rewritten after every job, so a
+    lease cut short keeps what ran). Returns the markdown."""
+    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = table(report["runs"])
+    probes = [r for r in report["runs"] if r["job"].get("variant")]
+    if probes:
+        md += f"\n\nWarm-up probe, per update:\n\n{warmup_table(probes)}"
+    for p in report.get("profiles", []):
+        md += f"\n\nProfile `{p['tag']}`:\n\n{p['table']}"
+    (out / "bench_gpu.md").write_text(f"`{report['command']}` on {report['device']['name']}"
+                                      f"\n\n{md}\n")
+    return md
 
 
 def device_info(device: str) -> dict:
@@ -271,7 +375,7 @@ def main() -> None:
                                            and args.deadline_s - elapsed < 10):
                 report["skipped"].append(job)
                 continue
-            if job["kind"] == "pair" and job["size"] not in models:
+            if job["kind"] in ("pair", "profile") and job["size"] not in models:
                 cfg = SIZES[job["size"]]["config"]
                 d = Path(tmp) / job["size"]
                 d.mkdir()
@@ -285,18 +389,20 @@ def main() -> None:
                 report["failed"].append({**job, "error": str(e)})
                 print(f"FAILED {job}: {e}", flush=True)
                 continue
-            report["runs"].append(r)
-            a = r.get("analysis", {}).get("phases", {})
-            print(f"{r['tag']}: {r['episodes_per_s']:.2f} episodes/s "
-                  f"({time.monotonic() - t0:.0f} s with loading); "
-                  + ", ".join(f"{k} {v['tflops']:.3g} TF/s" for k, v in a.items()), flush=True)
-            (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-            (out / "bench_gpu.md").write_text(f"`{report['command']}` on {dev['name']}\n\n"
-                                              f"{table(report['runs'])}\n")
+            if job["kind"] == "profile":
+                report.setdefault("profiles", []).append(r)
+                print(f"{r['tag']}: profiled ({time.monotonic() - t0:.0f} s with loading)",
+                      flush=True)
+            else:
+                report["runs"].append(r)
+                a = r.get("analysis", {}).get("phases", {})
+                print(f"{r['tag']}: {r['episodes_per_s']:.2f} episodes/s "
+                      f"({time.monotonic() - t0:.0f} s with loading); "
+                      + ", ".join(f"{k} {v['tflops']:.3g} TF/s" for k, v in a.items()),
+                      flush=True)
+            write_report(out, report)
     report["wall_s"] = time.monotonic() - t_start
-    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = table(report["runs"])
-    (out / "bench_gpu.md").write_text(f"`{report['command']}` on {dev['name']}\n\n{md}\n")
+    md = write_report(out, report)
     print(md)
     if report["skipped"]:
         print(f"skipped (budget): {[j['size'] + ' ' + j['side'] + ' ' + j['precision'] for j in report['skipped']]}")
