@@ -27,6 +27,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -101,11 +102,13 @@ class StepClock:
         self.on = False     # inside ppo_update
         self.timing = False  # this update is timed
         self.sync = sync
+        self.threads: set[str] = set()  # threads the timed calls ran in
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
             if not self.on:
                 return fn(*args, **kwargs)
+            self.threads.add(threading.current_thread().name)
             self.sync()
             t0 = time.perf_counter()
             try:
@@ -207,6 +210,10 @@ def profile_run(s: dict, updates: int) -> dict:
              f"(torch {torch.__version__}, {where}): {total * 1e3:.0f} ms",
              "", "| phase | ms per update | share |", "|---|---:|---:|"]
     lines += [f"| {label} | {sec * 1e3:.1f} | {sec / total:.0%} |" for label, sec in rows]
+    if len(clock.threads) > 1:
+        lines += ["", "The critic's forward and backward ran in a thread of their own beside "
+                  "the policy's (critic_thread): its rows overlap the policy's, so the update's "
+                  "rows add up to more than the update."]
     lines += ["", f"profiled update: self CPU {prof_total / 1e3:.0f} ms, "
               f"{sum(e.count for e in ka)} events", "", "| kind of op | ms | share |",
               "|---|---:|---:|"]

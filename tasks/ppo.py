@@ -118,6 +118,12 @@ class PPOConfig(StageConfig):
     transformers can compile, dynamic on CPU (no compile there, and no gain measured) and
     with LoRA (its compile is unmeasured: it outlasted 89 s on a 7 B model). Measured on an
     H100 (bench/README.md): static sampled 2-4x faster per update at 86 M and 1.2 B."""
+    critic_thread: bool = True
+    """On CPU, run the critic's forward and backward in a second thread beside the policy's,
+    each on half of torch's threads, when the critic has weights of its own (not
+    ``critic_init: policy``), the run is one process and torch has 2 threads or more. The
+    gradients are the same as running the two one after the other on that half (tested); the
+    small ops of small models waste less time starting threads (bench/README.md)."""
     kl_budget: float | None = None
     """Stop early when mean KL per sequence exceeds this many nats; null = no budget."""
     checkpoint_every: int = 10

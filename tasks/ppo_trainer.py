@@ -31,6 +31,7 @@ from models.reward import RewardNorm, score_sequences
 from models.rollout import (Rollout, generate, left_pad_episodes, pad_sequences,
                             response_logprobs, response_values)
 from tasks.distributed import DataParallel
+from tasks.side_thread import SideThread, half_threads, sharing_cores
 
 log = logging.getLogger(__name__)
 
@@ -339,43 +340,100 @@ def next_accumulation(mini: int, accum: int) -> int | None:
     return next((d for d in range(accum + 1, mini + 1) if mini % d == 0), None)
 
 
+def policy_part(cfg: PPOConfig, models: PPOModels, mb: Rollout, ids: torch.Tensor,
+                attn: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy's share of a micro-batch's loss (clipped surrogate, entropy bonus, and the
+    KL term when KL is a loss), and its stats."""
+    with autocast(cfg, ids.device):
+        logp, ent = response_logprobs(models.policy, ids, attn, mb.response_ids,
+                                      cfg.temperature, with_entropy=True,
+                                      entropy_grad=cfg.ent_coef != 0,
+                                      response_mask=mb.response_mask)
+    pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
+    entropy = masked_mean(ent, mb.response_mask)
+    loss = pl.loss - cfg.ent_coef * entropy
+    if not cfg.kl_in_reward:  # KL as a loss term (k3 by default, GRPO style)
+        kl_term = masked_mean(kl_estimate(logp, mb.ref_logprobs, cfg.kl_estimator),
+                              mb.response_mask)
+        loss = loss + beta * kl_term
+    return loss, {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
+                  "policy/entropy": entropy, "loss/policy": pl.loss}
+
+
+def critic_part(cfg: PPOConfig, models: PPOModels, mb: Rollout, ids: torch.Tensor,
+                attn: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The critic's share of a micro-batch's loss (vf_coef x the clipped value loss), and its
+    stats."""
+    with autocast(cfg, ids.device):
+        vpred = response_values(models.critic, ids, attn, mb.response_ids.shape[1],
+                                response_mask=mb.response_mask).float()
+    vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask, cfg.clip_range_value)
+    return cfg.vf_coef * vl, {"loss/value": vl, "val/clipfrac": vclip}
+
+
+def _critic_backward(cfg: PPOConfig, models: PPOModels, mb: Rollout, ids: torch.Tensor,
+                     attn: torch.Tensor, accum: int) -> dict[str, torch.Tensor]:
+    loss, stats = critic_part(cfg, models, mb, ids, attn)
+    (loss / accum).backward()
+    return stats
+
+
 def accumulate_grads(cfg: PPOConfig, models: PPOModels, ro: Rollout, rows: torch.Tensor,
                      accum: int, *, beta: float, lengths: torch.Tensor,
-                     episode_lengths: torch.Tensor, scaler: torch.amp.GradScaler | None = None
-                     ) -> dict[str, list[torch.Tensor]]:
+                     episode_lengths: torch.Tensor, scaler: torch.amp.GradScaler | None = None,
+                     critic_thread: SideThread | None = None) -> dict[str, list[torch.Tensor]]:
     """Forward and backward over the mini-batch ``rows`` of ``ro`` in ``accum`` equal
     micro-batches, gradients summed into ``.grad`` (each micro-batch's loss over ``accum``);
     returns the micro-batches' stats, still on the device. ``lengths`` / ``episode_lengths``
-    (B,) on the host: real response / prompt + response tokens per row of ``ro``."""
+    (B,) on the host: real response / prompt + response tokens per row of ``ro``.
+
+    With ``critic_thread`` the critic's part runs there, with a backward of its own, while
+    this thread does the policy's: the same gradients when the two share no weights (each
+    weight's gradient then comes from one part only), so only then (``critic_beside_policy``)."""
     stats: dict[str, list[torch.Tensor]] = {}
     micro = len(rows) // accum
     for m in range(0, len(rows), micro):
         idx = rows[m:m + micro]
         mb = ro.select(idx.to(ro.response_ids.device), width=max(int(lengths[idx].max()), 1))
         ids, attn = mb.episodes(width=int(episode_lengths[idx].max()))  # (B, L)
-        with autocast(cfg, ids.device):
-            logp, ent = response_logprobs(models.policy, ids, attn, mb.response_ids,
-                                          cfg.temperature, with_entropy=True,
-                                          entropy_grad=cfg.ent_coef != 0,
-                                          response_mask=mb.response_mask)
-            vpred = response_values(models.critic, ids, attn, mb.response_ids.shape[1],
-                                    response_mask=mb.response_mask).float()
-        pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
-        vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask,
-                               cfg.clip_range_value)
-        entropy = masked_mean(ent, mb.response_mask)
-        loss = pl.loss + cfg.vf_coef * vl - cfg.ent_coef * entropy
-        if not cfg.kl_in_reward:  # KL as a loss term (k3 by default, GRPO style)
-            kl_term = masked_mean(kl_estimate(logp, mb.ref_logprobs, cfg.kl_estimator),
-                                  mb.response_mask)
-            loss = loss + beta * kl_term
-        scaled = loss / accum
-        (scaler.scale(scaled) if scaler else scaled).backward()
-        for k, v in {"policy/clipfrac": pl.clipfrac, "policy/approx_kl": pl.approx_kl,
-                     "policy/entropy": entropy, "loss/policy": pl.loss,
-                     "loss/value": vl, "val/clipfrac": vclip}.items():
+        if critic_thread is not None:
+            critic_thread.submit(_critic_backward, cfg, models, mb, ids, attn, accum)
+            try:
+                loss, parts = policy_part(cfg, models, mb, ids, attn, beta)
+                (loss / accum).backward()
+            finally:  # collected even when the policy's part failed: no critic work left going
+                critic_stats = critic_thread.result()
+            parts |= critic_stats
+        else:
+            p_loss, parts = policy_part(cfg, models, mb, ids, attn, beta)
+            v_loss, v_stats = critic_part(cfg, models, mb, ids, attn)
+            parts |= v_stats
+            scaled = (p_loss + v_loss) / accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        for k, v in parts.items():
             stats.setdefault(k, []).append(v.detach())
     return stats
+
+
+@contextlib.contextmanager
+def critic_beside_policy(cfg: PPOConfig, models: PPOModels, world: int
+                         ) -> Iterator[SideThread | None]:
+    """A thread for the critic's part of an update's micro-batches (``cfg.critic_thread``),
+    where it helps and gives the same gradients: on CPU, in one process, with 2+ torch
+    threads, and a critic that shares no trained weight with the policy. Within the block
+    the calling thread runs on the other half of the threads. Yields None elsewhere."""
+    threads = torch.get_num_threads()
+    policy_params = {id(p) for p in models.policy.parameters() if p.requires_grad}
+    if (not cfg.critic_thread or models.device.type != "cpu" or world != 1 or threads < 2
+            or any(id(p) in policy_params for p in models.critic.parameters())):
+        yield None
+        return
+    side = SideThread(half_threads(threads), name="ppo-critic")
+    try:
+        with sharing_cores(side):
+            yield side
+    finally:
+        side.close()
 
 
 def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
@@ -393,6 +451,9 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
     ``auto_micro_batch`` a mini-batch that runs out of GPU memory is redone in the next
     finer split (``next_accumulation``), kept for the rest of the update; the stats report
     the split used last as ``perf/accumulation``.
+
+    On CPU the critic's forward and backward run in a thread of their own beside the
+    policy's (``critic_beside_policy``).
     """
     # Stats stay on the device until the end: reading each one as it is made would make the
     # host wait for the GPU at every micro-batch, leaving the GPU idle while the host then
@@ -405,35 +466,37 @@ def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,
     params = models.trainable_params()
     lengths = ro.response_mask.sum(1).cpu()  # (B,) real response tokens per row
     episode_lengths = lengths + ro.query_mask.sum(1).cpu()  # (B,) prompt + response
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=gen)
-        for start in range(0, B, mini):
-            while True:
-                optimizer.zero_grad(set_to_none=True)
-                try:
-                    grads_stats = accumulate_grads(
-                        cfg, models, ro, perm[start:start + mini], accum, beta=beta,
-                        lengths=lengths, episode_lengths=episode_lengths, scaler=scaler)
-                    break
-                except torch.OutOfMemoryError:
-                    if not cfg.auto_micro_batch:
-                        raise
-                # Outside the except clause: the exception's frames (and the activations
-                # they hold) are gone, so the memory is free before the finer retry.
-                accum = _after_out_of_memory(mini, accum, optimizer)
-            for k, v in grads_stats.items():
-                stats.setdefault(k, []).extend(v)
-            if dp is not None:  # before unscaling and clipping: every process then agrees on both
-                dp.average_grads_(params)
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-            stats.setdefault("policy/grad_norm", []).append(grad_norm.detach())
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+    with critic_beside_policy(cfg, models, world) as critic_thread:
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=gen)
+            for start in range(0, B, mini):
+                while True:
+                    optimizer.zero_grad(set_to_none=True)
+                    try:
+                        grads_stats = accumulate_grads(
+                            cfg, models, ro, perm[start:start + mini], accum, beta=beta,
+                            lengths=lengths, episode_lengths=episode_lengths, scaler=scaler,
+                            critic_thread=critic_thread)
+                        break
+                    except torch.OutOfMemoryError:
+                        if not cfg.auto_micro_batch:
+                            raise
+                    # Outside the except clause: the exception's frames (and the activations
+                    # they hold) are gone, so the memory is free before the finer retry.
+                    accum = _after_out_of_memory(mini, accum, optimizer)
+                for k, v in grads_stats.items():
+                    stats.setdefault(k, []).extend(v)
+                if dp is not None:  # before unscaling and clipping: all processes agree on both
+                    dp.average_grads_(params)
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
+                stats.setdefault("policy/grad_norm", []).append(grad_norm.detach())
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
     out = {k: sum(float(x) for x in v) / len(v) for k, v in stats.items()}
     out["perf/accumulation"] = float(accum)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -234,6 +235,74 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_alike(rm_dir, promp
         assert torch.equal(a, b)
     for a, b in zip(plain.critic.parameters(), models.critic.parameters()):
         assert torch.equal(a, b)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_critic_thread_trains_as_one_thread_would(rm_dir, prompts, monkeypatch):
+    """On 2 threads the critic's forward and backward run in a thread of their own, each side
+    on 1 intra-op thread: the weights equal a run whose updates do both parts one after the
+    other on 1 thread, bit for bit (each weight's gradient comes from one part). Not with a
+    critic on the policy's trunk, and torch's thread count is back afterwards."""
+    import tasks.ppo_trainer as trainer
+
+    cfg = PPOConfig(**dict(SMALL, gradient_accumulation_steps=2))
+    update = trainer.ppo_update
+
+    def update_on_one_thread(*args, **kwargs):
+        with torch_threads(1):
+            return update(*args, **kwargs)
+
+    with monkeypatch.context() as patch, torch_threads(2):
+        patch.setattr(trainer, "ppo_update", update_on_one_thread)
+        _, _, alone = run(cfg.model_copy(update={"critic_thread": False}), rm_dir, prompts)
+    where, models = {"policy": set(), "critic": set()}, models_for(cfg, rm_dir)
+    for role in where:  # the critic's trunk is called without its head's forward
+        transformer_blocks(getattr(models, role))[0].register_forward_pre_hook(
+            lambda m, a, role=role: where[role].add(threading.current_thread().name) if m.training
+            else None)
+    with torch_threads(2):
+        train_ppo(cfg, models, prompts=prompts, seed=0)
+        assert torch.get_num_threads() == 2
+    assert where == {"policy": {"MainThread"}, "critic": {"ppo-critic"}}
+    for role in ("policy", "critic"):
+        for a, b in zip(getattr(alone, role).parameters(), getattr(models, role).parameters()):
+            assert torch.equal(a, b), role
+
+    shared = models_for(cfg.model_copy(update={"critic_init": "policy"}), rm_dir)
+    names = set()
+    transformer_blocks(shared.policy)[0].register_forward_pre_hook(
+        lambda m, a: names.add(threading.current_thread().name))
+    with torch_threads(2):
+        train_ppo(cfg.model_copy(update={"critic_init": "policy"}), shared, prompts=prompts,
+                  seed=0)
+    assert names == {"MainThread"}
+
+
+def test_critic_thread_failure_reaches_the_update(rm_dir, prompts):
+    """An error in the critic's thread is raised by the update, after the policy's part has
+    finished: a staged out-of-memory error in the critic is redone by auto_micro_batch."""
+    cfg = PPOConfig(**SMALL, auto_micro_batch=True)
+    models, logs = models_for(cfg, rm_dir), []
+
+    def refuse(block, args, kwargs):  # a block sees hidden states (B, L, H)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if block.training and hidden.shape[0] > 2:
+            raise torch.OutOfMemoryError("staged in the critic")
+
+    transformer_blocks(models.critic)[0].register_forward_pre_hook(refuse, with_kwargs=True)
+    with torch_threads(2):
+        summary = train_ppo(cfg, models, prompts=prompts, seed=0,
+                            log_fn=lambda m, s: logs.append(m))
+    assert summary["steps"] == 2 and [m["ppo/perf/accumulation"] for m in logs] == [2.0, 2.0]
 
 
 def test_next_accumulation_is_the_next_even_split():
