@@ -18,7 +18,7 @@ runs), counted as ``bench/device/mfu.py`` says, over the updates after the first
 carries warm-up and compilation); and sampled tokens/s against the decode bound (every policy
 weight read once per step at the device's HBM bandwidth).
 
-``--probes warmup,profile`` runs diagnostics of ours instead (what the last lease left
+``--probes profile,warmup`` runs diagnostics of ours instead (what the last lease left
 unexplained): the warm-up probe times three updates of a bf16 run per ``WARMUP_VARIANTS``
 entry (one suspect of the first update's extra 16-20 s taken away each) with the CUDA
 allocator's counts per update, and the static decode twice (a cold, then a warm compile
@@ -132,7 +132,8 @@ def settings_for(args, size: dict, policy_dir: str, rm_dir: str, precision: str,
 
 
 def probe_plan(args) -> list[dict]:
-    """The diagnostic jobs of ``--probes`` (see its help), in the order given."""
+    """The diagnostic jobs of ``--probes`` (see its help), in the order given: the lease's
+    budget drops the last ones first."""
     jobs = []
     for probe in (p for p in args.probes.split(",") if p):
         if probe == "warmup":

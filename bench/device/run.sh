@@ -5,7 +5,7 @@
 #   here, once:   bench/device/fetch_wheels.sh   # -> .whl/ (transformers 5.24, trl 1.12, datasets, pydantic)
 #   device tool:  run(command="bench/device/run.sh --precisions bf16 --budget-s 400 --deadline-s 465",
 #                     carry=[".whl"], timeout_s=490)   # what one 15-minute lease held, twice
-#   diagnostics:  run(command="bench/device/run.sh --probes warmup,profile --sizes 100m --deadline-s 465",
+#   diagnostics:  run(command="bench/device/run.sh --probes profile,warmup --sizes 100m --deadline-s 465",
 #                     carry=[".whl"], timeout_s=490)   # see bench_gpu.py's docstring
 #   on CPU:       SKIP_WHEELS=1 PYTHON=.venv/bin/python bench/device/run.sh --device cpu --sizes tiny \
 #                     --sides ours --lora tiny --response-length 8 --threads 2
