@@ -103,6 +103,7 @@ class StepClock:
         self.timing = False  # this update is timed
         self.sync = sync
         self.threads: set[str] = set()  # threads the timed calls ran in
+        self.lock = threading.Lock()  # the critic's thread adds to the same sums
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -115,7 +116,8 @@ class StepClock:
                 return fn(*args, **kwargs)
             finally:
                 self.sync()
-                self.s[name] += time.perf_counter() - t0
+                with self.lock:
+                    self.s[name] += time.perf_counter() - t0
         return timed
 
 
