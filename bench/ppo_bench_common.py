@@ -31,11 +31,6 @@ def setup_torch(settings: dict):
         # what both sides ran with in issue 12's table; bf16 runs are unaffected.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if settings.get("cudnn_sdp") is False:
-        # Takes cuDNN out of scaled_dot_product_attention's backends (flash, memory-efficient
-        # and math remain): bench/device/'s warm-up probe, see bench_gpu.WARMUP_VARIANTS. A
-        # CUDA-only backend, but the flag is set (and reported) on any device.
-        torch.backends.cuda.enable_cudnn_sdp(False)
     return torch, device
 
 

@@ -33,6 +33,7 @@ def ppo_config(s: dict):
         clip_range=s["cliprange"], clip_range_value=s["cliprange_value"], vf_coef=s["vf_coef"],
         ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
         mixed_precision=s.get("mixed_precision", "no"), decode_cache=s.get("decode_cache", "dynamic"),
+        cudnn_attention=s.get("cudnn_attention", False),
         missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
         checkpoint_every=10**9, log_every=1)
 
@@ -77,7 +78,7 @@ def main(settings_path: str, result_path: str) -> None:
                                                   "episode/eos_rate", "episode/length")},
                "perf_updates": perf, "mixed_precision": cfg.mixed_precision,
                # what a warm-up probe's variant set (bench/device/bench_gpu.WARMUP_VARIANTS)
-               "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled(),
+               "cudnn_attention": cfg.cudnn_attention,
                "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                "decode_cache": trainer.decode_cache(cfg, models.policy, device)}))
 

@@ -228,6 +228,18 @@ def autocast(cfg: PPOConfig, device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def attention_backends(cfg: PPOConfig, device: torch.device):
+    """On CUDA, SDPA without cuDNN's kernel unless ``cfg.cudnn_attention`` (see there): flash,
+    memory-efficient and math remain, tried in torch's order. A no-op elsewhere. Sets torch's
+    process-wide backend flags for the block and restores them after."""
+    if device.type != "cuda" or cfg.cudnn_attention:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
 def grad_scaler(cfg: PPOConfig, device: torch.device) -> torch.amp.GradScaler | None:
     """Loss scaling for fp16 on CUDA: fp16's narrow range underflows small gradients (bf16
     has fp32's range and needs none)."""
@@ -619,12 +631,14 @@ def train_ppo(cfg: PPOConfig, models: PPOModels, *, prompts: list[list[int]], se
         # keeps its share: together they sample the prompts one process would.
         prompts_here = dp.share(state.sampler.next_batch(cfg.batch_size), "prompts per batch")
         phases: dict[str, float] = {}
-        with autocast(cfg, device):
+        with autocast(cfg, device), attention_backends(cfg, device):
             ro = make_rollout(cfg, models, prompts_here, beta=beta, dp=dp, timings=phases)
         t_update = time.perf_counter()
         models.train()
-        stats = ppo_update(cfg, models, ro, beta=beta, optimizer=state.optimizer, gen=state.gen,
-                           scaler=scaler, dp=dp, accumulation=state.accumulation)
+        with attention_backends(cfg, device):
+            stats = ppo_update(cfg, models, ro, beta=beta, optimizer=state.optimizer,
+                               gen=state.gen, scaler=scaler, dp=dp,
+                               accumulation=state.accumulation)
         state.accumulation = int(stats["perf/accumulation"])
         state.scheduler.step()
         stats.update(rollout_metrics(ro, beta))  # reads the update's stats: the device is done

@@ -124,10 +124,10 @@ def test_probe_plan():
     import bench_gpu
 
     args = bench_gpu.argparse.Namespace(probes="warmup,profile", sizes="100m",
-                                        warmup_variants="default,no-cudnn-sdpa",
+                                        warmup_variants="default,cudnn-attention",
                                         profile_sizes="1.2b", profile_decode="static")
     tags = [(j["kind"], j["size"], j["decode"], j.get("variant")) for j in bench_gpu.plan(args)]
-    assert tags == [("pair", "100m", "dynamic", "default"), ("pair", "100m", "dynamic", "no-cudnn-sdpa"),
+    assert tags == [("pair", "100m", "dynamic", "default"), ("pair", "100m", "dynamic", "cudnn-attention"),
                     ("pair", "100m", "static", "cold"), ("pair", "100m", "static", "warm"),
                     ("profile", "1.2b", "static", None)]
     with pytest.raises(SystemExit, match="unknown warm-up variant 'cudnn'"):
@@ -138,26 +138,29 @@ def test_probe_plan():
 
 @pytest.mark.timeout(180)
 def test_device_probes_run_on_cpu_at_tiny_size(tmp_path):
-    """The warm-up probe's variant reaches the worker (its cuDNN attention flag and allocator
-    setting come back in the result), the static decode runs twice, and the profile worker
-    times every part of the update."""
+    """The warm-up probe's variant reaches the worker (its PPO config's cuDNN attention switch
+    and its allocator setting come back in the result), the static decode runs twice, and the
+    profile worker times every part of the update."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
            "OMP_NUM_THREADS": "1", "SKIP_WHEELS": "1"}
     proc = subprocess.run(
         ["bash", "bench/device/run.sh", "--device", "cpu", "--sizes", "tiny", "--probes",
-         "warmup,profile", "--warmup-variants", "both", "--profile-sizes", "tiny",
+         "warmup,profile", "--warmup-variants", "cudnn-attention,expandable-segments",
+         "--profile-sizes", "tiny",
          "--response-length", "8", "--threads", "1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out/bench_gpu.json").read_text())
     assert not report["failed"] and not report["skipped"]
     runs = {r["tag"]: r for r in report["runs"]}
-    assert list(runs) == ["tiny_ours_bf16_dynamic_both", "tiny_ours_bf16_static_cold",
-                          "tiny_ours_bf16_static_warm"]
-    both = runs["tiny_ours_bf16_dynamic_both"]
-    assert both["cudnn_sdp"] is False and both["cuda_alloc_conf"] == "expandable_segments:True"
-    cold = runs["tiny_ours_bf16_static_cold"]
-    assert cold["cudnn_sdp"] is True and cold["cuda_alloc_conf"] is None
+    assert list(runs) == ["tiny_ours_bf16_dynamic_cudnn-attention",
+                          "tiny_ours_bf16_dynamic_expandable-segments",
+                          "tiny_ours_bf16_static_cold", "tiny_ours_bf16_static_warm"]
+    cudnn = runs["tiny_ours_bf16_dynamic_cudnn-attention"]
+    assert cudnn["cudnn_attention"] is True and cudnn["cuda_alloc_conf"] is None
+    alloc = runs["tiny_ours_bf16_dynamic_expandable-segments"]
+    assert alloc["cudnn_attention"] is False
+    assert alloc["cuda_alloc_conf"] == "expandable_segments:True"
     assert all(r["updates"] == 3 and r["decode_cache"] == r["job"]["decode"] for r in runs.values())
     [prof] = report["profiles"]
     med = prof["median"]

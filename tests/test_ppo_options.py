@@ -305,6 +305,24 @@ def test_critic_thread_failure_reaches_the_update(rm_dir, prompts):
     assert summary["steps"] == 2 and [m["ppo/perf/accumulation"] for m in logs] == [2.0, 2.0]
 
 
+def test_attention_without_cudnn_on_cuda_only():
+    """On CUDA the PPO loop's attention leaves cuDNN's kernel out unless asked for (its
+    per-shape plans), keeping flash, memory-efficient and math; elsewhere nothing changes.
+    torch's flags are set for the block and restored after (they exist on CPU builds)."""
+    from tasks.ppo_trainer import attention_backends
+
+    flags = (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.flash_sdp_enabled,
+             torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
+    before = [f() for f in flags]
+    assert before == [True] * 4
+    with attention_backends(PPOConfig(), torch.device("cuda")):
+        assert [f() for f in flags] == [False, True, True, True]
+    assert [f() for f in flags] == before
+    for cfg, device in ((PPOConfig(cudnn_attention=True), "cuda"), (PPOConfig(), "cpu")):
+        with attention_backends(cfg, torch.device(device)):
+            assert [f() for f in flags] == before
+
+
 def test_next_accumulation_is_the_next_even_split():
     assert [next_accumulation(16, a) for a in (1, 2, 4, 8, 16)] == [2, 4, 8, 16, None]
     assert [next_accumulation(12, a) for a in (1, 2, 3, 4, 6, 12)] == [2, 3, 4, 6, 12, None]

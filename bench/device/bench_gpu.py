@@ -66,20 +66,19 @@ LORA = {
 
 # The warm-up probe (``--probes warmup``): the first update of a bf16 run on an H100 took
 # 16-20 s more than the next ones, nearly all in sampling, and more again in the update phase
-# after a dynamic-cache decode (bench/README.md). Each variant is one suspect taken away.
+# after a dynamic-cache decode (bench/README.md). Each variant changes one suspect.
 WARMUP_VARIANTS = {
+    # The trainer's defaults: cuDNN's attention kernel left out (PPOConfig.cudnn_attention).
     "default": {},
-    # torch puts cuDNN first among SDPA's backends on Hopper with a recent cuDNN, and cuDNN
-    # builds an execution plan the first time it sees a shape (batch, query and key lengths),
-    # reported at hundreds of ms each: a dynamic-cache decode shows it a new key length at
-    # every step, and a new prompt width a new set of shapes.
-    "no-cudnn-sdpa": {"cudnn_sdp": False},
+    # torch's own choice, which puts cuDNN first on Hopper with a recent cuDNN: what the
+    # H100 runs measured. cuDNN builds an execution plan the first time it sees a shape
+    # (batch, query and key lengths), reported at hundreds of ms each: a dynamic-cache decode
+    # shows it a new key length at every step, and a new prompt width new shapes everywhere.
+    "cudnn-attention": {"cudnn_attention": True},
     # The caching allocator grows by cudaMalloc'd segments; a KV cache grown by concatenation
     # leaves odd-sized blocks, and the update's larger tensors may miss them, free the cache
     # and retry (the worker logs cudaMalloc calls and retries per update).
     "expandable-segments": {"env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
-    "both": {"cudnn_sdp": False,
-             "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
 }
 
 
