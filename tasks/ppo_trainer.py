@@ -31,7 +31,7 @@ from models.reward import RewardNorm, score_sequences
 from models.rollout import (Rollout, generate, left_pad_episodes, pad_sequences,
                             response_logprobs, response_values)
 from tasks.distributed import DataParallel
-from tasks.side_thread import SideThread, half_threads, sharing_cores
+from tasks.side_thread import SideThread, half_threads, intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -435,17 +435,22 @@ def critic_beside_policy(cfg: PPOConfig, models: PPOModels, world: int
     threads, and a critic that shares no trained weight with the policy. Within the block
     the calling thread runs on the other half of the threads. Yields None elsewhere."""
     threads = torch.get_num_threads()
-    policy_params = {id(p) for p in models.policy.parameters() if p.requires_grad}
     if (not cfg.critic_thread or models.device.type != "cpu" or world != 1 or threads < 2
-            or any(id(p) in policy_params for p in models.critic.parameters())):
+            or _critic_shares_weights(models)):
         yield None
         return
     side = SideThread(half_threads(threads), name="ppo-critic")
     try:
-        with sharing_cores(side):
+        with intra_op_threads(side.threads):
             yield side
     finally:
         side.close()
+
+
+def _critic_shares_weights(models: PPOModels) -> bool:
+    """Whether a trained weight of the critic is also the policy's (a shared trunk)."""
+    policy_params = {id(p) for p in models.policy.parameters() if p.requires_grad}
+    return any(id(p) in policy_params for p in models.critic.parameters())
 
 
 def ppo_update(cfg: PPOConfig, models: PPOModels, ro: Rollout, *, beta: float,

@@ -64,14 +64,11 @@ def half_threads(total: int) -> int:
 
 
 @contextlib.contextmanager
-def sharing_cores(side: SideThread | None) -> Iterator[None]:
-    """Within the block the calling thread uses the side thread's share of torch's threads
-    (``half_threads``), leaving the other share to it; nothing when ``side`` is None."""
-    if side is None:
-        yield
-        return
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count ``n`` for the calling thread within the block, restored
+    after (two threads sharing the cores each take ``half_threads``)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(side.threads)
+    torch.set_num_threads(n)
     try:
         yield
     finally:

@@ -58,14 +58,11 @@ def test_sigkill_mid_training_then_rerun_resumes_from_checkpoint(stage, make_ctx
     from stage_resume_worker import run
 
     from tasks.durable import checkpoint_dir, last_complete_checkpoint
+    from tasks.side_thread import intra_op_threads
 
     ctx = make_ctx(f"kill_{stage}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the worker's arithmetic
-    try:
+    with intra_op_threads(1):  # the worker's arithmetic
         ref = run(stage, tmp_path, ctx, str(tmp_path / "uninterrupted"))
-    finally:
-        torch.set_num_threads(threads)
 
     out = str(tmp_path / "killed")
     kill_after_checkpoint([stage, str(tmp_path), ctx.model_dump_json(), out], step=4)

@@ -18,6 +18,7 @@ from tasks.ppo import PPOConfig, _load_prompts, build_models
 from tasks.ppo_trainer import (autocast, grad_scaler, make_rollout, next_accumulation,
                                train_ppo)
 from tasks.base import LoraSettings
+from tasks.side_thread import intra_op_threads
 
 BASE = "demo/base_model"
 # Tiny-model settings (the defaults are for ~0.5B models on a GPU).
@@ -237,16 +238,6 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_alike(rm_dir, promp
         assert torch.equal(a, b)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_critic_thread_trains_as_one_thread_would(rm_dir, prompts, monkeypatch):
     """On 2 threads the critic's forward and backward run in a thread of their own, each side
     on 1 intra-op thread: the weights equal a run whose updates do both parts one after the
@@ -258,10 +249,10 @@ def test_critic_thread_trains_as_one_thread_would(rm_dir, prompts, monkeypatch):
     update = trainer.ppo_update
 
     def update_on_one_thread(*args, **kwargs):
-        with torch_threads(1):
+        with intra_op_threads(1):
             return update(*args, **kwargs)
 
-    with monkeypatch.context() as patch, torch_threads(2):
+    with monkeypatch.context() as patch, intra_op_threads(2):
         patch.setattr(trainer, "ppo_update", update_on_one_thread)
         _, _, alone = run(cfg.model_copy(update={"critic_thread": False}), rm_dir, prompts)
     where, models = {"policy": set(), "critic": set()}, models_for(cfg, rm_dir)
@@ -269,7 +260,7 @@ def test_critic_thread_trains_as_one_thread_would(rm_dir, prompts, monkeypatch):
         transformer_blocks(getattr(models, role))[0].register_forward_pre_hook(
             lambda m, a, role=role: where[role].add(threading.current_thread().name) if m.training
             else None)
-    with torch_threads(2):
+    with intra_op_threads(2):
         train_ppo(cfg, models, prompts=prompts, seed=0)
         assert torch.get_num_threads() == 2
     assert where == {"policy": {"MainThread"}, "critic": {"ppo-critic"}}
@@ -281,7 +272,7 @@ def test_critic_thread_trains_as_one_thread_would(rm_dir, prompts, monkeypatch):
     names = set()
     transformer_blocks(shared.policy)[0].register_forward_pre_hook(
         lambda m, a: names.add(threading.current_thread().name))
-    with torch_threads(2):
+    with intra_op_threads(2):
         train_ppo(cfg.model_copy(update={"critic_init": "policy"}), shared, prompts=prompts,
                   seed=0)
     assert names == {"MainThread"}
@@ -299,7 +290,7 @@ def test_critic_thread_failure_reaches_the_update(rm_dir, prompts):
             raise torch.OutOfMemoryError("staged in the critic")
 
     transformer_blocks(models.critic)[0].register_forward_pre_hook(refuse, with_kwargs=True)
-    with torch_threads(2):
+    with intra_op_threads(2):
         summary = train_ppo(cfg, models, prompts=prompts, seed=0,
                             log_fn=lambda m, s: logs.append(m))
     assert summary["steps"] == 2 and [m["ppo/perf/accumulation"] for m in logs] == [2.0, 2.0]
