@@ -43,6 +43,10 @@ sys.path.insert(0, str(HERE))
 import bench_ppo  # noqa: E402
 import mfu  # noqa: E402
 
+# Workers this script runs beside bench_ppo's two sides (same SETTINGS RESULT interface).
+bench_ppo.WORKERS.update({"ours-lora": HERE / "lora_worker.py",
+                          "profile": ROOT / "bench/profile_ppo.py"})
+
 # GPT-2 overrides per size; batch as in issue 12's table. "tiny" is demo/base_model (0.5 M,
 # 64 positions). n_positions 1024 as in GPT-2 itself: demo/base_model's 64 cannot hold a
 # 32-token prompt and a 128-token response (the first GPU run died on that index).
@@ -136,10 +140,14 @@ def probe_plan(args) -> list[dict]:
     jobs = []
     for probe in (p for p in args.probes.split(",") if p):
         if probe == "warmup":
+            variants = [v for v in args.warmup_variants.split(",") if v]
+            unknown = [v for v in variants if v not in WARMUP_VARIANTS]
+            if unknown:
+                raise SystemExit(f"bench_gpu: unknown warm-up variant {unknown[0]!r}: "
+                                 f"{', '.join(WARMUP_VARIANTS)}")
             for size in (x for x in args.sizes.split(",") if x):
                 jobs += [{"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
-                          "decode": "dynamic", "variant": v}
-                         for v in args.warmup_variants.split(",") if v]
+                          "decode": "dynamic", "variant": v} for v in variants]
                 # the second run finds the first one's compiled graphs in inductor's cache
                 jobs += [{"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
                           "decode": "static", "variant": v} for v in ("cold", "warm")]
@@ -149,10 +157,6 @@ def probe_plan(args) -> list[dict]:
                      for size in args.profile_sizes.split(",") if size]
         else:
             raise SystemExit(f"bench_gpu: unknown probe {probe!r}: warmup or profile")
-    for job in jobs:
-        if job.get("variant") not in (None, "cold", "warm", *WARMUP_VARIANTS):
-            raise SystemExit(f"bench_gpu: unknown warm-up variant {job['variant']!r}: "
-                             f"{', '.join(WARMUP_VARIANTS)}")
     return jobs
 
 
@@ -253,7 +257,6 @@ def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
         size = SIZES[job["size"]]
         s = settings_for(args, size, *models[job["size"]], job["precision"], job["decode"])
         s["profile_updates"] = 2
-        bench_ppo.WORKERS["profile"] = ROOT / "bench/profile_ppo.py"
         r = bench_ppo.run_worker("profile", sys.executable, s, run_dir, tag, timeout)
         r.update(job=job, tag=tag)
         return r
@@ -263,7 +266,6 @@ def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
                          job["precision"], job["decode"])
         s.update(arch=spec["arch"], arch_config=spec["arch_config"], lora_r=16,
                  total_episodes=args.episodes or spec["episodes"])
-        bench_ppo.WORKERS["ours-lora"] = HERE / "lora_worker.py"
         r = bench_ppo.run_worker("ours-lora", sys.executable, s, run_dir, tag, timeout)
         r["batch_size"] = s["batch_size"]
         counts = mfu.ModelCounts(**r["counts"], head_bytes=2) if "counts" in r else None
