@@ -283,13 +283,7 @@ def test_critic_thread_failure_reaches_the_update(rm_dir, prompts):
     finished: a staged out-of-memory error in the critic is redone by auto_micro_batch."""
     cfg = PPOConfig(**SMALL, auto_micro_batch=True)
     models, logs = models_for(cfg, rm_dir), []
-
-    def refuse(block, args, kwargs):  # a block sees hidden states (B, L, H)
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if block.training and hidden.shape[0] > 2:
-            raise torch.OutOfMemoryError("staged in the critic")
-
-    transformer_blocks(models.critic)[0].register_forward_pre_hook(refuse, with_kwargs=True)
+    fail_training_forwards_over(models, rows=2, role="critic")
     with intra_op_threads(2):
         summary = train_ppo(cfg, models, prompts=prompts, seed=0,
                             log_fn=lambda m, s: logs.append(m))
@@ -320,13 +314,17 @@ def test_next_accumulation_is_the_next_even_split():
     assert next_accumulation(7, 1) == 7  # a prime mini-batch: one episode per micro-batch
 
 
-def fail_training_forwards_over(models, rows: int):
-    """Make the policy's training forward raise CUDA's out-of-memory error on more than
-    ``rows`` episodes: the memory limit of a GPU, staged on CPU (where none can be hit)."""
-    def hook(module, args, kwargs):
-        if module.training and kwargs["input_ids"].shape[0] > rows:
+def fail_training_forwards_over(models, rows: int, role: str = "policy"):
+    """Make the training forward of ``role`` (policy or critic) raise CUDA's out-of-memory
+    error on more than ``rows`` episodes: the memory limit of a GPU, staged on CPU (where
+    none can be hit). Hooked on the first block: the critic's trunk is called without its
+    head's forward."""
+    def hook(block, args, kwargs):  # a block sees hidden states (B, L, H)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if block.training and hidden.shape[0] > rows:
             raise torch.OutOfMemoryError("CUDA out of memory (staged by the test)")
-    models.policy.register_forward_pre_hook(hook, with_kwargs=True)
+    transformer_blocks(getattr(models, role))[0].register_forward_pre_hook(hook,
+                                                                            with_kwargs=True)
 
 
 def test_auto_micro_batch_redoes_a_mini_batch_that_runs_out_of_memory(rm_dir, prompts, caplog):
