@@ -34,6 +34,7 @@ def ppo_config(s: dict):
         ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
         mixed_precision=s.get("mixed_precision", "no"), decode_cache=s.get("decode_cache", "dynamic"),
         cudnn_attention=s.get("cudnn_attention", False),
+        compile_update=s.get("compile_update", False),
         missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
         checkpoint_every=10**9, log_every=1)
 
@@ -77,8 +78,8 @@ def main(settings_path: str, result_path: str) -> None:
         extra={"final": {k: final.get(k) for k in ("objective/kl", "objective/scores",
                                                   "episode/eos_rate", "episode/length")},
                "perf_updates": perf, "mixed_precision": cfg.mixed_precision,
-               # what a warm-up probe's variant set (bench/device/bench_gpu.WARMUP_VARIANTS)
-               "cudnn_attention": cfg.cudnn_attention,
+               # what a warm-up probe's variant set (bench/device/bench_gpu.VARIANTS)
+               "cudnn_attention": cfg.cudnn_attention, "compile_update": cfg.compile_update,
                "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                "decode_cache": trainer.decode_cache(cfg, models.policy, device)}))
 

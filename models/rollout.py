@@ -48,12 +48,11 @@ class Rollout:
         """Rows ``idx`` of every tensor field (for minibatches), with the response columns
         cut to the longest real response among those rows, or to ``width`` when the caller
         knows it (on a GPU, reading the longest off the device waits for all queued work)."""
-        fields = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        T = width if width is not None else max(int(fields["response_mask"].sum(1).max()), 1)
-        for k in PER_TOKEN_FIELDS:
-            if fields[k] is not None:
-                fields[k] = fields[k][:, :T]
-        return Rollout(**fields)
+        T = width if width is not None else max(int(self.response_mask[idx].sum(1).max()), 1)
+        # Columns cut before the rows are taken: every field comes out a fresh, contiguous
+        # tensor (a view's strides would make a compiled update compile again).
+        return Rollout(**{k: (v[:, :T] if k in PER_TOKEN_FIELDS else v)[idx]
+                          if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
 
 PER_TOKEN_FIELDS = ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values",
@@ -93,7 +92,10 @@ def left_pad_episodes(query_ids: torch.Tensor, query_mask: torch.Tensor,
     if width is None:
         width = int(mask.sum(1).max())
     width = max(width, response_ids.shape[1] + 1)
-    return ids.gather(1, order)[:, -width:], mask.gather(1, order)[:, -width:]
+    # Gather only the kept columns: fresh tensors, not views at an offset into wider ones
+    # (a compiled update, PPOConfig.compile_update, would compile again for offsets 0 and 1).
+    order = order[:, -width:]
+    return ids.gather(1, order), mask.gather(1, order)
 
 
 def left_align_responses(x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

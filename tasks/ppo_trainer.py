@@ -14,6 +14,7 @@ loading, MLflow) is ``tasks/ppo.py``; the math is ``models/ppo.py``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -352,15 +353,28 @@ def next_accumulation(mini: int, accum: int) -> int | None:
     return next((d for d in range(accum + 1, mini + 1) if mini % d == 0), None)
 
 
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    # One compiled wrapper per function for the process: dynamo's graphs hang off the
+    # function's code and are guarded on the model passed, so policy and critic get their
+    # own. dynamic=True: mini-batches differ in width, and each new width would otherwise
+    # compile again (sizes 0 and 1 are still specialised).
+    return torch.compile(fn, dynamic=True)
+
+
+def update_forward(cfg: PPOConfig, fn: Callable) -> Callable:
+    """``fn`` (a forward the update differentiates), compiled with ``cfg.compile_update``."""
+    return _compiled(fn) if cfg.compile_update else fn
+
+
 def policy_part(cfg: PPOConfig, models: PPOModels, mb: Rollout, ids: torch.Tensor,
                 attn: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The policy's share of a micro-batch's loss (clipped surrogate, entropy bonus, and the
     KL term when KL is a loss), and its stats."""
     with autocast(cfg, ids.device):
-        logp, ent = response_logprobs(models.policy, ids, attn, mb.response_ids,
-                                      cfg.temperature, with_entropy=True,
-                                      entropy_grad=cfg.ent_coef != 0,
-                                      response_mask=mb.response_mask)
+        logp, ent = update_forward(cfg, response_logprobs)(
+            models.policy, ids, attn, mb.response_ids, cfg.temperature, with_entropy=True,
+            entropy_grad=cfg.ent_coef != 0, response_mask=mb.response_mask)
     pl = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_range)
     entropy = masked_mean(ent, mb.response_mask)
     loss = pl.loss - cfg.ent_coef * entropy
@@ -377,8 +391,9 @@ def critic_part(cfg: PPOConfig, models: PPOModels, mb: Rollout, ids: torch.Tenso
     """The critic's share of a micro-batch's loss (vf_coef x the clipped value loss), and its
     stats."""
     with autocast(cfg, ids.device):
-        vpred = response_values(models.critic, ids, attn, mb.response_ids.shape[1],
-                                response_mask=mb.response_mask).float()
+        vpred = update_forward(cfg, response_values)(
+            models.critic, ids, attn, mb.response_ids.shape[1],
+            response_mask=mb.response_mask).float()
     vl, vclip = value_loss(vpred, mb.values, mb.returns, mb.response_mask, cfg.clip_range_value)
     return cfg.vf_coef * vl, {"loss/value": vl, "val/clipfrac": vclip}
 
@@ -388,6 +403,18 @@ def _critic_backward(cfg: PPOConfig, models: PPOModels, mb: Rollout, ids: torch.
     loss, stats = critic_part(cfg, models, mb, ids, attn)
     (loss / accum).backward()
     return stats
+
+
+def rows_to(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Row indices from the host onto ``device`` without waiting for it. A plain copy from
+    pageable host memory to a GPU makes torch synchronise the stream after it: the host
+    would wait for all queued work (the last optimizer step: ~30 ms of memory traffic at
+    1.2 B, bench/README.md) before issuing the next micro-batch, every micro-batch. From
+    pinned memory the copy is queued like a kernel (torch keeps the pinned block until the
+    copy has run)."""
+    if device.type != "cuda":
+        return idx.to(device)
+    return idx.pin_memory().to(device, non_blocking=True)
 
 
 def accumulate_grads(cfg: PPOConfig, models: PPOModels, ro: Rollout, rows: torch.Tensor,
@@ -406,7 +433,8 @@ def accumulate_grads(cfg: PPOConfig, models: PPOModels, ro: Rollout, rows: torch
     micro = len(rows) // accum
     for m in range(0, len(rows), micro):
         idx = rows[m:m + micro]
-        mb = ro.select(idx.to(ro.response_ids.device), width=max(int(lengths[idx].max()), 1))
+        mb = ro.select(rows_to(idx, ro.response_ids.device),
+                       width=max(int(lengths[idx].max()), 1))
         ids, attn = mb.episodes(width=int(episode_lengths[idx].max()))  # (B, L)
         if critic_thread is not None:
             critic_thread.submit(_critic_backward, cfg, models, mb, ids, attn, accum)

@@ -125,13 +125,22 @@ def test_probe_plan():
 
     args = bench_gpu.argparse.Namespace(probes="warmup,profile", sizes="100m",
                                         warmup_variants="default,cudnn-attention",
-                                        profile_sizes="1.2b", profile_decode="static")
+                                        profile_sizes="1.2b", profile_decode="static",
+                                        profile_variants="default,compile-update")
     tags = [(j["kind"], j["size"], j["decode"], j.get("variant")) for j in bench_gpu.plan(args)]
     assert tags == [("pair", "100m", "dynamic", "default"), ("pair", "100m", "dynamic", "cudnn-attention"),
                     ("pair", "100m", "static", "cold"), ("pair", "100m", "static", "warm"),
-                    ("profile", "1.2b", "static", None)]
-    with pytest.raises(SystemExit, match="unknown warm-up variant 'cudnn'"):
+                    ("profile", "1.2b", "static", "default"),
+                    ("profile", "1.2b", "static", "compile-update")]
+    with pytest.raises(SystemExit, match="unknown variant 'cudnn'"):
         bench_gpu.plan(bench_gpu.argparse.Namespace(**{**vars(args), "warmup_variants": "cudnn"}))
+    with pytest.raises(SystemExit, match="unknown variant 'compile'"):
+        bench_gpu.plan(bench_gpu.argparse.Namespace(**{**vars(args), "profile_variants": "compile"}))
+    comparison = bench_gpu.argparse.Namespace(**{**vars(args), "probes": "", "variant": "compile"},
+                                              sides="ours", precisions="bf16",
+                                              static_decode=False, lora="none")
+    with pytest.raises(SystemExit, match="unknown variant 'compile'"):
+        bench_gpu.plan(comparison)
     with pytest.raises(SystemExit, match="unknown probe 'warm'"):
         bench_gpu.plan(bench_gpu.argparse.Namespace(**{**vars(args), "probes": "warm"}))
 
@@ -140,7 +149,7 @@ def test_probe_plan():
 def test_device_probes_run_on_cpu_at_tiny_size(tmp_path):
     """The warm-up probe's variant reaches the worker (its PPO config's cuDNN attention switch
     and its allocator setting come back in the result), the static decode runs twice, and the
-    profile worker times every part of the update."""
+    profile worker times every part of the update, eager and then compiled."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
            "OMP_NUM_THREADS": "1", "SKIP_WHEELS": "1"}
     proc = subprocess.run(
@@ -162,9 +171,15 @@ def test_device_probes_run_on_cpu_at_tiny_size(tmp_path):
     assert alloc["cudnn_attention"] is False
     assert alloc["cuda_alloc_conf"] == "expandable_segments:True"
     assert all(r["updates"] == 3 and r["decode_cache"] == r["job"]["decode"] for r in runs.values())
-    [prof] = report["profiles"]
-    med = prof["median"]
-    assert all(med[f"update/{k}"] > 0 for k in ("response_logprobs", "response_values",
-                                                "backward", "optimizer step"))
+    eager, compiled = report["profiles"]
+    assert [eager["compile_update"], compiled["compile_update"]] == [False, True]
+    assert all(eager["median"][f"update/{k}"] > 0 for k in ("response_logprobs",
+                                                            "response_values", "backward",
+                                                            "optimizer step"))
+    # the compiled forwards are not timed apart (the timers would be traced into the graphs)
+    assert "update/response_logprobs" not in compiled["median"]
+    assert all(compiled["median"][f"update/{k}"] > 0 for k in ("backward", "optimizer step"))
     md = (tmp_path / "out/bench_gpu.md").read_text()
-    assert md.count("| tiny_ours_bf16_static_warm | ") == 3 and "Profile `tiny_profile_bf16_static`" in md
+    assert md.count("| tiny_ours_bf16_static_warm | ") == 3
+    assert "Profile `tiny_profile_bf16_static_default`" in md
+    assert "Profile `tiny_profile_bf16_static_compile-update`" in md

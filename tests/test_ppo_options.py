@@ -290,6 +290,30 @@ def test_critic_thread_failure_reaches_the_update(rm_dir, prompts):
     assert summary["steps"] == 2 and [m["ppo/perf/accumulation"] for m in logs] == [2.0, 2.0]
 
 
+def test_compiled_update_trains_as_the_eager_one(rm_dir, prompts):
+    """compile_update: the update's forwards (and backwards) run as compiled graphs, one per
+    model for every mini-batch width, with the critic in its own thread too, and train to the
+    eager run's weights up to float summation order. Sampling and scoring stay eager."""
+    import torch._dynamo
+
+    cfg = PPOConfig(**dict(SMALL, total_episodes=8))
+    with intra_op_threads(2):
+        _, eager_logs, eager = run(cfg, rm_dir, prompts)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        _, logs, compiled = run(cfg.model_copy(update={"compile_update": True}), rm_dir,
+                                prompts)
+    # the policy's and the critic's forward, each once, whatever the widths of the two
+    # mini-batches (dynamic shapes); nothing compiled for sampling or scoring
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert not torch._dynamo.utils.counters["graph_break"]
+    for role in ("policy", "critic"):
+        for (name, a), b in zip(getattr(eager, role).named_parameters(),
+                                getattr(compiled, role).parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{role} {name}")
+    assert logs[0]["ppo/loss/value"] == pytest.approx(eager_logs[0]["ppo/loss/value"], rel=1e-4)
+
+
 def test_attention_without_cudnn_on_cuda_only():
     """On CUDA the PPO loop's attention leaves cuDNN's kernel out unless asked for (its
     per-shape plans), keeping flash, memory-efficient and math; elsewhere nothing changes.

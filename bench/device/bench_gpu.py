@@ -19,11 +19,13 @@ carries warm-up and compilation); and sampled tokens/s against the decode bound 
 weight read once per step at the device's HBM bandwidth).
 
 ``--probes profile,warmup`` runs diagnostics of ours instead (what the last lease left
-unexplained): the warm-up probe times three updates of a bf16 run per ``WARMUP_VARIANTS``
-entry (one suspect of the first update's extra 16-20 s taken away each) with the CUDA
-allocator's counts per update, and the static decode twice (a cold, then a warm compile
-cache); the profile runs ``bench/profile_ppo.py`` on a size's settings and reads the GPU
-kernels of one update's PPO phase (the 1.2 B update ran at 20 % MFU).
+unexplained): the profile runs ``bench/profile_ppo.py`` on a size's settings per
+``--profile-variants`` (eager, then ``compile_update``) and reads the GPU kernels of one
+update's PPO phase, launches and idle time (the 1.2 B update ran at 20 % MFU, and looks
+bound by the host: bench/README.md); the warm-up probe times three updates of a bf16 run per
+``--warmup-variants`` (one suspect of the first update's extra 16-20 s taken away each) with
+the CUDA allocator's counts per update, and the static decode twice (a cold, then a warm
+compile cache). ``--variant`` runs ours' comparison runs with one of ``VARIANTS``.
 """
 
 from __future__ import annotations
@@ -68,10 +70,12 @@ LORA = {
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}},
 }
 
-# The warm-up probe (``--probes warmup``): the first update of a bf16 run on an H100 took
-# 16-20 s more than the next ones, nearly all in sampling, and more again in the update phase
-# after a dynamic-cache decode (bench/README.md). Each variant changes one suspect.
-WARMUP_VARIANTS = {
+# Settings of ours changed against the trainer's defaults, by name: for the probes and
+# ``--variant``. The warm-up probe (``--probes warmup``): the first update of a bf16 run on an
+# H100 took 16-20 s more than the next ones, nearly all in sampling, and more again in the
+# update phase after a dynamic-cache decode (bench/README.md); each of its variants changes one
+# suspect. The profile (``--probes profile``) compares the eager update with the compiled one.
+VARIANTS = {
     # The trainer's defaults: cuDNN's attention kernel left out (PPOConfig.cudnn_attention).
     "default": {},
     # torch's own choice, which puts cuDNN first on Hopper with a recent cuDNN: what the
@@ -83,7 +87,11 @@ WARMUP_VARIANTS = {
     # leaves odd-sized blocks, and the update's larger tensors may miss them, free the cache
     # and retry (the worker logs cudaMalloc calls and retries per update).
     "expandable-segments": {"env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
+    # The update's forwards and backwards compiled (PPOConfig.compile_update): an eager 1.2 B
+    # mini-batch step issues ~5,900 ops, and took about as long as that many ops take a host.
+    "compile-update": {"compile_update": True},
 }
+WARMUP_VARIANTS = ("default", "cudnn-attention", "expandable-segments")
 
 
 def parse_args() -> argparse.Namespace:
@@ -114,8 +122,12 @@ def parse_args() -> argparse.Namespace:
                         "'profile' (at --profile-sizes: bench/profile_ppo.py, GPU kernels of "
                         "one update's PPO phase); 3 updates per warm-up run")
     p.add_argument("--warmup-variants", default=",".join(WARMUP_VARIANTS),
-                   help=f"of {', '.join(WARMUP_VARIANTS)}")
+                   help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--profile-sizes", default="1.2b")
+    p.add_argument("--profile-variants", default="default,compile-update",
+                   help=f"of {', '.join(VARIANTS)}, a profile each, in order")
+    p.add_argument("--variant", default=None,
+                   help=f"ours' GPT-2 comparison runs (not LoRA's) with one of {', '.join(VARIANTS)}")
     p.add_argument("--profile-decode", default="static",
                    help="decode cache of the profiled run (auto: what the trainer picks)")
     p.add_argument("--seed", type=int, default=0)
@@ -140,11 +152,7 @@ def probe_plan(args) -> list[dict]:
     jobs = []
     for probe in (p for p in args.probes.split(",") if p):
         if probe == "warmup":
-            variants = [v for v in args.warmup_variants.split(",") if v]
-            unknown = [v for v in variants if v not in WARMUP_VARIANTS]
-            if unknown:
-                raise SystemExit(f"bench_gpu: unknown warm-up variant {unknown[0]!r}: "
-                                 f"{', '.join(WARMUP_VARIANTS)}")
+            variants = variant_names(args.warmup_variants)
             for size in (x for x in args.sizes.split(",") if x):
                 jobs += [{"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
                           "decode": "dynamic", "variant": v} for v in variants]
@@ -153,11 +161,21 @@ def probe_plan(args) -> list[dict]:
                           "decode": "static", "variant": v} for v in ("cold", "warm")]
         elif probe == "profile":
             jobs += [{"kind": "profile", "size": size, "side": "profile", "precision": "bf16",
-                      "decode": args.profile_decode}
-                     for size in args.profile_sizes.split(",") if size]
+                      "decode": args.profile_decode, "variant": v}
+                     for size in args.profile_sizes.split(",") if size
+                     for v in variant_names(args.profile_variants)]
         else:
             raise SystemExit(f"bench_gpu: unknown probe {probe!r}: warmup or profile")
     return jobs
+
+
+def variant_names(names: str) -> list[str]:
+    """Comma-separated ``VARIANTS`` names, checked."""
+    out = [v for v in names.split(",") if v]
+    unknown = [v for v in out if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"bench_gpu: unknown variant {unknown[0]!r}: {', '.join(VARIANTS)}")
+    return out
 
 
 def check_positions(args) -> None:
@@ -180,6 +198,7 @@ def plan(args) -> list[dict]:
     """Jobs in priority order (see the module docstring), or the probes' jobs."""
     if args.probes:
         return probe_plan(args)
+    variant_names(args.variant or "")  # refused before any run, not after the first ones
     sizes = [s for s in args.sizes.split(",") if s]
     sides = [s for s in args.sides.split(",") if s]
     precisions = [p for p in args.precisions.split(",") if p]
@@ -256,7 +275,7 @@ def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
     if job["kind"] == "profile":
         size = SIZES[job["size"]]
         s = settings_for(args, size, *models[job["size"]], job["precision"], job["decode"])
-        s["profile_updates"] = 2
+        s.update(VARIANTS[job["variant"]], profile_updates=2)
         r = bench_ppo.run_worker("profile", sys.executable, s, run_dir, tag, timeout)
         r.update(job=job, tag=tag)
         return r
@@ -274,8 +293,10 @@ def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
         policy_dir, rm_dir = models[job["size"]]
         s = settings_for(args, size, policy_dir, rm_dir, job["precision"], job["decode"])
         if "variant" in job:  # a warm-up probe: three updates, one suspect taken away
-            s.update(WARMUP_VARIANTS.get(job["variant"], {}))
+            s.update(VARIANTS.get(job["variant"], {}))
             s["total_episodes"] = args.episodes or 3 * s["batch_size"]
+        elif job["side"] == "ours" and args.variant:
+            s.update(VARIANTS[args.variant])
         r = bench_ppo.run_worker(job["side"], sys.executable, s, run_dir, tag, timeout)
         r["batch_size"] = s["batch_size"]
         counts = counts_for(policy_dir, job["precision"]) if job["side"] == "ours" else None
