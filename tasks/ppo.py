@@ -135,13 +135,13 @@ class PPOConfig(StageConfig):
     compile_update: bool = False
     """Compile the update's policy and critic forwards (and so their backwards) with
     ``torch.compile``, once per run, for every mini-batch width (dynamic shapes). For GPUs,
-    where an eager update is bound by the host, not the device: an H100 took about 156 ms per
-    1.2 B mini-batch step (16 episodes) and 64-75 ms at 86 M (32 episodes), nearly in
-    proportion to the ~5,900 and ~3,100 ops each issues (24 and 12 layers), not to their 7x
-    apart FLOPs (bench/README.md). Compiling fuses the elementwise ops and autocast's casts
-    into a few hundred kernels. Costs a compile in the first update (minutes on CPU for a
-    deep model); off by default until measured on a GPU. On CPU it runs beside
-    ``critic_thread`` but is not faster there."""
+    where an eager update looks bound by the host: an H100 took about 156 ms per 1.2 B
+    mini-batch step (16 episodes) and 64-75 ms at 86 M (32 episodes), nearly in proportion to
+    the ~5,900 and ~3,100 ops each issues (24 and 12 layers), not to their 7x apart FLOPs
+    (bench/README.md). Compiling fuses the elementwise ops and autocast's casts, and drops
+    the mask checks by which transformers makes the host wait for the GPU in every forward.
+    Costs a compile in the first update (minutes on CPU for a deep model); off by default
+    until measured on a GPU. On CPU it runs beside ``critic_thread`` but is not faster."""
     kl_budget: float | None = None
     """Stop early when mean KL per sequence exceeds this many nats; null = no budget."""
     checkpoint_every: int = 10
