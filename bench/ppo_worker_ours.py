@@ -35,6 +35,7 @@ def ppo_config(s: dict):
         mixed_precision=s.get("mixed_precision", "no"), decode_cache=s.get("decode_cache", "dynamic"),
         cudnn_attention=s.get("cudnn_attention", False),
         compile_update=s.get("compile_update", False),
+        auto_micro_batch=s.get("auto_micro_batch", False),
         missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
         checkpoint_every=10**9, log_every=1)
 
@@ -80,6 +81,7 @@ def main(settings_path: str, result_path: str) -> None:
                "perf_updates": perf, "mixed_precision": cfg.mixed_precision,
                # what a warm-up probe's variant set (bench/device/bench_gpu.VARIANTS)
                "cudnn_attention": cfg.cudnn_attention, "compile_update": cfg.compile_update,
+               "auto_micro_batch": cfg.auto_micro_batch,
                "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                "decode_cache": trainer.decode_cache(cfg, models.policy, device)}))
 

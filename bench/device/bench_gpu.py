@@ -90,6 +90,9 @@ VARIANTS = {
     # The update's forwards and backwards compiled (PPOConfig.compile_update): an eager 1.2 B
     # mini-batch step issues ~5,900 ops, and took about as long as that many ops take a host.
     "compile-update": {"compile_update": True},
+    # A mini-batch that runs out of GPU memory is redone in smaller micro-batches
+    # (PPOConfig.auto_micro_batch): for batches whose size was not chosen from memory.
+    "auto-micro-batch": {"auto_micro_batch": True},
 }
 WARMUP_VARIANTS = ("default", "cudnn-attention", "expandable-segments")
 
@@ -127,7 +130,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile-variants", default="default,compile-update",
                    help=f"of {', '.join(VARIANTS)}, a profile each, in order")
     p.add_argument("--variant", default=None,
-                   help=f"ours' GPT-2 comparison runs (not LoRA's) with one of {', '.join(VARIANTS)}")
+                   help=f"ours' GPT-2 comparison runs (not LoRA's) with one of {', '.join(VARIANTS)}"
+                        " (several joined by '+')")
+    p.add_argument("--jobs", default=None,
+                   help="a JSON file listing the runs instead of the plan, in order: objects "
+                        "with size and side, and optional precision (bf16), decode (static for "
+                        "ours, dynamic for trl), variant ('+'-joined VARIANTS), batch, episodes")
+    p.add_argument("--job-timeout-s", type=float, default=None,
+                   help="kill one run after this many seconds (a compile that runs away)")
     p.add_argument("--profile-decode", default="static",
                    help="decode cache of the profiled run (auto: what the trainer picks)")
     p.add_argument("--seed", type=int, default=0)
@@ -155,10 +165,11 @@ def probe_plan(args) -> list[dict]:
             variants = variant_names(args.warmup_variants)
             for size in (x for x in args.sizes.split(",") if x):
                 jobs += [{"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
-                          "decode": "dynamic", "variant": v} for v in variants]
+                          "decode": "dynamic", "variant": v, "probe": "warmup"} for v in variants]
                 # the second run finds the first one's compiled graphs in inductor's cache
                 jobs += [{"kind": "pair", "size": size, "side": "ours", "precision": "bf16",
-                          "decode": "static", "variant": v} for v in ("cold", "warm")]
+                          "decode": "static", "variant": v, "probe": "warmup"}
+                         for v in ("cold", "warm")]
         elif probe == "profile":
             jobs += [{"kind": "profile", "size": size, "side": "profile", "precision": "bf16",
                       "decode": args.profile_decode, "variant": v}
@@ -170,22 +181,55 @@ def probe_plan(args) -> list[dict]:
 
 
 def variant_names(names: str) -> list[str]:
-    """Comma-separated ``VARIANTS`` names, checked."""
+    """Comma-separated ``VARIANTS`` names (each may join several with '+'), checked."""
     out = [v for v in names.split(",") if v]
-    unknown = [v for v in out if v not in VARIANTS]
+    unknown = [part for v in out for part in v.split("+") if part not in VARIANTS]
     if unknown:
         raise SystemExit(f"bench_gpu: unknown variant {unknown[0]!r}: {', '.join(VARIANTS)}")
     return out
 
 
-def check_positions(args) -> None:
+def variant_settings(name: str) -> dict:
+    """The settings of a '+'-joined variant name; the static-decode probe's labels ("cold",
+    "warm") change nothing."""
+    out: dict = {}
+    for part in name.split("+"):
+        out.update(VARIANTS.get(part, {}))
+    return out
+
+
+def explicit_plan(path: str) -> list[dict]:
+    """``--jobs``: runs listed by hand, each checked before any runs (a typo found minutes
+    into a lease costs the lease)."""
+    try:
+        listed = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bench_gpu: --jobs {path}: {e}") from None
+    jobs = []
+    for i, d in enumerate(listed if isinstance(listed, list) else [None]):
+        where = f"bench_gpu: --jobs {path}, entry {i + 1}"
+        if not isinstance(d, dict) or d.get("size") not in SIZES or d.get("side") not in ("ours", "trl112"):
+            raise SystemExit(f"{where}: needs a size ({', '.join(SIZES)}) and a side "
+                             f"(ours, trl112), got {d!r}")
+        extra = set(d) - {"size", "side", "precision", "decode", "variant", "batch", "episodes"}
+        if extra:
+            raise SystemExit(f"{where}: unknown keys {sorted(extra)}")
+        if d.get("variant") and d["side"] != "ours":
+            raise SystemExit(f"{where}: variants change ours' settings, not {d['side']}'s")
+        variant_names(d.get("variant", ""))
+        jobs.append({"kind": "pair", "precision": "bf16",
+                     "decode": "static" if d["side"] == "ours" else "dynamic", **d})
+    return jobs
+
+
+def check_positions(args, sizes) -> None:
     """A prompt and response longer than the model's positions fail on a GPU as a device-side
     assert deep in the embedding lookup, minutes into the lease: refuse them before any run."""
     from transformers import AutoConfig
 
     need = bench_ppo.MAX_PROMPT_LENGTH + args.response_length
     base = AutoConfig.from_pretrained(ROOT / "demo/base_model").n_positions
-    for name in (x for x in args.sizes.split(",") if x):
+    for name in sizes:
         limit = (SIZES[name]["config"] or {}).get("n_positions", base)
         if need > limit:
             raise SystemExit(f"bench_gpu: size {name} has {limit} positions, but a prompt of "
@@ -198,6 +242,8 @@ def plan(args) -> list[dict]:
     """Jobs in priority order (see the module docstring), or the probes' jobs."""
     if args.probes:
         return probe_plan(args)
+    if args.jobs:
+        return explicit_plan(args.jobs)
     variant_names(args.variant or "")  # refused before any run, not after the first ones
     sizes = [s for s in args.sizes.split(",") if s]
     sides = [s for s in args.sides.split(",") if s]
@@ -275,7 +321,7 @@ def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
     if job["kind"] == "profile":
         size = SIZES[job["size"]]
         s = settings_for(args, size, *models[job["size"]], job["precision"], job["decode"])
-        s.update(VARIANTS[job["variant"]], profile_updates=2)
+        s.update(variant_settings(job["variant"]), profile_updates=2)
         r = bench_ppo.run_worker("profile", sys.executable, s, run_dir, tag, timeout)
         r.update(job=job, tag=tag)
         return r
@@ -289,14 +335,15 @@ def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
         r["batch_size"] = s["batch_size"]
         counts = mfu.ModelCounts(**r["counts"], head_bytes=2) if "counts" in r else None
     else:
-        size = SIZES[job["size"]]
+        size = {**SIZES[job["size"]], **{k: job[k] for k in ("batch", "episodes") if k in job}}
         policy_dir, rm_dir = models[job["size"]]
         s = settings_for(args, size, policy_dir, rm_dir, job["precision"], job["decode"])
-        if "variant" in job:  # a warm-up probe: three updates, one suspect taken away
-            s.update(VARIANTS.get(job["variant"], {}))
-            s["total_episodes"] = args.episodes or 3 * s["batch_size"]
+        if job.get("variant"):
+            s.update(variant_settings(job["variant"]))
         elif job["side"] == "ours" and args.variant:
-            s.update(VARIANTS[args.variant])
+            s.update(variant_settings(args.variant))
+        if job.get("probe") == "warmup":  # three updates, one suspect taken away
+            s["total_episodes"] = args.episodes or 3 * s["batch_size"]
         r = bench_ppo.run_worker(job["side"], sys.executable, s, run_dir, tag, timeout)
         r["batch_size"] = s["batch_size"]
         counts = counts_for(policy_dir, job["precision"]) if job["side"] == "ours" else None
@@ -307,16 +354,19 @@ def run_job(args, job: dict, models: dict, run_dir: Path, device_name: str,
 
 
 def table(runs: list[dict]) -> str:
-    rows = ["| size | side | precision | decode | batch | episodes/s | steady ep/s | vs trl (steady) "
-            "| first update s | peak CUDA GB | MFU gen / score / update | gen tok/s (bound) |",
+    rows = ["| size | side | precision | decode | batch | episodes/s | steady ep/s | vs trl (whole "
+            "/ steady) | first update s | peak CUDA GB | MFU gen / score / update | gen tok/s (bound) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    trl = {(r["job"]["size"], r["job"]["precision"]): r for r in runs if r["job"]["side"] == "trl112"}
+    # trl's run at the same size, precision and batch (another batch is another workload)
+    trl = {(r["job"]["size"], r["job"]["precision"], r["batch_size"]): r
+           for r in runs if r["job"]["side"] == "trl112"}
     for r in runs:
         j, st = r["job"], r.get("steady_state") or {}
         ratio = ""
-        peer = trl.get((j["size"], j["precision"]))
+        peer = trl.get((j["size"], j["precision"], r["batch_size"]))
         if j["side"] == "ours" and peer and peer.get("steady_state") and st:
-            ratio = f"x{st['episodes_per_s'] / peer['steady_state']['episodes_per_s']:.2f}"
+            ratio = (f"x{r['episodes_per_s'] / peer['episodes_per_s']:.2f} / "
+                     f"x{st['episodes_per_s'] / peer['steady_state']['episodes_per_s']:.2f}")
         a = r.get("analysis") or {}
         ph = a.get("phases") or {}
 
@@ -356,7 +406,7 @@ def write_report(out: Path, report: dict) -> str:
     lease cut short keeps what ran). Returns the markdown."""
     (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     md = table(report["runs"])
-    probes = [r for r in report["runs"] if r["job"].get("variant")]
+    probes = [r for r in report["runs"] if r["job"].get("probe")]
     if probes:
         md += f"\n\nWarm-up probe, per update:\n\n{warmup_table(probes)}"
     for p in report.get("profiles", []):
@@ -384,9 +434,9 @@ def main() -> None:
     out = Path(args.out)
     run_dir = Path(args.runs_dir) if args.runs_dir else out / "runs"
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_positions(args)
-    dev = device_info(args.device)
     jobs = plan(args)
+    check_positions(args, dict.fromkeys(j["size"] for j in jobs if j["kind"] != "lora"))
+    dev = device_info(args.device)
     report = {"command": " ".join(["python", "bench/device/bench_gpu.py", *sys.argv[1:]]),
               "device": dev, "plan": jobs, "runs": [], "skipped": [], "failed": [],
               "flops_convention": mfu.__doc__}
@@ -405,7 +455,10 @@ def main() -> None:
                 models[job["size"]] = bench_ppo.prepare_models(
                     d, json.dumps(cfg) if cfg else None, args.seed)
             t0 = time.monotonic()
-            timeout = None if args.deadline_s is None else args.deadline_s - (t0 - t_start)
+            limits = [args.job_timeout_s] if args.job_timeout_s else []
+            if args.deadline_s is not None:
+                limits.append(args.deadline_s - (t0 - t_start))
+            timeout = min(limits) if limits else None
             try:
                 r = run_job(args, job, models, run_dir, dev["name"], timeout)
             except RuntimeError as e:  # one failed run leaves the others' results standing
