@@ -19,6 +19,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 import ppo_bench_common as common  # noqa: E402
 
 
+# PPOConfig fields a settings file may set beyond the matched ones (bench_gpu's variants)
+VARIANT_KEYS = ("cudnn_attention", "compile_update", "auto_micro_batch")
+
+
 def ppo_config(s: dict):
     """Our ``PPOConfig`` for the driver's matched settings ``s`` (also bench/profile_ppo.py's)."""
     import tasks.ppo as ppo
@@ -33,11 +37,10 @@ def ppo_config(s: dict):
         clip_range=s["cliprange"], clip_range_value=s["cliprange_value"], vf_coef=s["vf_coef"],
         ent_coef=0.0, whiten_advantages=True, whiten_rewards=False,
         mixed_precision=s.get("mixed_precision", "no"), decode_cache=s.get("decode_cache", "dynamic"),
-        cudnn_attention=s.get("cudnn_attention", False),
-        compile_update=s.get("compile_update", False),
-        auto_micro_batch=s.get("auto_micro_batch", False),
         missing_eos_penalty=s["missing_eos_penalty"], critic_init="reward",
-        checkpoint_every=10**9, log_every=1)
+        checkpoint_every=10**9, log_every=1,
+        # what bench/device/bench_gpu.VARIANTS may set; else the trainer's defaults
+        **{k: s[k] for k in VARIANT_KEYS if k in s})
 
 
 def main(settings_path: str, result_path: str) -> None:

@@ -118,14 +118,14 @@ class PPOConfig(StageConfig):
     transformers can compile, dynamic on CPU (no compile there, and no gain measured) and
     with LoRA (its compile is unmeasured: it outlasted 89 s on a 7 B model). Measured on an
     H100 (bench/README.md): static sampled 2-4x faster per update at 86 M and 1.2 B."""
-    cudnn_attention: bool = False
+    cudnn_attention: bool = True
     """On a GPU, let torch pick cuDNN's attention kernel (its default on Hopper and Blackwell
-    with a recent cuDNN). Off by default: cuDNN builds an execution plan the first time it sees
-    each (batch, query, key length), reported at 0.1-1 s each, and PPO shows it new ones all
-    the time (every decode step of a growing KV cache, every new prompt or response width), so
-    sampling and training run on flash, memory-efficient or math attention instead. No effect
-    on CPU. Whether this is what made the first update of an H100 run 16-20 s slower than the
-    rest is what ``bench/device/run.sh --probes profile,warmup`` measures (bench/README.md)."""
+    with a recent cuDNN); ``false`` leaves it out, so flash, memory-efficient or math attention
+    run. Measured on H100s at 1.2 B, bf16, batch 64 (bench/README.md): with cuDNN the steady
+    update phase took 2.29 s against 3.0-3.16 s and sampling 0.87-1.02 s against 1.24-1.26 s,
+    but the first update took 39 s against 18 s (cuDNN's one-time set-up: its scoring forwards
+    alone took 1.97 s against 0.21 s); a new prompt width cost about 0.2 s more. A run of more
+    than about 20 updates gains; a short benchmark loses. No effect on CPU."""
     critic_thread: bool = True
     """On CPU, run the critic's forward and backward in a second thread beside the policy's,
     each on half of torch's threads, when the critic has weights of its own (not

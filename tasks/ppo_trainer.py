@@ -230,8 +230,8 @@ def autocast(cfg: PPOConfig, device: torch.device):
 
 
 def attention_backends(cfg: PPOConfig, device: torch.device):
-    """On CUDA, SDPA without cuDNN's kernel unless ``cfg.cudnn_attention`` (see there): flash,
-    memory-efficient and math remain, tried in torch's order. A no-op elsewhere. Sets torch's
+    """On CUDA with ``cfg.cudnn_attention`` off (see there), SDPA without cuDNN's kernel:
+    flash, memory-efficient and math remain, tried in torch's order. A no-op otherwise. Sets torch's
     process-wide backend flags for the block and restores them after."""
     if device.type != "cuda" or cfg.cudnn_attention:
         return contextlib.nullcontext()
@@ -358,8 +358,12 @@ def _compiled(fn: Callable) -> Callable:
     # One compiled wrapper per function for the process: dynamo's graphs hang off the
     # function's code and are guarded on the model passed, so policy and critic get their
     # own. dynamic=True: mini-batches differ in width, and each new width would otherwise
-    # compile again (sizes 0 and 1 are still specialised).
-    return torch.compile(fn, dynamic=True)
+    # compile again (sizes 0 and 1 are still specialised). Inductor's coalesce tiling
+    # analysis, which its config says does not yet apply to dynamic shapes, asserted in
+    # get_pw_red_splits compiling the 1.2 B GPT-2's update on an H100 (torch 2.11; the same
+    # failure and switch in roboflow/rf-detr#1455, pytorch/pytorch#197077); off, inductor
+    # picks tilings as it does for dynamic shapes anyway.
+    return torch.compile(fn, dynamic=True, options={"triton.coalesce_tiling_analysis": False})
 
 
 def update_forward(cfg: PPOConfig, fn: Callable) -> Callable:

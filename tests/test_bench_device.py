@@ -82,10 +82,12 @@ def test_device_script_runs_on_cpu_at_tiny_size(tmp_path):
         phases = r["analysis"]["phases"]
         assert set(phases) == {"generation", "scoring", "update"}
         assert all(p["tflops"] > 0 and p["mfu"] is None for p in phases.values())  # CPU: no peak
+        assert len(r["analysis"]["per_update"]) == r["updates"]
     lora = report["runs"][-1]
     assert 0 < lora["trained_params"] < lora["base_params_per_copy"]
     md = (out / "bench_gpu.md").read_text()
     assert md.count("| tiny | ours") == 2
+    assert "| tiny_ours_bf16_dynamic | 2 | " in md  # per update, with its response width
     assert (out / "runs.tar.gz").stat().st_size > 0
 
 
@@ -124,11 +126,11 @@ def test_probe_plan():
     import bench_gpu
 
     args = bench_gpu.argparse.Namespace(probes="warmup,profile", sizes="100m",
-                                        warmup_variants="default,cudnn-attention",
+                                        warmup_variants="default,no-cudnn-attention",
                                         profile_sizes="1.2b", profile_decode="static",
-                                        profile_variants="default,compile-update")
+                                        profile_variants="default,compile-update", jobs=None)
     tags = [(j["kind"], j["size"], j["decode"], j.get("variant")) for j in bench_gpu.plan(args)]
-    assert tags == [("pair", "100m", "dynamic", "default"), ("pair", "100m", "dynamic", "cudnn-attention"),
+    assert tags == [("pair", "100m", "dynamic", "default"), ("pair", "100m", "dynamic", "no-cudnn-attention"),
                     ("pair", "100m", "static", "cold"), ("pair", "100m", "static", "warm"),
                     ("profile", "1.2b", "static", "default"),
                     ("profile", "1.2b", "static", "compile-update")]
@@ -154,7 +156,7 @@ def test_device_probes_run_on_cpu_at_tiny_size(tmp_path):
            "OMP_NUM_THREADS": "1", "SKIP_WHEELS": "1"}
     proc = subprocess.run(
         ["bash", "bench/device/run.sh", "--device", "cpu", "--sizes", "tiny", "--probes",
-         "warmup,profile", "--warmup-variants", "cudnn-attention,expandable-segments",
+         "warmup,profile", "--warmup-variants", "no-cudnn-attention,expandable-segments",
          "--profile-sizes", "tiny",
          "--response-length", "8", "--threads", "1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
@@ -162,13 +164,13 @@ def test_device_probes_run_on_cpu_at_tiny_size(tmp_path):
     report = json.loads((tmp_path / "out/bench_gpu.json").read_text())
     assert not report["failed"] and not report["skipped"]
     runs = {r["tag"]: r for r in report["runs"]}
-    assert list(runs) == ["tiny_ours_bf16_dynamic_cudnn-attention",
+    assert list(runs) == ["tiny_ours_bf16_dynamic_no-cudnn-attention",
                           "tiny_ours_bf16_dynamic_expandable-segments",
                           "tiny_ours_bf16_static_cold", "tiny_ours_bf16_static_warm"]
-    cudnn = runs["tiny_ours_bf16_dynamic_cudnn-attention"]
-    assert cudnn["cudnn_attention"] is True and cudnn["cuda_alloc_conf"] is None
+    cudnn = runs["tiny_ours_bf16_dynamic_no-cudnn-attention"]
+    assert cudnn["cudnn_attention"] is False and cudnn["cuda_alloc_conf"] is None
     alloc = runs["tiny_ours_bf16_dynamic_expandable-segments"]
-    assert alloc["cudnn_attention"] is False
+    assert alloc["cudnn_attention"] is True
     assert alloc["cuda_alloc_conf"] == "expandable_segments:True"
     assert all(r["updates"] == 3 and r["decode_cache"] == r["job"]["decode"] for r in runs.values())
     eager, compiled = report["profiles"]
@@ -183,3 +185,69 @@ def test_device_probes_run_on_cpu_at_tiny_size(tmp_path):
     assert md.count("| tiny_ours_bf16_static_warm | ") == 3
     assert "Profile `tiny_profile_bf16_static_default`" in md
     assert "Profile `tiny_profile_bf16_static_compile-update`" in md
+
+
+def test_jobs_file_is_checked_before_any_run(tmp_path):
+    import bench_gpu
+
+    def plan(entries):
+        f = tmp_path / "jobs.json"
+        f.write_text(json.dumps(entries))
+        return bench_gpu.explicit_plan(str(f))
+
+    jobs = plan([{"size": "1.2b", "side": "ours", "variant": "compile-update+auto-micro-batch",
+                  "batch": 256, "episodes": 768}, {"size": "1.2b", "side": "trl112"}])
+    assert jobs == [{"kind": "pair", "precision": "bf16", "decode": "static", "size": "1.2b",
+                     "side": "ours", "variant": "compile-update+auto-micro-batch",
+                     "batch": 256, "episodes": 768},
+                    {"kind": "pair", "precision": "bf16", "decode": "dynamic", "size": "1.2b",
+                     "side": "trl112"}]
+    assert bench_gpu.variant_settings("compile-update+auto-micro-batch") == {
+        "compile_update": True, "auto_micro_batch": True}
+    bad = {"entry 2: needs a size": [{"size": "tiny", "side": "ours"}, {"size": "7b", "side": "ours"}],
+           "entry 1: unknown keys \\['lr'\\]": [{"size": "tiny", "side": "ours", "lr": 1}],
+           "variants change ours' settings, not trl112's": [
+               {"size": "tiny", "side": "trl112", "variant": "compile-update"}],
+           "unknown variant 'compile'": [{"size": "tiny", "side": "ours", "variant": "auto-micro-batch+compile"}],
+           "entry 1: needs a size": {"size": "tiny", "side": "ours"}}  # not a list
+    for message, entries in bad.items():
+        with pytest.raises(SystemExit, match=message):
+            plan(entries)
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(SystemExit, match="--jobs .*broken.json"):
+        bench_gpu.explicit_plan(str(tmp_path / "broken.json"))
+
+
+def test_table_compares_ours_with_trl_at_the_same_batch():
+    import bench_gpu
+
+    def run(side, batch, whole, steady, variant=None):
+        job = {"size": "1.2b", "side": side, "precision": "bf16", "decode": "static",
+               **({"variant": variant} if variant else {})}
+        return {"job": job, "batch_size": batch, "episodes_per_s": whole,
+                "steady_state": {"episodes_per_s": steady}, "first_update_s": 10.0}
+
+    md = bench_gpu.table([run("trl112", 64, 5.0, 6.0), run("ours", 64, 7.5, 15.0),
+                          run("ours", 256, 20.0, 48.0, "auto-micro-batch")]).splitlines()
+    assert "| x1.50 / x2.50 |" in md[3]
+    assert "static (auto-micro-batch) | 256 |" in md[4] and "|  |" in md[4]  # no trl at 256
+
+
+@pytest.mark.timeout(120)
+def test_device_script_runs_a_jobs_file_on_cpu(tmp_path):
+    """``--jobs``: a batch and a variant set per run reach the worker."""
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps([{"size": "tiny", "side": "ours", "decode": "dynamic",
+                                 "variant": "auto-micro-batch", "batch": 8, "episodes": 16}]))
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "OMP_NUM_THREADS": "1", "SKIP_WHEELS": "1"}
+    proc = subprocess.run(
+        ["bash", "bench/device/run.sh", "--device", "cpu", "--jobs", str(jobs),
+         "--response-length", "8", "--threads", "1", "--job-timeout-s", "100"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (r,) = json.loads((tmp_path / "out/bench_gpu.json").read_text())["runs"]
+    assert r["tag"] == "tiny_ours_bf16_dynamic_auto-micro-batch"
+    assert (r["batch_size"], r["episodes"], r["updates"]) == (8, 16, 2)
+    assert r["auto_micro_batch"] is True and r["compile_update"] is False
+    assert r["cudnn_attention"] is True  # the trainer's default, not set by the job

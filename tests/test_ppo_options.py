@@ -315,8 +315,8 @@ def test_compiled_update_trains_as_the_eager_one(rm_dir, prompts):
 
 
 def test_attention_without_cudnn_on_cuda_only():
-    """On CUDA the PPO loop's attention leaves cuDNN's kernel out unless asked for (its
-    per-shape plans), keeping flash, memory-efficient and math; elsewhere nothing changes.
+    """On CUDA with ``cudnn_attention: false`` the PPO loop's attention leaves cuDNN's kernel
+    out, keeping flash, memory-efficient and math; by default and elsewhere nothing changes.
     torch's flags are set for the block and restored after (they exist on CPU builds)."""
     from tasks.ppo_trainer import attention_backends
 
@@ -324,10 +324,10 @@ def test_attention_without_cudnn_on_cuda_only():
              torch.backends.cuda.mem_efficient_sdp_enabled, torch.backends.cuda.math_sdp_enabled)
     before = [f() for f in flags]
     assert before == [True] * 4
-    with attention_backends(PPOConfig(), torch.device("cuda")):
+    with attention_backends(PPOConfig(cudnn_attention=False), torch.device("cuda")):
         assert [f() for f in flags] == [False, True, True, True]
     assert [f() for f in flags] == before
-    for cfg, device in ((PPOConfig(cudnn_attention=True), "cuda"), (PPOConfig(), "cpu")):
+    for cfg, device in ((PPOConfig(), "cuda"), (PPOConfig(cudnn_attention=False), "cpu")):
         with attention_backends(cfg, torch.device(device)):
             assert [f() for f in flags] == before
 

@@ -26,6 +26,11 @@ bound by the host: bench/README.md); the warm-up probe times three updates of a 
 ``--warmup-variants`` (one suspect of the first update's extra 16-20 s taken away each) with
 the CUDA allocator's counts per update, and the static decode twice (a cold, then a warm
 compile cache). ``--variant`` runs ours' comparison runs with one of ``VARIANTS``.
+
+``--jobs FILE`` runs the runs a JSON file lists instead, in its order: a size and side each,
+and where wanted a variant (``VARIANTS`` names joined by '+'), batch or episodes, all checked
+before the first run. ``bench/device/jobs/`` holds the next lease's; the leases' own are kept
+with their results in ``bench/device/results/``.
 """
 
 from __future__ import annotations
@@ -76,13 +81,13 @@ LORA = {
 # update phase after a dynamic-cache decode (bench/README.md); each of its variants changes one
 # suspect. The profile (``--probes profile``) compares the eager update with the compiled one.
 VARIANTS = {
-    # The trainer's defaults: cuDNN's attention kernel left out (PPOConfig.cudnn_attention).
+    # The trainer's defaults (cuDNN's attention kernel allowed, PPOConfig.cudnn_attention).
     "default": {},
-    # torch's own choice, which puts cuDNN first on Hopper with a recent cuDNN: what the
-    # H100 runs measured. cuDNN builds an execution plan the first time it sees a shape
-    # (batch, query and key lengths), reported at hundreds of ms each: a dynamic-cache decode
-    # shows it a new key length at every step, and a new prompt width new shapes everywhere.
-    "cudnn-attention": {"cudnn_attention": True},
+    # cuDNN's attention left out: flash, memory-efficient or math attention. cuDNN builds an
+    # execution plan the first time it sees a shape; on an H100 (1.2 B, batch 64) the first
+    # update took 18 s without it against 39 s with it, the steady updates 4.5 s against 3.3 s
+    # (bench/README.md, 2026-11-26 runs 3 and 4).
+    "no-cudnn-attention": {"cudnn_attention": False},
     # The caching allocator grows by cudaMalloc'd segments; a KV cache grown by concatenation
     # leaves odd-sized blocks, and the update's larger tensors may miss them, free the cache
     # and retry (the worker logs cudaMalloc calls and retries per update).
@@ -94,7 +99,7 @@ VARIANTS = {
     # (PPOConfig.auto_micro_batch): for batches whose size was not chosen from memory.
     "auto-micro-batch": {"auto_micro_batch": True},
 }
-WARMUP_VARIANTS = ("default", "cudnn-attention", "expandable-segments")
+WARMUP_VARIANTS = ("default", "no-cudnn-attention", "expandable-segments")
 
 
 def parse_args() -> argparse.Namespace:
@@ -292,15 +297,21 @@ def analyse(result: dict, counts: mfu.ModelCounts, device_name: str, lora: bool)
     flops = {"generation": 0.0, "scoring": 0.0, "update": 0.0}
     secs = {"generation": 0.0, "scoring": 0.0, "update": 0.0}
     gen_tokens = 0
-    for u in steady:
+    per_update = []  # every update's phases, the first too: a collapse to short responses shows
+    for i, u in enumerate(perf):
         shape = mfu.UpdateShape(result_batch(result), int(u["prompt_width"]),
                                 int(u["response_width"]), 4)
-        for k, v in mfu.phase_flops(counts, shape, lora=lora).items():
+        u_flops = mfu.phase_flops(counts, shape, lora=lora)
+        per_update.append(mfu.utilisation(u_flops, {k: u[f"{k}_s"] for k in secs}, peak))
+        if i == 0 and len(perf) > 1:  # warm-up and compiles: not in the steady sums
+            continue
+        for k, v in u_flops.items():
             flops[k] += v
         for k in secs:
             secs[k] += u[f"{k}_s"]
         gen_tokens += shape.batch * shape.response
-    out = {"phases": mfu.utilisation(flops, secs, peak), "peak_tflops": peak / 1e12 if peak else None,
+    out = {"phases": mfu.utilisation(flops, secs, peak), "per_update": per_update,
+           "peak_tflops": peak / 1e12 if peak else None,
            "phase_seconds": secs, "steady_updates": len(steady),
            "generation_tokens_per_s": gen_tokens / secs["generation"] if secs["generation"] else None}
     if key:
@@ -401,11 +412,26 @@ def warmup_table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def per_update_table(runs: list[dict]) -> str:
+    """Ours' runs: each update's response width and phase utilisation (the steady columns of
+    ``table`` average them; a policy that learns to stop early shrinks the later updates)."""
+    rows = ["| run | update | response width | gen / score / update |", "|---|---|---|---|"]
+    for r in runs:
+        for i, (u, ph) in enumerate(zip(r.get("perf_updates") or [],
+                                        (r.get("analysis") or {}).get("per_update", [])), 1):
+            cells = [f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else f"{v['tflops']:.3f} TF/s"
+                     for v in ph.values()]
+            rows.append(f"| {r['tag']} | {i} | {int(u['response_width'])} | {' / '.join(cells)} |")
+    return "\n".join(rows)
+
+
 def write_report(out: Path, report: dict) -> str:
     """``bench_gpu.json`` and ``bench_gpu.md`` as they stand (rewritten after every job, so a
     lease cut short keeps what ran). Returns the markdown."""
     (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     md = table(report["runs"])
+    if any((r.get("analysis") or {}).get("per_update") for r in report["runs"]):
+        md += f"\n\nPer update, utilisation by phase:\n\n{per_update_table(report['runs'])}"
     probes = [r for r in report["runs"] if r["job"].get("probe")]
     if probes:
         md += f"\n\nWarm-up probe, per update:\n\n{warmup_table(probes)}"

@@ -7,6 +7,8 @@
 #                     carry=[".whl"], timeout_s=490)   # what one 15-minute lease held, twice
 #   diagnostics:  run(command="bench/device/run.sh --probes profile,warmup --sizes 100m --deadline-s 465",
 #                     carry=[".whl"], timeout_s=490)   # see bench_gpu.py's docstring
+#   listed runs:  run(command="bench/device/run.sh --jobs bench/device/jobs/mfu-1.2b.json --budget-s 400
+#                     --deadline-s 465 --job-timeout-s 200", carry=[".whl"], timeout_s=490)
 #   on CPU:       SKIP_WHEELS=1 PYTHON=.venv/bin/python bench/device/run.sh --device cpu --sizes tiny \
 #                     --sides ours --lora tiny --response-length 8 --threads 2
 #
