@@ -182,7 +182,9 @@ def test_device_probes_run_on_cpu_at_tiny_size(tmp_path):
     assert "update/response_logprobs" not in compiled["median"]
     assert all(compiled["median"][f"update/{k}"] > 0 for k in ("backward", "optimizer step"))
     md = (tmp_path / "out/bench_gpu.md").read_text()
-    assert md.count("| tiny_ours_bf16_static_warm | ") == 3
+    warmup = md.split("Warm-up probe, per update:\n\n")[1].split("\n\n")[0]
+    assert warmup.count("| tiny_ours_bf16_static_warm | ") == 3
+    assert md.count("| tiny_ours_bf16_static_warm | ") == 6  # and in the utilisation table
     assert "Profile `tiny_profile_bf16_static_default`" in md
     assert "Profile `tiny_profile_bf16_static_compile-update`" in md
 
