@@ -233,3 +233,20 @@ def test_stage_worker_hands_back_data_errors_and_tracebacks(make_ctx, tmp_path):
                                    data_uri=str(REPO / "demo" / "data" / "sft.jsonl"))])
     assert not result.exists()
     assert "Traceback" in (tmp_path / "result.json.rank0.error").read_text()
+
+
+def test_stage_worker_leaves_the_process_group():
+    """Each launched process tears its process group down before exiting (a process that
+    exited with gloo's still up could abort at shutdown and fail the stage); a no-op without
+    one."""
+    import torch.distributed as dist
+
+    from tasks.launch import free_port
+    from tasks.stage_worker import _leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    assert dist.is_initialized()
+    _leave_process_group()
+    assert not dist.is_initialized()
+    _leave_process_group()  # nothing to leave
