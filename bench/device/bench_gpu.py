@@ -297,15 +297,15 @@ def analyse(result: dict, counts: mfu.ModelCounts, device_name: str, lora: bool)
     flops = {"generation": 0.0, "scoring": 0.0, "update": 0.0}
     secs = {"generation": 0.0, "scoring": 0.0, "update": 0.0}
     gen_tokens = 0
-    per_update = []  # every update's phases, the first too: a collapse to short responses shows
-    for i, u in enumerate(perf):
-        shape = mfu.UpdateShape(result_batch(result), int(u["prompt_width"]),
-                                int(u["response_width"]), 4)
-        u_flops = mfu.phase_flops(counts, shape, lora=lora)
-        per_update.append(mfu.utilisation(u_flops, {k: u[f"{k}_s"] for k in secs}, peak))
-        if i == 0 and len(perf) > 1:  # warm-up and compiles: not in the steady sums
-            continue
-        for k, v in u_flops.items():
+    shapes = [mfu.UpdateShape(result_batch(result), int(u["prompt_width"]),
+                              int(u["response_width"]), 4) for u in perf]
+    u_flops = [mfu.phase_flops(counts, shape, lora=lora) for shape in shapes]
+    # every update's phases, the first too: a collapse to short responses shows
+    per_update = [mfu.utilisation(f, {k: u[f"{k}_s"] for k in secs}, peak)
+                  for u, f in zip(perf, u_flops)]
+    first = len(perf) - len(steady)
+    for u, shape, f in zip(steady, shapes[first:], u_flops[first:]):
+        for k, v in f.items():
             flops[k] += v
         for k in secs:
             secs[k] += u[f"{k}_s"]
@@ -380,12 +380,6 @@ def table(runs: list[dict]) -> str:
                      f"x{st['episodes_per_s'] / peer['steady_state']['episodes_per_s']:.2f}")
         a = r.get("analysis") or {}
         ph = a.get("phases") or {}
-
-        def pct(k):
-            m = ph.get(k, {}).get("mfu")
-            return f"{100 * m:.1f}%" if m is not None else (
-                f"{ph[k]['tflops']:.3f} TF/s" if k in ph else "-")
-
         gen = a.get("generation_tokens_per_s")
         bound = a.get("decode_bound_tokens_per_s")
         gen_s = (f"{gen:.0f}" + (f" ({bound:.0f})" if bound else "")) if gen else "-"
@@ -395,8 +389,19 @@ def table(runs: list[dict]) -> str:
             f"| {j['size']} | {j['side']} | {j['precision']} | {decode} | {r['batch_size']} | "
             f"{r['episodes_per_s']:.2f} | {st.get('episodes_per_s', float('nan')):.2f} | {ratio} | "
             f"{r['first_update_s']:.1f} | {f'{cuda / 1024:.1f}' if cuda else '-'} | "
-            f"{pct('generation')} / {pct('scoring')} / {pct('update')} | {gen_s} |")
+            f"{phase_cells(ph)} | {gen_s} |")
     return "\n".join(rows)
+
+
+def phase_cells(phases: dict) -> str:
+    """Generation / scoring / update utilisation: MFU, or TFLOP/s where no peak is known (CPU)."""
+    def cell(k):
+        if k not in phases:
+            return "-"
+        m = phases[k]["mfu"]
+        return f"{100 * m:.1f}%" if m is not None else f"{phases[k]['tflops']:.3f} TF/s"
+
+    return " / ".join(cell(k) for k in ("generation", "scoring", "update"))
 
 
 def warmup_table(runs: list[dict]) -> str:
@@ -419,9 +424,7 @@ def per_update_table(runs: list[dict]) -> str:
     for r in runs:
         for i, (u, ph) in enumerate(zip(r.get("perf_updates") or [],
                                         (r.get("analysis") or {}).get("per_update", [])), 1):
-            cells = [f"{100 * v['mfu']:.1f}%" if v["mfu"] is not None else f"{v['tflops']:.3f} TF/s"
-                     for v in ph.values()]
-            rows.append(f"| {r['tag']} | {i} | {int(u['response_width'])} | {' / '.join(cells)} |")
+            rows.append(f"| {r['tag']} | {i} | {int(u['response_width'])} | {phase_cells(ph)} |")
     return "\n".join(rows)
 
 
