@@ -82,9 +82,8 @@ def main(settings_path: str, result_path: str) -> None:
         extra={"final": {k: final.get(k) for k in ("objective/kl", "objective/scores",
                                                   "episode/eos_rate", "episode/length")},
                "perf_updates": perf, "mixed_precision": cfg.mixed_precision,
-               # what a warm-up probe's variant set (bench/device/bench_gpu.VARIANTS)
-               "cudnn_attention": cfg.cudnn_attention, "compile_update": cfg.compile_update,
-               "auto_micro_batch": cfg.auto_micro_batch,
+               # what a variant set (bench/device/bench_gpu.VARIANTS), or the defaults
+               **{k: getattr(cfg, k) for k in VARIANT_KEYS},
                "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                "decode_cache": trainer.decode_cache(cfg, models.policy, device)}))
 
