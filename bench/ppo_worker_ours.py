@@ -20,7 +20,7 @@ import ppo_bench_common as common  # noqa: E402
 
 
 # PPOConfig fields a settings file may set beyond the matched ones (bench_gpu's variants)
-VARIANT_KEYS = ("cudnn_attention", "compile_update", "auto_micro_batch")
+VARIANT_KEYS = ("cudnn_attention", "compile_update", "auto_micro_batch", "width_multiple")
 
 
 def ppo_config(s: dict):

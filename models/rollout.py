@@ -38,11 +38,12 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None     # (B, T)
 
-    def episodes(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def episodes(self, width: int | None = None, multiple: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's prompt and response back to back, left-padded: ids and mask (B, L) with
         L the longest episode (``left_pad_episodes``), the layout the forwards read."""
         return left_pad_episodes(self.query_ids, self.query_mask, self.response_ids,
-                                 self.response_mask, width)
+                                 self.response_mask, width, multiple)
 
     def select(self, idx: torch.Tensor, width: int | None = None) -> "Rollout":
         """Rows ``idx`` of every tensor field (for minibatches), with the response columns
@@ -73,9 +74,25 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, left: bool
     return ids, mask
 
 
+def round_width(width: int, multiple: int, cap: int | None = None) -> int:
+    """``width`` rounded up to a multiple of ``multiple``, but not past ``cap`` (the columns
+    there are) unless ``width`` itself is."""
+    up = -(-width // multiple) * multiple
+    return up if cap is None else max(width, min(up, cap))
+
+
+def pad_columns(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    """(B, T) -> (B, width), ``value`` in the new columns on the right (``x`` itself when
+    it is that wide)."""
+    if width == x.shape[1]:
+        return x
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+
 def left_pad_episodes(query_ids: torch.Tensor, query_mask: torch.Tensor,
                       response_ids: torch.Tensor, response_mask: torch.Tensor,
-                      width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      width: int | None = None, multiple: int = 1
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt (B, P) and response (B, T) -> each row's real tokens back to back, left-padded:
     ids and mask (B, L), every episode ending at column L - 1.
 
@@ -84,14 +101,19 @@ def left_pad_episodes(query_ids: torch.Tensor, query_mask: torch.Tensor,
     on the demo ~8 % fewer token rows in every forward. Response token t of row i (length r_i)
     sits at column L - r_i + t. A stable sort of the mask moves the padding to the front and
     keeps the real tokens in order. ``width``: the longest episode when the caller knows it
-    (on a GPU, reading it off the device waits for all queued work).
+    (on a GPU, reading it off the device waits for all queued work). ``multiple``: L rounded
+    up to a multiple of it, with more padding in front (id 0, masked), even past P + T
+    columns, so that batches of nearby widths give the forwards one shape.
     """
     ids = torch.cat([query_ids, response_ids], 1)  # (B, P+T)
     mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], 1)
-    order = torch.sort(mask, dim=1, stable=True).indices  # padding (0) first, then real tokens
     if width is None:
         width = int(mask.sum(1).max())
-    width = max(width, response_ids.shape[1] + 1)
+    width = round_width(max(width, response_ids.shape[1] + 1), multiple)
+    front = width - ids.shape[1]
+    if front > 0:
+        ids, mask = (torch.nn.functional.pad(x, (front, 0)) for x in (ids, mask))
+    order = torch.sort(mask, dim=1, stable=True).indices  # padding (0) first, then real tokens
     # Gather only the kept columns: fresh tensors, not views at an offset into wider ones
     # (a compiled update, PPOConfig.compile_update, would compile again for offsets 0 and 1).
     order = order[:, -width:]

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from tasks.base import LoraSettings, PolicyResult, StageConfig, TrackingContext, peft_config
 
 # torch, the models and the loop are imported where they are used: the config imports this
@@ -126,6 +128,16 @@ class PPOConfig(StageConfig):
     but the first update took 39 s against 18 s (cuDNN's one-time set-up: its scoring forwards
     alone took 1.97 s against 0.21 s); a new prompt width cost about 0.2 s more. A run of more
     than about 20 updates gains; a short benchmark loses. No effect on CPU."""
+    width_multiple: int | None = Field(default=None, ge=1)
+    """Round the token widths the scoring and update forwards see (the longest response, the
+    longest prompt + response) up to a multiple of this many tokens, with masked padding
+    columns: fewer distinct shapes, each of which costs cuDNN's attention an execution plan
+    the first time it is seen (and a compiled update a graph). Null: 16 on a GPU, 1 (exact
+    widths, no padding) on CPU. Losses and updates are those of exact widths up to float
+    summation order (tested). On an H200 (1.2 B, bf16; bench/README.md, run 6), exact
+    widths cost 6.6-6.7 s update phases, against 2.5-2.8 s, in the two updates whose
+    responses first shrank to new widths; with buckets of 16 a run has at most 8 response
+    widths. Bucketed runs are not yet measured on a GPU."""
     critic_thread: bool = True
     """On CPU, run the critic's forward and backward in a second thread beside the policy's,
     each on half of torch's threads, when the critic has weights of its own (not

@@ -29,8 +29,8 @@ from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, co
                         explained_variance, kl_estimate, masked_mean, masked_whiten,
                         policy_loss, value_loss)
 from models.reward import RewardNorm, score_sequences
-from models.rollout import (Rollout, generate, left_pad_episodes, pad_sequences,
-                            response_logprobs, response_values)
+from models.rollout import (Rollout, generate, left_pad_episodes, pad_columns, pad_sequences,
+                            response_logprobs, response_values, round_width)
 from tasks.distributed import DataParallel
 from tasks.side_thread import SideThread, half_threads, intra_op_threads
 
@@ -259,6 +259,14 @@ def decode_cache(cfg: PPOConfig, model: torch.nn.Module, device: torch.device) -
     return "static" if device.type == "cuda" and compilable and cfg.lora is None else "dynamic"
 
 
+def width_multiple(cfg: PPOConfig, device: torch.device) -> int:
+    """``cfg.width_multiple``, with None decided: 16 on CUDA, where every new token width
+    costs set-up (see there), 1 (exact widths) elsewhere."""
+    if cfg.width_multiple is not None:
+        return cfg.width_multiple
+    return 16 if device.type == "cuda" else 1
+
+
 def phase_clock(device: torch.device) -> float:
     """perf_counter after the device's queued work is done: CUDA runs asynchronously, so
     without the sync a phase's time would land in whichever phase next waits on the GPU."""
@@ -291,8 +299,14 @@ def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
     if timings is not None:
         t1 = phase_clock(models.device)
         timings["generation_s"] = t1 - t0
+    # Response columns up to the width bucket (cfg.width_multiple), all padding: sampling
+    # stops when every row has ended, at any width.
+    m = width_multiple(cfg, models.device)
+    T = round_width(response.shape[1], m, cfg.max_new_tokens)
+    response, rmask, logp = (pad_columns(x, T, v) for x, v in (
+        (response, tok.pad_token_id), (rmask, 0.0), (logp, 0.0)))
     # (B, L) episodes back to back, left-padded: no padding between prompt and response.
-    ids, attn = left_pad_episodes(query_ids, query_mask, response, rmask)
+    ids, attn = left_pad_episodes(query_ids, query_mask, response, rmask, multiple=m)
     with models.reference_view() as ref:
         ref_logp = response_logprobs(ref, ids, attn, response, cfg.temperature,
                                      response_mask=rmask)  # (B, T)
@@ -435,11 +449,12 @@ def accumulate_grads(cfg: PPOConfig, models: PPOModels, ro: Rollout, rows: torch
     weight's gradient then comes from one part only), so only then (``critic_beside_policy``)."""
     stats: dict[str, list[torch.Tensor]] = {}
     micro = len(rows) // accum
+    multiple = width_multiple(cfg, ro.response_ids.device)
     for m in range(0, len(rows), micro):
         idx = rows[m:m + micro]
-        mb = ro.select(rows_to(idx, ro.response_ids.device),
-                       width=max(int(lengths[idx].max()), 1))
-        ids, attn = mb.episodes(width=int(episode_lengths[idx].max()))  # (B, L)
+        width = round_width(max(int(lengths[idx].max()), 1), multiple, ro.response_ids.shape[1])
+        mb = ro.select(rows_to(idx, ro.response_ids.device), width=width)
+        ids, attn = mb.episodes(width=int(episode_lengths[idx].max()), multiple=multiple)  # (B, L)
         if critic_thread is not None:
             critic_thread.submit(_critic_backward, cfg, models, mb, ids, attn, accum)
             try:

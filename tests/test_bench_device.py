@@ -240,7 +240,8 @@ def test_device_script_runs_a_jobs_file_on_cpu(tmp_path):
     """``--jobs``: a batch and a variant set per run reach the worker."""
     jobs = tmp_path / "jobs.json"
     jobs.write_text(json.dumps([{"size": "tiny", "side": "ours", "decode": "dynamic",
-                                 "variant": "auto-micro-batch", "batch": 8, "episodes": 16}]))
+                                 "variant": "auto-micro-batch+exact-widths", "batch": 8,
+                                 "episodes": 16}]))
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
            "OMP_NUM_THREADS": "1", "SKIP_WHEELS": "1"}
     proc = subprocess.run(
@@ -249,7 +250,8 @@ def test_device_script_runs_a_jobs_file_on_cpu(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (r,) = json.loads((tmp_path / "out/bench_gpu.json").read_text())["runs"]
-    assert r["tag"] == "tiny_ours_bf16_dynamic_auto-micro-batch"
+    assert r["tag"] == "tiny_ours_bf16_dynamic_auto-micro-batch+exact-widths"
     assert (r["batch_size"], r["episodes"], r["updates"]) == (8, 16, 2)
     assert r["auto_micro_batch"] is True and r["compile_update"] is False
+    assert r["width_multiple"] == 1
     assert r["cudnn_attention"] is True  # the trainer's default, not set by the job

@@ -237,6 +237,25 @@ def test_left_pad_episodes_by_hand():
     assert ids.tolist() == [[1, 5, 3]] and mask.tolist() == [[0, 1, 1]]
 
 
+def test_left_pad_episodes_to_a_width_multiple_by_hand():
+    from models.rollout import left_pad_episodes, round_width
+
+    assert [round_width(w, 16) for w in (1, 7, 16, 17)] == [16, 16, 16, 32]
+    assert round_width(7, 16, cap=10) == 10 and round_width(12, 16, cap=10) == 12
+    assert round_width(5, 1) == 5
+    q, qm = torch.tensor([[0, 0, 5], [0, 8, 9]]), torch.tensor([[0, 0, 1], [0, 1, 1]])
+    r, rm = torch.tensor([[3, 4, 6], [2, 1, 1]]), torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # 4 real columns -> 5: one more padding column, taken from the episodes' own
+    ids, mask = left_pad_episodes(q, qm, r, rm, multiple=5)
+    assert ids.tolist() == [[0, 5, 3, 4, 6], [1, 1, 8, 9, 2]]
+    assert mask.tolist() == [[0, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    # -> 8, past the 6 columns prompt and response have: id 0 in front, masked
+    ids, mask = left_pad_episodes(q, qm, r, rm, multiple=8)
+    assert ids.tolist() == [[0, 0, 0, 0, 5, 3, 4, 6], [0, 0, 0, 1, 1, 8, 9, 2]]
+    assert mask.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]]
+    assert left_pad_episodes(q, qm, r, rm, multiple=4)[0].shape == (2, 4)
+
+
 def test_left_align_responses_by_hand():
     from models.rollout import left_align_responses
 

@@ -314,6 +314,47 @@ def test_compiled_update_trains_as_the_eager_one(rm_dir, prompts):
     assert logs[0]["ppo/loss/value"] == pytest.approx(eager_logs[0]["ppo/loss/value"], rel=1e-4)
 
 
+def test_width_buckets_pad_the_forwards_and_train_alike(rm_dir, prompts, monkeypatch):
+    """width_multiple: every scoring and update forward reads a width rounded up to the bucket
+    (masked columns; responses padded up to it too), and the update trains to the exact-width
+    run's weights up to float summation order. Null: 16 on CUDA, exact widths on CPU."""
+    from tasks import ppo_trainer
+    from tasks.ppo_trainer import width_multiple
+
+    sample = ppo_trainer.generate
+
+    def five_tokens(*args, **kwargs):  # as if every row had ended by its 5th token (of 8)
+        return tuple(x[:, :5] if x.dim() == 2 else x for x in sample(*args, **kwargs))
+
+    monkeypatch.setattr(ppo_trainer, "generate", five_tokens)
+    assert width_multiple(PPOConfig(), torch.device("cuda")) == 16
+    assert width_multiple(PPOConfig(), torch.device("cpu")) == 1
+    cfg = PPOConfig(**dict(SMALL, total_episodes=8))  # one update: both runs sample alike
+    runs = {}
+    for multiple in (None, 4):
+        run_cfg = cfg.model_copy(update={"width_multiple": multiple})
+        models, logs, seen = models_for(run_cfg, rm_dir), [], []
+        # the critic's forwards: scoring's values and the update's (it takes no part in sampling)
+        transformer_blocks(models.critic)[0].register_forward_pre_hook(
+            lambda block, args, kwargs: seen.append(
+                (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+        train_ppo(run_cfg, models, prompts=prompts, seed=0, log_fn=lambda m, s: logs.append(m))
+        runs[multiple] = models, logs, seen
+    # episode widths: the critic reads every column but the last (the state after the end)
+    exact, bucketed = [w + 1 for w in runs[None][2]], [w + 1 for w in runs[4][2]]
+    assert any(w % 4 for w in exact)  # else the buckets below would prove nothing
+    assert all(w % 4 == 0 for w in bucketed) and len(bucketed) == len(exact)
+    assert all(b >= e for b, e in zip(bucketed, exact))
+    assert [r[1][0]["ppo/perf/response_width"] for r in runs.values()] == [5, 8]
+    for role in ("policy", "critic"):
+        for (name, a), b in zip(getattr(runs[None][0], role).named_parameters(),
+                                getattr(runs[4][0], role).parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{role} {name}")
+    for key in ("ppo/loss/value", "ppo/loss/policy", "ppo/kl", "ppo/score"):
+        if key in runs[None][1][0]:
+            assert runs[4][1][0][key] == pytest.approx(runs[None][1][0][key], rel=1e-4, abs=1e-6)
+
+
 def test_attention_without_cudnn_on_cuda_only():
     """On CUDA with ``cudnn_attention: false`` the PPO loop's attention leaves cuDNN's kernel
     out, keeping flash, memory-efficient and math; by default and elsewhere nothing changes.

@@ -98,6 +98,10 @@ VARIANTS = {
     # A mini-batch that runs out of GPU memory is redone in smaller micro-batches
     # (PPOConfig.auto_micro_batch): for batches whose size was not chosen from memory.
     "auto-micro-batch": {"auto_micro_batch": True},
+    # Exact token widths in the scoring and update forwards (PPOConfig.width_multiple 1), not
+    # the default buckets of 16: every new width then costs cuDNN a plan (an H200 run whose
+    # responses shrank to new widths took 6.6-6.7 s update phases against 2.5-2.8 s: run 6).
+    "exact-widths": {"width_multiple": 1},
 }
 WARMUP_VARIANTS = ("default", "no-cudnn-attention", "expandable-segments")
 
