@@ -350,9 +350,8 @@ def test_width_buckets_pad_the_forwards_and_train_alike(rm_dir, prompts, monkeyp
         for (name, a), b in zip(getattr(runs[None][0], role).named_parameters(),
                                 getattr(runs[4][0], role).parameters()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{role} {name}")
-    for key in ("ppo/loss/value", "ppo/loss/policy", "ppo/kl", "ppo/score"):
-        if key in runs[None][1][0]:
-            assert runs[4][1][0][key] == pytest.approx(runs[None][1][0][key], rel=1e-4, abs=1e-6)
+    for key in ("ppo/loss/value", "ppo/loss/policy", "ppo/objective/kl", "ppo/objective/scores"):
+        assert runs[4][1][0][key] == pytest.approx(runs[None][1][0][key], rel=1e-4, abs=1e-6)
 
 
 def test_attention_without_cudnn_on_cuda_only():
