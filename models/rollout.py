@@ -8,6 +8,7 @@ decide what is real: many tokenizers use EOS as their pad token.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -163,7 +164,8 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float, eos_token_id: int | None, pad_token_id: int,
-             with_logprobs: bool = False, static_cache_len: int | None = None):
+             with_logprobs: bool = False, static_cache_len: int | None = None,
+             cuda_graph: bool = False):
     """Pure sampling (no top-k/top-p), so the sampled tokens' log-probs under the policy are
     exactly what PPO's ratio needs; uses the KV cache.
 
@@ -177,12 +179,18 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_ne
     of at least that many positions (prompt + response). Sized for the longest prompt the
     run allows, every batch's decode step has the same shapes, so the step transformers
     compiles on a GPU is compiled once, not once per prompt width. None: ``decode``, our
-    loop over the model's dynamic cache, which drops finished rows.
+    loop over the model's dynamic cache, which drops finished rows. ``cuda_graph`` (with
+    ``static_cache_len``): ``decode_static``, our loop over a static cache, each step a CUDA
+    graph on a GPU, with no compile.
     """
-    if static_cache_len is None:
-        response, logp = decode(model, query_ids, query_mask, max_new_tokens=max_new_tokens,
-                                temperature=temperature, eos_token_id=eos_token_id,
-                                pad_token_id=pad_token_id)
+    if static_cache_len is None or cuda_graph:
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                  eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        response, logp = (
+            decode(model, query_ids, query_mask, **kw) if static_cache_len is None else
+            decode_static(model, query_ids, query_mask, **kw,
+                          prompt_width=static_cache_len - max_new_tokens,
+                          cuda_graph=query_ids.device.type == "cuda"))
         mask, ended = response_mask_from_ids(response, eos_token_id)
         mask = mask.to(query_mask.device)
         return (response, mask, ended, logp * mask) if with_logprobs else (response, mask, ended)
@@ -230,12 +238,7 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
     rows = torch.arange(B, device=device)  # batch rows in the cache, in its order
     mask, positions = query_mask, position_ids_from_mask(query_mask)
     cache = DynamicCache(config=model.config)
-    # transformers 5.24 names the argument ``cache`` (``past_key_values`` warns, and goes in
-    # 5.40); 5.17, the GPU image's, knows only ``past_key_values``. peft passes either on
-    # to its base model, so ask that one. Drop the fallback once no supported version lacks it.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache_arg = ("cache" if "cache" in inspect.signature(base.forward).parameters
-                 else "past_key_values")
+    cache_arg = _cache_argument(model)
     out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1, **{cache_arg: cache})
     positions = positions[:, -1:]  # (n, 1)
@@ -261,6 +264,137 @@ def decode(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions,
                     use_cache=True, **{cache_arg: cache})
     return tokens[:, :steps], logps[:, :steps]
+
+
+def _cache_argument(model) -> str:
+    """The forward's name for the KV cache. transformers 5.24 names it ``cache``
+    (``past_key_values`` warns, and goes in 5.40); 5.17, the GPU image's, knows only
+    ``past_key_values``. peft passes either on to its base model, so ask that one. Drop the
+    fallback once no supported version lacks ``cache``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def graph_decodable(model) -> bool:
+    """Whether ``decode_static`` can drive ``model``: a model transformers can compile whole
+    (no data-dependent host checks in its forward, so a CUDA graph can capture it), whose
+    masks it builds with ``create_causal_mask`` (so a 4-D mask passes through unchanged) for
+    SDPA or eager attention, and with full attention in every layer (the mask below has no
+    sliding window)."""
+    config = getattr(model, "config", None)
+    return (getattr(model, "_can_compile_fullgraph", False) and config is not None
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and getattr(config, "sliding_window", None) is None)
+
+
+@torch.no_grad()
+def decode_static(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *,
+                  max_new_tokens: int, temperature: float, eos_token_id: int | None,
+                  pad_token_id: int, prompt_width: int | None = None, cuda_graph: bool = False,
+                  check_every: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode``'s sampling over a static KV cache: every decode step has the same shapes and
+    reads and writes the same tensors, so on a GPU (``cuda_graph``) it is captured once as a
+    CUDA graph and replayed, one launch a token instead of a few hundred small kernels, with
+    no compiler: capture costs about one eager step (transformers' own static path compiles
+    the step with inductor, ~20 s in a run's first batch).
+
+    Prompts are left-padded to ``prompt_width`` columns (the run's longest prompt: one prefill
+    shape for the run), followed by ``max_new_tokens`` cache slots. The mask is 4-D and ours:
+    key j is visible to a query when j holds a real prompt token or a token sampled so far,
+    and every position sees itself (a padding row attending to nothing would turn to NaN and
+    spread through its keys). A step samples token k from the last logits, exactly as
+    ``decode`` does (one uniform per row, the tokens of ``decode(drop_finished=False)`` on
+    CPU, tested), writes it, and runs the forward that gives token k + 1's logits. Rows that
+    ended keep computing (a graph has fixed rows); the host checks whether all have ended
+    every ``check_every`` steps (default: 8 with a graph, so the host stays ahead of the GPU,
+    else 1). Returns ids and log-probs (B, T) as ``decode``, T the longest response.
+    """
+    from transformers import StaticCache
+
+    B, device = query_ids.shape[0], query_ids.device
+    front = max((prompt_width or 0) - query_ids.shape[1], 0)
+    query_ids, query_mask = (torch.nn.functional.pad(x, (front, 0)) for x in (query_ids, query_mask))
+    P, T = query_ids.shape[1], max_new_tokens
+    S = P + T
+    # Attention masks in the form the model's attention reads: SDPA takes booleans (True:
+    # attend); eager attention adds its mask to the scores.
+    sdpa = model.config._attn_implementation == "sdpa"
+    seen = torch.cat([query_mask.bool(), torch.zeros(B, T, dtype=torch.bool, device=device)], 1)
+    causal = torch.ones(P, S, dtype=torch.bool, device=device).tril()
+    diagonal = torch.eye(P, S, dtype=torch.bool, device=device)
+    prefill = ((causal & seen[:, None]) | diagonal)[:, None]  # (B, 1, P, S)
+    as_mask = (lambda m: m) if sdpa else (
+        lambda m: torch.zeros(m.shape, device=device).masked_fill(~m, torch.finfo(torch.float32).min))
+    visible = True if sdpa else 0.0
+    cache = StaticCache(config=model.config, max_cache_len=S)
+    cache_arg = _cache_argument(model)
+    position = position_ids_from_mask(query_mask)
+    out = model(input_ids=query_ids, attention_mask=as_mask(prefill), position_ids=position,
+                use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+    # The step's state: device tensors updated in place, so a replayed graph sees them move.
+    logits = out.logits[:, -1].clone()  # (B, V) the logits of the next token
+    mask = as_mask(seen[:, None, None])  # (B, 1, 1, S)
+    position = position[:, -1:].clone()  # (B, 1) the last token's position
+    k = torch.zeros(1, dtype=torch.long, device=device)  # the token being sampled
+    tokens = torch.full((B, T), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(B, T, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+
+    def step():
+        logp = torch.log_softmax(logits.float() / temperature, -1)  # (B, V)
+        tok = sample_from_probs(logp.exp(), torch.rand(B, device=device))  # (B,)
+        live = ~done
+        tokens.index_copy_(1, k, torch.where(live, tok, pad_token_id)[:, None])
+        logps.index_copy_(1, k, torch.where(live, logp.gather(1, tok[:, None]).squeeze(1),
+                                            0.0)[:, None])
+        lengths.add_(live.long())
+        if eos_token_id is not None:
+            done.logical_or_(tok == eos_token_id)
+        # Token k enters the cache at slot P + k (the cache counts its own slots).
+        mask.index_fill_(3, k + P, visible)
+        position.add_(1)
+        k.add_(1)
+        nxt = model(input_ids=tok[:, None], attention_mask=mask, position_ids=position,
+                    use_cache=True, **{cache_arg: cache}).logits
+        logits.copy_(nxt[:, -1])
+
+    run = _graphed(step, device) if cuda_graph else step
+    check_every = check_every or (8 if cuda_graph else 1)
+    for t in range(1 if cuda_graph else 0, T):  # a graph's capture ran step 0 eagerly
+        if t % check_every == 0 and bool(done.all()):
+            break
+        run()
+    width = int(lengths.max())
+    return tokens[:, :width], logps[:, :width]
+
+
+def _graphed(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Run ``step`` once eagerly on a side stream (its first real call, and the warm-up a
+    capture needs: cuBLAS workspaces, cuDNN plans), capture its second call as a CUDA graph
+    and return the graph's replay. A capture that fails (an op that waits for the device)
+    warns and leaves ``step`` to run eagerly.
+
+    Under the trainer's autocast the weights' bf16 casts were cached by the prefill and the
+    eager step, so the capture finds every cast cached and the graph reads those tensors
+    instead of casting the fp32 weights again at every token. The cache lives until the
+    autocast region that holds this call ends, after the graph is gone. (torch's warning
+    against autocast's cache in captures is about casts made during a capture: none is.)"""
+    import warnings
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as e:
+        warnings.warn(f"decode_static: CUDA graph capture failed, decoding eagerly: {e}")
+        return step
+    return graph.replay
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -112,14 +112,20 @@ class PPOConfig(StageConfig):
     (fp16 adds loss scaling); on CPU they run in fp32. ``bf16`` also holds the frozen models
     (reference, reward model; with LoRA on a GPU, the frozen bases) in bf16 weights, on any
     device: half the memory and no per-forward casts of weights that never change."""
-    decode_cache: Literal["auto", "dynamic", "static"] = "auto"
-    """KV cache for sampling. ``static``: one pre-allocated cache of max_prompt_length +
-    max_new_tokens, so every decode step has the same shapes and transformers compiles it
-    with torch.compile and CUDA graphs on a GPU (the first batch pays the compile, ~20 s);
-    ``dynamic`` grows it, step by step in eager mode. ``auto``: static on a GPU for models
-    transformers can compile, dynamic on CPU (no compile there, and no gain measured) and
-    with LoRA (its compile is unmeasured: it outlasted 89 s on a 7 B model). Measured on an
-    H100 (bench/README.md): static sampled 2-4x faster per update at 86 M and 1.2 B."""
+    decode_cache: Literal["auto", "dynamic", "static", "graphs"] = "auto"
+    """KV cache for sampling. ``graphs``: one pre-allocated cache of max_prompt_length +
+    max_new_tokens, driven by our own loop (``models.rollout.decode_static``), whose step,
+    sampling included, is captured as a CUDA graph on a GPU once per batch, with no compiler
+    (the capture costs about one eager step); on CPU the same loop runs eagerly. ``static``:
+    the same cache through ``model.generate``, which compiles the step with torch.compile
+    (the first batch pays the compile: 14-20 s on an H200). ``dynamic``: a cache grown step
+    by step, eager, dropping rows that have ended. ``auto``: on a GPU without LoRA, graphs for
+    models our loop can drive (transformers compiles them whole, SDPA or eager attention, no
+    sliding window: ``graph_decodable``), else static where transformers can compile, else
+    dynamic; dynamic on CPU (no graphs there, and dropping ended rows pays) and with LoRA
+    (unmeasured). Measured on H200s (bench/README.md, runs 7 and 8), against static: the
+    first update 3.5-5.4 s against 22.9 s at 1.2 B, 2.1-6.9 s against 15.4 s at 86 M, and
+    1.5-1.8x the decode tokens/s in steady updates."""
     cudnn_attention: bool = True
     """On a GPU, let torch pick cuDNN's attention kernel (its default on Hopper and Blackwell
     with a recent cuDNN); ``false`` leaves it out, so flash, memory-efficient or math attention
@@ -127,7 +133,10 @@ class PPOConfig(StageConfig):
     update phase took 2.29 s against 3.0-3.16 s and sampling 0.87-1.02 s against 1.24-1.26 s,
     but the first update took 39 s against 18 s (cuDNN's one-time set-up: its scoring forwards
     alone took 1.97 s against 0.21 s); a new prompt width cost about 0.2 s more. A run of more
-    than about 20 updates gains; a short benchmark loses. No effect on CPU."""
+    than about 20 updates gains; a short benchmark loses. At 86 M (12 heads of 64) on an
+    H200 with graph decoding (run 8, one machine) cuDNN lost on both counts: the first update
+    took 6.9 s against 2.1 s and the steady updates ran 85.9 against 98.3 episodes/s, so for
+    models of that size set it false. No effect on CPU."""
     width_multiple: int | None = Field(default=None, ge=1)
     """Round the token widths the scoring and update forwards see (the longest response, the
     longest prompt + response) up to a multiple of this many tokens, with masked padding

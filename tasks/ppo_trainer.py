@@ -29,8 +29,8 @@ from models.ppo import (AdaptiveKLController, FixedKLController, compute_gae, co
                         explained_variance, kl_estimate, masked_mean, masked_whiten,
                         policy_loss, value_loss)
 from models.reward import RewardNorm, score_sequences
-from models.rollout import (Rollout, generate, left_pad_episodes, pad_columns, pad_sequences,
-                            response_logprobs, response_values, round_width)
+from models.rollout import (Rollout, generate, graph_decodable, left_pad_episodes, pad_columns,
+                            pad_sequences, response_logprobs, response_values, round_width)
 from tasks.distributed import DataParallel
 from tasks.side_thread import SideThread, half_threads, intra_op_threads
 
@@ -250,13 +250,16 @@ def grad_scaler(cfg: PPOConfig, device: torch.device) -> torch.amp.GradScaler | 
 
 
 def decode_cache(cfg: PPOConfig, model: torch.nn.Module, device: torch.device) -> str:
-    """The KV cache ``cfg.decode_cache`` names, with ``auto`` decided: static where
-    transformers compiles the decode step (a CUDA device, a model it marks compilable, no
-    LoRA), else dynamic."""
+    """The KV cache ``cfg.decode_cache`` names, with ``auto`` decided on a CUDA device without
+    LoRA: graphs where our loop can capture the model's step (``graph_decodable``), static
+    where only transformers can compile it; dynamic on CPU, with LoRA, or for other models."""
     if cfg.decode_cache != "auto":
         return cfg.decode_cache
-    compilable = getattr(model, "_can_compile_fullgraph", False)
-    return "static" if device.type == "cuda" and compilable and cfg.lora is None else "dynamic"
+    if device.type != "cuda" or cfg.lora is not None:
+        return "dynamic"
+    if graph_decodable(model):
+        return "graphs"
+    return "static" if getattr(model, "_can_compile_fullgraph", False) else "dynamic"
 
 
 def width_multiple(cfg: PPOConfig, device: torch.device) -> int:
@@ -289,13 +292,14 @@ def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
     t0 = phase_clock(models.device) if timings is not None else 0.0
     query_ids, query_mask = pad_sequences(prompts, tok.pad_token_id, left=True)  # (B, P)
     query_ids, query_mask = query_ids.to(models.device), query_mask.to(models.device)
+    cache = decode_cache(cfg, models.policy, models.device)
     response, rmask, ended, logp = generate(  # (B, T) each, ended (B,)
         models.policy, query_ids, query_mask, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, with_logprobs=True,
         static_cache_len=(cfg.max_prompt_length + cfg.max_new_tokens
-                          if decode_cache(cfg, models.policy, models.device) == "static"
-                          else None))
+                          if cache in ("static", "graphs") else None),
+        cuda_graph=cache == "graphs")
     if timings is not None:
         t1 = phase_clock(models.device)
         timings["generation_s"] = t1 - t0

@@ -211,6 +211,8 @@ def test_jobs_file_is_checked_before_any_run(tmp_path):
            "variants change ours' settings, not trl112's": [
                {"size": "tiny", "side": "trl112", "variant": "compile-update"}],
            "unknown variant 'compile'": [{"size": "tiny", "side": "ours", "variant": "auto-micro-batch+compile"}],
+           "decode must be one of dynamic, static, graphs, got 'auto'": [
+               {"size": "tiny", "side": "ours", "decode": "auto"}],
            "entry 1: needs a size": {"size": "tiny", "side": "ours"}}  # not a list
     for message, entries in bad.items():
         with pytest.raises(SystemExit, match=message):
@@ -239,7 +241,7 @@ def test_table_compares_ours_with_trl_at_the_same_batch():
 def test_device_script_runs_a_jobs_file_on_cpu(tmp_path):
     """``--jobs``: a batch and a variant set per run reach the worker."""
     jobs = tmp_path / "jobs.json"
-    jobs.write_text(json.dumps([{"size": "tiny", "side": "ours", "decode": "dynamic",
+    jobs.write_text(json.dumps([{"size": "tiny", "side": "ours", "decode": "graphs",
                                  "variant": "auto-micro-batch+exact-widths", "batch": 8,
                                  "episodes": 16}]))
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
@@ -250,8 +252,26 @@ def test_device_script_runs_a_jobs_file_on_cpu(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (r,) = json.loads((tmp_path / "out/bench_gpu.json").read_text())["runs"]
-    assert r["tag"] == "tiny_ours_bf16_dynamic_auto-micro-batch+exact-widths"
+    assert r["tag"] == "tiny_ours_bf16_graphs_auto-micro-batch+exact-widths"
+    assert r["decode_cache"] == "graphs"  # decode_static, eager on CPU
     assert (r["batch_size"], r["episodes"], r["updates"]) == (8, 16, 2)
     assert r["auto_micro_batch"] is True and r["compile_update"] is False
     assert r["width_multiple"] == 1
     assert r["cudnn_attention"] is True  # the trainer's default, not set by the job
+
+
+@pytest.mark.timeout(120)
+def test_graph_decode_check_runs_on_cpu(tmp_path):
+    """bench/device/check_graph_decode.py, the lease's check of the captured decode, at a
+    tiny size on CPU (no graph there): both eager ways agree with a fresh forward."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "bench/device/check_graph_decode.py", "--device", "cpu", "--size",
+         "tiny", "--new-tokens", "12", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "graph_decode.json").read_text())
+    assert report["ok"] and set(report["ways"]) == {"dynamic", "static_eager"}
+    for way in report["ways"].values():
+        assert 0 < way["width"] <= 12 and way["tokens"] > 0
+        assert way["logp_vs_forward_mean_abs"] < 1e-3

@@ -552,6 +552,38 @@ def test_decode_drops_finished_rows_without_changing_samples(tok, prompts):
     assert (logp[mask == 1] < 0).all()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_static_decode_samples_what_decode_does(tok, prompts, attention):
+    """``decode_static`` (``decode_cache: graphs``; eager on CPU, the step a GPU captures)
+    with its prompts padded further in front and its own 4-D masks over a static cache: the
+    same seed samples ``decode``'s tokens, log-probs equal to float noise and equal to a
+    fresh forward's, the same width; checking for the end only every 8 steps (as with a
+    graph) changes nothing but the steps run."""
+    from models.loading import load_causal_lm
+    from models.rollout import (decode, decode_static, left_pad_episodes, pad_sequences,
+                                response_logprobs, response_mask_from_ids)
+
+    policy = load_causal_lm(BASE).eval()
+    policy.config._attn_implementation = attention
+    q, qm = pad_sequences(prompts[:16], tok.pad_token_id, left=True)
+    kw = dict(max_new_tokens=24, temperature=0.9, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    ids, logp = decode(policy, q, qm, **kw)
+    for check_every in (1, 8):
+        torch.manual_seed(1)
+        s_ids, s_logp = decode_static(policy, q, qm, **kw, prompt_width=q.shape[1] + 5,
+                                      check_every=check_every)
+        assert torch.equal(s_ids, ids)
+        torch.testing.assert_close(s_logp, logp, atol=1e-5, rtol=0)
+    mask, _ = response_mask_from_ids(ids, tok.eos_token_id)
+    assert mask.sum(1).min() < mask.sum(1).max()  # rows ended at different steps
+    e_ids, e_mask = left_pad_episodes(q, qm, ids, mask)
+    with torch.no_grad():
+        fresh = response_logprobs(policy, e_ids, e_mask, ids, 0.9, response_mask=mask)
+    torch.testing.assert_close(s_logp, fresh * mask, atol=1e-4, rtol=0)
+
+
 def test_trainer_imports_without_prefect_or_mlflow():
     """A GPU box may have torch, transformers and pydantic only: the trainer and the stage
     module must import without Prefect or MLflow (mlflow is imported inside run_ppo)."""

@@ -101,20 +101,24 @@ def test_static_cache_decode_samples_what_generate_does(tiny_reward_dir, prompts
     torch.testing.assert_close(s.logprobs, full, atol=1e-4, rtol=0)
 
 
-def test_auto_decode_cache_is_static_only_where_transformers_compiles_it():
-    """``auto``: static on a CUDA device for a compilable model without LoRA; dynamic on CPU,
-    with LoRA, or for a model transformers does not mark compilable. Explicit values stand."""
+def test_auto_decode_cache_picks_graphs_then_static_on_a_gpu_only():
+    """``auto`` on a CUDA device without LoRA: graphs for a model our loop can drive, static
+    for one only transformers can compile (here: a sliding window our masks lack), dynamic
+    for neither; dynamic on CPU and with LoRA. Explicit values stand."""
     from tasks.ppo_trainer import decode_cache
 
     gpt2 = load_causal_lm(BASE)
+    windowed = load_causal_lm(BASE)
+    windowed.config.sliding_window = 8
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device name: no GPU needed
     auto = PPOConfig()
     assert auto.decode_cache == "auto"
-    assert decode_cache(auto, gpt2, cuda) == "static"
+    assert decode_cache(auto, gpt2, cuda) == "graphs"
+    assert decode_cache(auto, windowed, cuda) == "static"
     assert decode_cache(auto, gpt2, cpu) == "dynamic"
     assert decode_cache(auto.model_copy(update={"lora": LoraSettings()}), gpt2, cuda) == "dynamic"
     assert decode_cache(auto, torch.nn.Linear(2, 2), cuda) == "dynamic"  # not compilable
-    for explicit in ("static", "dynamic"):
+    for explicit in ("static", "dynamic", "graphs"):
         cfg = auto.model_copy(update={"decode_cache": explicit})
         assert decode_cache(cfg, gpt2, cpu) == decode_cache(cfg, gpt2, cuda) == explicit
 

@@ -103,6 +103,8 @@ VARIANTS = {
     # responses shrank to new widths took 6.6-6.7 s update phases against 2.5-2.8 s: run 6).
     "exact-widths": {"width_multiple": 1},
 }
+# PPOConfig.decode_cache values a job may name ("auto" is decided per device: name it).
+DECODES = ("dynamic", "static", "graphs")
 WARMUP_VARIANTS = ("default", "no-cudnn-attention", "expandable-segments")
 
 
@@ -225,6 +227,9 @@ def explicit_plan(path: str) -> list[dict]:
             raise SystemExit(f"{where}: unknown keys {sorted(extra)}")
         if d.get("variant") and d["side"] != "ours":
             raise SystemExit(f"{where}: variants change ours' settings, not {d['side']}'s")
+        if d.get("decode", "dynamic") not in DECODES:
+            raise SystemExit(f"{where}: decode must be one of {', '.join(DECODES)}, "
+                             f"got {d['decode']!r}")
         variant_names(d.get("variant", ""))
         jobs.append({"kind": "pair", "precision": "bf16",
                      "decode": "static" if d["side"] == "ours" else "dynamic", **d})
