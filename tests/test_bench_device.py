@@ -199,7 +199,7 @@ def test_jobs_file_is_checked_before_any_run(tmp_path):
 
     jobs = plan([{"size": "1.2b", "side": "ours", "variant": "compile-update+auto-micro-batch",
                   "batch": 256, "episodes": 768}, {"size": "1.2b", "side": "trl112"}])
-    assert jobs == [{"kind": "pair", "precision": "bf16", "decode": "static", "size": "1.2b",
+    assert jobs == [{"kind": "pair", "precision": "bf16", "decode": "graphs", "size": "1.2b",
                      "side": "ours", "variant": "compile-update+auto-micro-batch",
                      "batch": 256, "episodes": 768},
                     {"kind": "pair", "precision": "bf16", "decode": "dynamic", "size": "1.2b",

@@ -28,8 +28,9 @@ the CUDA allocator's counts per update, and the static decode twice (a cold, the
 compile cache). ``--variant`` runs ours' comparison runs with one of ``VARIANTS``.
 
 ``--jobs FILE`` runs the runs a JSON file lists instead, in its order: a size and side each,
-and where wanted a variant (``VARIANTS`` names joined by '+'), batch or episodes, all checked
-before the first run. ``bench/device/jobs/`` holds the next lease's; the leases' own are kept
+and where wanted a decode (``DECODES``; ours default to graphs, the trainer's choice on a
+GPU, trl's decode is its own), a variant (``VARIANTS`` names joined by '+'), batch or
+episodes, all checked before the first run. ``bench/device/jobs/`` holds the next lease's; the leases' own are kept
 with their results in ``bench/device/results/``.
 """
 
@@ -232,7 +233,7 @@ def explicit_plan(path: str) -> list[dict]:
                              f"got {d['decode']!r}")
         variant_names(d.get("variant", ""))
         jobs.append({"kind": "pair", "precision": "bf16",
-                     "decode": "static" if d["side"] == "ours" else "dynamic", **d})
+                     "decode": "graphs" if d["side"] == "ours" else "dynamic", **d})
     return jobs
 
 
