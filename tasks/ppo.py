@@ -136,7 +136,10 @@ class PPOConfig(StageConfig):
     than about 20 updates gains; a short benchmark loses. At 86 M (12 heads of 64) on an
     H200 with graph decoding (run 8, one machine) cuDNN lost on both counts: the first update
     took 6.9 s against 2.1 s and the steady updates ran 85.9 against 98.3 episodes/s, so for
-    models of that size set it false. No effect on CPU."""
+    models of that size set it false. At 1.2 B, batch 64 (run 9, one H200) its steady updates
+    were no faster either, and its first update took 8.8 s against 3.3 s; the default stays
+    torch's, because the 40 % MFU at batch 256-512 (run 5) was measured with it. No effect
+    on CPU."""
     width_multiple: int | None = Field(default=None, ge=1)
     """Round the token widths the scoring and update forwards see (the longest response, the
     longest prompt + response) up to a multiple of this many tokens, with masked padding
