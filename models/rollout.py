@@ -165,7 +165,7 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int,
              temperature: float, eos_token_id: int | None, pad_token_id: int,
              with_logprobs: bool = False, static_cache_len: int | None = None,
-             cuda_graph: bool = False):
+             graph_decode: bool = False):
     """Pure sampling (no top-k/top-p), so the sampled tokens' log-probs under the policy are
     exactly what PPO's ratio needs; uses the KV cache.
 
@@ -179,11 +179,11 @@ def generate(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *, max_ne
     of at least that many positions (prompt + response). Sized for the longest prompt the
     run allows, every batch's decode step has the same shapes, so the step transformers
     compiles on a GPU is compiled once, not once per prompt width. None: ``decode``, our
-    loop over the model's dynamic cache, which drops finished rows. ``cuda_graph`` (with
+    loop over the model's dynamic cache, which drops finished rows. ``graph_decode`` (with
     ``static_cache_len``): ``decode_static``, our loop over a static cache, each step a CUDA
-    graph on a GPU, with no compile.
+    graph on a GPU (eager on CPU), with no compile.
     """
-    if static_cache_len is None or cuda_graph:
+    if static_cache_len is None or graph_decode:
         kw = dict(max_new_tokens=max_new_tokens, temperature=temperature,
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         response, logp = (
@@ -303,8 +303,7 @@ def decode_static(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *,
     key j is visible to a query when j holds a real prompt token or a token sampled so far,
     and every position sees itself (a padding row attending to nothing would turn to NaN and
     spread through its keys). A step samples token k from the last logits, exactly as
-    ``decode`` does (one uniform per row, the tokens of ``decode(drop_finished=False)`` on
-    CPU, tested), writes it, and runs the forward that gives token k + 1's logits. Rows that
+    ``decode`` does (one uniform per row: ``decode``'s tokens on CPU, tested), writes it, and runs the forward that gives token k + 1's logits. Rows that
     ended keep computing (a graph has fixed rows); the host checks whether all have ended
     every ``check_every`` steps (default: 8 with a graph, so the host stays ahead of the GPU,
     else 1). Returns ids and log-probs (B, T) as ``decode``, T the longest response.
@@ -361,7 +360,7 @@ def decode_static(model, query_ids: torch.Tensor, query_mask: torch.Tensor, *,
 
     run = _graphed(step, device) if cuda_graph else step
     check_every = check_every or (8 if cuda_graph else 1)
-    for t in range(1 if cuda_graph else 0, T):  # a graph's capture ran step 0 eagerly
+    for t in range(1 if cuda_graph else 0, T):  # _graphed ran step 0, before its capture
         if t % check_every == 0 and bool(done.all()):
             break
         run()

@@ -299,7 +299,7 @@ def make_rollout(cfg: PPOConfig, models: PPOModels, prompts: list[list[int]], *,
         pad_token_id=tok.pad_token_id, with_logprobs=True,
         static_cache_len=(cfg.max_prompt_length + cfg.max_new_tokens
                           if cache in ("static", "graphs") else None),
-        cuda_graph=cache == "graphs")
+        graph_decode=cache == "graphs")
     if timings is not None:
         t1 = phase_clock(models.device)
         timings["generation_s"] = t1 - t0
