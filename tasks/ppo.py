@@ -150,8 +150,8 @@ class PPOConfig(StageConfig):
     widths cost 6.6-6.7 s update phases, against 2.5-2.8 s, in the two updates whose
     responses first shrank to new widths; with buckets of 16 a run has at most 8 response
     widths; run 7 (bucketed, another H200) took 1.4-1.9 s at its new widths of 16 and 32,
-    without such spikes. ``ppo/perf/response_width`` logs
-    the rounded width (the columns computed)."""
+    without such spikes. ``ppo/perf/response_width`` logs the rounded width (the columns
+    computed)."""
     critic_thread: bool = True
     """On CPU, run the critic's forward and backward in a second thread beside the policy's,
     each on half of torch's threads, when the critic has weights of its own (not

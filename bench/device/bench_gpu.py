@@ -30,8 +30,8 @@ compile cache). ``--variant`` runs ours' comparison runs with one of ``VARIANTS`
 ``--jobs FILE`` runs the runs a JSON file lists instead, in its order: a size and side each,
 and where wanted a decode (``DECODES``; ours default to graphs, the trainer's choice on a
 GPU, trl's decode is its own), a variant (``VARIANTS`` names joined by '+'), batch or
-episodes, all checked before the first run. ``bench/device/jobs/`` holds the next lease's; the leases' own are kept
-with their results in ``bench/device/results/``.
+episodes, all checked before the first run. ``bench/device/jobs/`` holds the next lease's;
+the leases' own are kept with their results in ``bench/device/results/``.
 """
 
 from __future__ import annotations

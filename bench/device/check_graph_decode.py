@@ -48,6 +48,7 @@ def main() -> None:
     from models.loading import load_tokenizer
     from models.rollout import (decode, decode_static, left_pad_episodes, pad_sequences,
                                 response_logprobs, response_mask_from_ids)
+    from tasks.ppo import _load_prompts
 
     device = torch.device(args.device)
     size = bench_gpu.SIZES[args.size]
@@ -60,17 +61,16 @@ def main() -> None:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(conf).eval()
     B = args.batch or size["batch"]
-    texts = [json.loads(line)["prompt"] for line in
-             (ROOT / "demo/data/rl_prompts.jsonl").read_text().splitlines() if line.strip()]
-    ids = [tok(t)["input_ids"][-bench_gpu.bench_ppo.MAX_PROMPT_LENGTH:]
-           for t in (texts * (B // len(texts) + 1))[:B]]
+    width = bench_gpu.bench_ppo.MAX_PROMPT_LENGTH
+    # the benchmark's prompts, tokenised and cut as the PPO stage does
+    prompts = _load_prompts(str(ROOT / "demo/data/rl_prompts.jsonl"), tok, width)
+    ids = (prompts * (B // len(prompts) + 1))[:B]
     q, qm = (x.to(device) for x in pad_sequences(ids, tok.pad_token_id, left=True))
     cuda = device.type == "cuda"
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
                 else contextlib.nullcontext())
     kw = dict(max_new_tokens=args.new_tokens, temperature=1.0,
               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    width = bench_gpu.bench_ppo.MAX_PROMPT_LENGTH
 
     def clock() -> float:
         if cuda:
